@@ -1,0 +1,298 @@
+"""The hospital node: a Flower ClientApp that trains with DP-SGD on local NIfTI data.
+
+Only weights and aggregate metrics leave this node. Anything that could carry a
+path, a file name or a case id (data errors, tracebacks) is logged locally and
+replaced by a generic reason in the reply.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.audit import audit_mod
+from client.ledger import PrivacyLedger
+from client.train import steps_per_epoch, train_dp
+from common.data import SiteDataset, load_site
+from common.paths import absolute, default_output_dir, demo_data_dir, list_sites
+from common.privacy import PrivacyRefusal, calibrate_noise_multiplier, resolve_budget
+from common.tasks import task_for
+from common.weights import load_record, to_record
+
+log = logging.getLogger("fedvox.client")
+
+# Every message this node handles is appended to <state-dir>/audit.jsonl (deployment).
+app = ClientApp(mods=[audit_mod])
+
+TRAIN_METRIC_KEYS = (
+    "num-examples",
+    "train-loss",
+    "epsilon-run",
+    "epsilon-lifetime",
+    "delta",
+    "refused",
+    "noise-multiplier",
+    "sample-rate",
+    "steps",
+)
+EVAL_METRIC_KEYS = ("num-examples", "loss", "auc", "accuracy", "sensitivity", "specificity")
+
+
+@dataclass
+class Node:
+    site: Path
+    site_name: str
+    state_dir: Path
+    run_config: dict
+    node_config: dict
+    server_config: dict
+
+    @property
+    def image_size(self) -> tuple[int, ...] | None:
+        size = self.server_config.get("image-size")
+        return tuple(int(s) for s in size) if size else None
+
+    def load(self, split: str) -> SiteDataset:
+        return load_site(
+            self.site,
+            split=split,
+            image_size=self.image_size,
+            cache_dir=self.state_dir / "cache",
+            log=log.info,
+        )
+
+    def model(self, data: SiteDataset) -> torch.nn.Module:
+        width = int(self.run_config.get("model-width", 0)) or None
+        depth = int(self.run_config.get("model-depth", 3))
+        return task_for(data.spec.task).build_model(
+            data.spatial_dims, data.in_channels, data.num_classes, width, depth
+        )
+
+
+def _node(msg: Message, context: Context) -> Node:
+    """Which hospital folder this node serves and where it keeps its state."""
+    run, node = dict(context.run_config), dict(context.node_config)
+    server = dict(msg.content.config_records.get("config", ConfigRecord()))
+    run_name = str(server.get("run-name") or f"run-{context.run_id}")
+    if "partition-id" in node:  # Flower Simulation Engine: node i serves hospital-(i+1)
+        data_dir = (
+            absolute(run["data-dir"], "data-dir")
+            if run.get("data-dir")
+            else demo_data_dir(
+                int(run.get("demo-hospitals", 5)),
+                float(run.get("demo-alpha", 0.5)),
+                int(run.get("seed", 0)),
+            )
+        )
+        sites = list_sites(data_dir)
+        if len(sites) != int(node["num-partitions"]):
+            raise ValueError(
+                f"data-dir {data_dir} has {len(sites)} hospital folders but the simulation has "
+                f"{node['num-partitions']} virtual nodes; run with "
+                f'--federation-config "num-supernodes={len(sites)}"'
+            )
+        site = sites[int(node["partition-id"])]
+        if run.get("state-dir"):  # persistent ledgers across simulated runs
+            state_dir = absolute(run["state-dir"], "state-dir") / site.name
+        else:  # one ledger per simulated run, kept with the run's outputs
+            out = (
+                absolute(run["output-dir"], "output-dir")
+                if run.get("output-dir")
+                else default_output_dir()
+            )
+            state_dir = out / run_name / "node-state" / site.name
+    else:  # Deployment Engine: the hospital's own node config
+        for key in ("data-dir", "state-dir"):
+            if not node.get(key):
+                raise ValueError(f"node config '{key}' is not set (flower-supernode --node-config)")
+        site = absolute(node["data-dir"], "node config data-dir")
+        state_dir = absolute(node["state-dir"], "node config state-dir")
+    state_dir.mkdir(parents=True, exist_ok=True)
+    name = str(node.get("site-name") or site.name)
+    return Node(site, name, state_dir, run, node, server)
+
+
+def _optional_float(value) -> float | None:
+    return float(value) if value not in (None, "", 0, 0.0) else None
+
+
+def _status(node_name: str, status: str, reason: str = "") -> ConfigRecord:
+    return ConfigRecord({"site": node_name, "status": status, "reason": reason})
+
+
+def _failed_reply(
+    msg: Message, exc: BaseException, site_name: str, keys: tuple[str, ...]
+) -> Message:
+    # The full error (which may name files) stays in the node's log.
+    log.error("fedvox node failed:\n%s", traceback.format_exc())
+    metrics = MetricRecord({k: 0.0 for k in keys})
+    if "refused" in metrics:
+        metrics["refused"] = 0.0
+    content = RecordDict(
+        {
+            "metrics": metrics,
+            "node": _status(
+                site_name, "failed", f"{type(exc).__name__} (details in the node's log)"
+            ),
+        }
+    )
+    return Message(content, reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    site_name = str(context.node_config.get("site-name", "")) or "unknown-site"
+    try:
+        node = _node(msg, context)
+        site_name = node.site_name
+        return _train(msg, node)
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a clean reply
+        return _failed_reply(msg, exc, site_name, TRAIN_METRIC_KEYS)
+
+
+def _train(msg: Message, node: Node) -> Message:
+    run, server = node.run_config, node.server_config
+    data = node.load("train")
+    n = len(data)
+    epochs, batch = int(run["local-epochs"]), int(run["batch-size"])
+    accountant = str(run.get("accountant", "rdp"))
+    run_uid = str(server.get("run-uid") or "unnamed-run")
+    global_round = int(server.get("server-round", 1)) + int(server.get("round-offset", 0))
+    total_rounds = int(server.get("total-rounds", run["num-server-rounds"]))
+
+    ledger = PrivacyLedger.open(node.state_dir, accountant)
+    spe = steps_per_epoch(n, batch)
+    q = 1.0 / spe
+    round_steps = epochs * spe
+
+    def refuse(reason: str, delta: float = math.nan) -> Message:
+        log.warning("refusing to train: %s", reason)
+        d = delta if not math.isnan(delta) else float(run["target-delta"])
+        metrics = {k: 0.0 for k in TRAIN_METRIC_KEYS}
+        metrics.update(
+            {
+                "refused": 1.0,
+                "delta": d,
+                "epsilon-run": ledger.epsilon(d, run_uid),
+                "epsilon-lifetime": ledger.epsilon(d),
+            }
+        )
+        return Message(
+            RecordDict(
+                {
+                    "metrics": MetricRecord(metrics),
+                    "node": _status(node.site_name, "refused", reason),
+                }
+            ),
+            reply_to=msg,
+        )
+
+    try:
+        budget = resolve_budget(
+            float(run["target-epsilon"]),
+            float(run["target-delta"]),
+            _optional_float(node.node_config.get("max-epsilon")),
+            _optional_float(node.node_config.get("delta")),
+            n,
+        )
+    except PrivacyRefusal as exc:
+        return refuse(str(exc))
+
+    # Calibrate once per run, for every step the run may take; later rounds reuse it.
+    plan = ledger.plan_run(
+        run_uid,
+        noise_multiplier=calibrate_noise_multiplier(
+            budget.epsilon_run, budget.delta, q, total_rounds * round_steps, accountant
+        ),
+        sample_rate=q,
+        planned_steps=total_rounds * round_steps,
+        num_examples=n,
+        epsilon=budget.epsilon_run,
+        delta=budget.delta,
+    )
+    sigma = float(plan["noise_multiplier"])
+    if int(plan["num_examples"]) != n:
+        return refuse(
+            f"the training set changed during the run ({plan['num_examples']} -> {n} "
+            "cases); its privacy calibration no longer holds",
+            budget.delta,
+        )
+    step = [(sigma, q, round_steps)]
+    projected_run = ledger.epsilon(budget.delta, run_uid, extra=step)
+    projected_life = ledger.epsilon(budget.delta, extra=step)
+    slack = 1 + 1e-6
+    if projected_life > budget.epsilon_lifetime * slack:
+        return refuse(
+            f"this round would raise the dataset's lifetime epsilon to "
+            f"{projected_life:.2f}, past the hospital's limit {budget.epsilon_lifetime:g}",
+            budget.delta,
+        )
+    if projected_run > budget.epsilon_run * slack:
+        return refuse(
+            f"this round would raise the run's epsilon to {projected_run:.2f}, past its "
+            f"target {budget.epsilon_run:g}",
+            budget.delta,
+        )
+
+    model = node.model(data)
+    load_record(model, msg.content.array_records["arrays"])
+    result = train_dp(
+        model,
+        data.images,
+        data.labels,
+        epochs=epochs,
+        batch_size=batch,
+        learning_rate=float(run["learning-rate"]),
+        noise_multiplier=sigma,
+        max_grad_norm=float(run["max-grad-norm"]),
+        accountant=accountant,
+        proximal_mu=float(server.get("proximal-mu", 0.0)),
+        loss_fn=task_for(data.spec.task).loss_fn(),
+    )
+    # The ledger is on disk before the weights leave the node.
+    ledger.record(run_uid, global_round, result.history)
+    metrics = MetricRecord(
+        {
+            "num-examples": n,
+            "train-loss": result.loss,
+            "epsilon-run": ledger.epsilon(budget.delta, run_uid),
+            "epsilon-lifetime": ledger.epsilon(budget.delta),
+            "delta": budget.delta,
+            "refused": 0.0,
+            "noise-multiplier": sigma,
+            "sample-rate": q,
+            "steps": float(sum(s for _, _, s in result.history)),
+        }
+    )
+    return Message(
+        RecordDict(
+            {"arrays": to_record(model), "metrics": metrics, "node": _status(node.site_name, "ok")}
+        ),
+        reply_to=msg,
+    )
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    site_name = str(context.node_config.get("site-name", "")) or "unknown-site"
+    try:
+        node = _node(msg, context)
+        site_name = node.site_name
+        data = node.load("val")
+        model = node.model(data)
+        load_record(model, msg.content.array_records["arrays"])
+        metrics = task_for(data.spec.task).evaluate(model, data.images, data.labels).metrics
+        record = MetricRecord({k: float(v) for k, v in metrics.items() if v is not None})
+        record["num-examples"] = len(data)
+        return Message(
+            RecordDict({"metrics": record, "node": _status(site_name, "ok")}), reply_to=msg
+        )
+    except Exception as exc:  # noqa: BLE001
+        return _failed_reply(msg, exc, site_name, EVAL_METRIC_KEYS)

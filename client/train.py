@@ -1,0 +1,81 @@
+"""Local DP-SGD training and local evaluation at a hospital node."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from common.privacy import HistoryEntry, make_private, steps_taken
+from common.weights import unwrap
+
+
+@dataclass
+class TrainResult:
+    loss: float
+    history: list[HistoryEntry]  # (sigma, q, steps) the accountant recorded this round
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+    """DP-SGD steps in one epoch: Opacus samples with q = 1/len(loader)."""
+    return max(1, -(-num_examples // batch_size))
+
+
+def train_dp(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    accountant: str,
+    proximal_mu: float = 0.0,
+    momentum: float = 0.9,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+) -> TrainResult:
+    """Train `model` in place with Opacus DP-SGD (Poisson sampling, per-sample clipping, noise).
+
+    FedProx's proximal term mu/2 * ||w - w_global||^2 is applied as a separate,
+    data-independent step after each private update: it does not touch the data, so
+    it needs no clipping or noise and costs no privacy (adding it to the loss would
+    leave it out of Opacus' per-sample gradients anyway).
+    """
+    loader = DataLoader(TensorDataset(images, labels), batch_size=batch_size, shuffle=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=momentum)
+    global_params = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
+    dp_model, dp_optimizer, dp_loader, engine = make_private(
+        model, optimizer, loader, noise_multiplier, max_grad_norm, accountant
+    )
+    loss_fn = loss_fn or nn.CrossEntropyLoss()
+    dp_model.train()
+    losses: list[float] = []
+    with warnings.catch_warnings():
+        # Expected with Opacus hooks: image inputs never require gradients.
+        warnings.filterwarnings("ignore", message=".*Full backward hook is firing.*")
+        for _ in range(epochs):
+            for x, y in dp_loader:
+                dp_optimizer.zero_grad(set_to_none=True)
+                out = dp_model(x)
+                # An empty Poisson batch is still a DP step (noise only): skipping it
+                # would change the sampling the accountant assumes.
+                loss = loss_fn(out, y) if len(y) else out.sum() * 0.0
+                loss.backward()
+                dp_optimizer.step()
+                if len(y):
+                    losses.append(float(loss.detach()))
+                if proximal_mu > 0:
+                    with torch.no_grad():
+                        for p, g in zip(unwrap(dp_model).parameters(), global_params, strict=True):
+                            p.sub_(learning_rate * proximal_mu * (p - g))
+    history = steps_taken(engine)
+    # Leave the caller a plain module again (Opacus hooks removed).
+    dp_model._close()
+    return TrainResult(loss=float(np.mean(losses)) if losses else float("nan"), history=history)

@@ -1,0 +1,88 @@
+"""Clinical metrics from predicted class probabilities.
+
+AUC comes from MONAI (`compute_roc_auc`) and ROC points from scikit-learn: the
+numbers clinicians judge fedvox by are library work, not ours. Sensitivity and
+specificity are read off a confusion matrix at a decision threshold, which the
+caller chooses on validation data (never on the test split).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from monai.metrics import compute_roc_auc
+from sklearn.metrics import confusion_matrix, roc_curve
+
+
+def _auc(probs: np.ndarray, labels: np.ndarray, num_classes: int) -> float:
+    present = np.unique(labels)
+    if len(present) < 2:
+        return math.nan  # AUC is undefined when only one class is present
+    if num_classes == 2:
+        return float(compute_roc_auc(torch.as_tensor(probs[:, 1]), torch.as_tensor(labels)))
+    # Macro AUC over the classes actually present (one-vs-rest, one-hot as MONAI expects).
+    onehot = np.eye(num_classes)[labels][:, present]
+    return float(
+        compute_roc_auc(torch.as_tensor(probs[:, present]), torch.as_tensor(onehot), "macro")
+    )
+
+
+def classification_metrics(
+    probs: np.ndarray, labels: np.ndarray, threshold: float = 0.5
+) -> dict[str, float]:
+    """AUC, accuracy, and (binary only) sensitivity/specificity of class-1 at `threshold`.
+
+    `probs` is (N, K) softmax output, `labels` (N,) integer classes. Metrics that are
+    undefined for the data (e.g. AUC with one class present) are NaN.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    probs = np.asarray(probs, dtype=np.float64)
+    num_classes = probs.shape[1]
+    out: dict[str, float] = {"auc": _auc(probs, labels, num_classes)}
+    if num_classes == 2:
+        pred = (probs[:, 1] >= threshold).astype(np.int64)
+        tn, fp, fn, tp = confusion_matrix(labels, pred, labels=[0, 1]).ravel()
+        out["sensitivity"] = float(tp / (tp + fn)) if tp + fn else math.nan
+        out["specificity"] = float(tn / (tn + fp)) if tn + fp else math.nan
+    else:
+        pred = probs.argmax(1)
+    out["accuracy"] = float((pred == labels).mean()) if len(labels) else math.nan
+    return out
+
+
+def roc_points(probs: np.ndarray, labels: np.ndarray) -> dict[str, list[float]]:
+    """ROC curve points for class 1 (binary) — what the server saves per round."""
+    labels = np.asarray(labels)
+    if probs.shape[1] != 2 or len(np.unique(labels)) < 2:
+        return {"fpr": [], "tpr": [], "thresholds": []}
+    fpr, tpr, thr = roc_curve(labels, probs[:, 1])
+    thr = np.minimum(thr, 1.0)  # sklearn puts +inf first; keep JSON finite
+    return {"fpr": fpr.tolist(), "tpr": tpr.tolist(), "thresholds": thr.tolist()}
+
+
+@torch.no_grad()
+def predict_probs(
+    model: torch.nn.Module, images: torch.Tensor, batch_size: int = 256
+) -> np.ndarray:
+    """Softmax probabilities of `model` on `images` (N, C, ...), in eval mode, batched."""
+    model.eval()
+    outs = [
+        torch.softmax(model(images[i : i + batch_size]), dim=1)
+        for i in range(0, len(images), batch_size)
+    ]
+    return torch.cat(outs).cpu().numpy() if outs else np.zeros((0, 2))
+
+
+def evaluate_model(
+    model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, threshold: float = 0.5
+) -> tuple[dict[str, float], np.ndarray]:
+    """Loss + classification metrics of `model` on a labelled tensor set; also returns probs."""
+    probs = predict_probs(model, images)
+    eps = 1e-12
+    idx = labels.cpu().numpy()
+    loss = float(-np.log(probs[np.arange(len(idx)), idx] + eps).mean()) if len(idx) else math.nan
+    metrics = classification_metrics(probs, idx, threshold)
+    metrics["loss"] = loss
+    return metrics, probs

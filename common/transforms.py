@@ -1,0 +1,225 @@
+"""Preprocessing: one composable chain shared by training, evaluation and predict.
+
+NIfTI image (or a numpy array already in RAS order) -> float32 tensor (C, *spatial_size):
+  1. reorient to the closest canonical (RAS) orientation with nibabel and put the channel first,
+  2. cast to float32,
+  3. intensity normalisation per modality (CT: clip to a HU window then scale to [0, 1];
+     anything else: robust z-score = clip to the 0.5/99.5 percentiles, then mean/std),
+  4. fit to the model's input size: resize keeping the *physical* aspect ratio (voxel spacing
+     differs between scanners), then pad (with the image minimum, i.e. background) or
+     centre-crop to exactly spatial_size.
+Steps 2-4 are MONAI transforms; every scanner difference the data contract allows (size,
+spacing, orientation, dtype, byte order) is absorbed here rather than treated as a defect.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import nibabel as nib
+import numpy as np
+import torch
+
+# Bump when the chain below changes in a way that changes its output: it is part of key(),
+# so every on-disk cache built by an older chain is ignored and rebuilt.
+PREPROCESS_VERSION = 1
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    spatial_size: tuple[int, ...]  # model input size, (X, Y) or (X, Y, Z)
+    modality: str = "other"  # "CT" -> HU window scaled to [0, 1]; anything else -> robust z-score
+    ct_window: tuple[float, float] = (-1000.0, 400.0)
+
+    def __post_init__(self) -> None:
+        # Accept lists (from JSON / CLI) but store tuples so the config stays hashable.
+        size = tuple(int(s) for s in self.spatial_size)
+        if len(size) not in (2, 3) or min(size) < 1:
+            raise ValueError(
+                f"spatial_size must be 2 or 3 positive ints, got {self.spatial_size!r}"
+            )
+        lo, hi = (float(v) for v in self.ct_window)
+        if not lo < hi:
+            raise ValueError(
+                f"ct_window must be (low, high) with low < high, got {self.ct_window!r}"
+            )
+        object.__setattr__(self, "spatial_size", size)
+        object.__setattr__(self, "ct_window", (lo, hi))
+        object.__setattr__(self, "modality", str(self.modality))
+
+    @property
+    def is_ct(self) -> bool:
+        return self.modality.strip().upper() == "CT"
+
+    def key(self) -> str:
+        """Stable short hash of every setting (plus the chain version): the disk-cache key."""
+        blob = json.dumps({"version": PREPROCESS_VERSION, **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def effective_shape(shape: Sequence[int]) -> tuple[int, ...]:
+    """Spatial shape with trailing singleton axes dropped (never below 2 axes).
+
+    NIfTI writers often store a 2D image as (X, Y, 1) and a 3D volume as (X, Y, Z, 1); those are
+    2D / 3D images, not 3D / 4D ones.
+    """
+    shape = tuple(int(s) for s in shape)
+    while len(shape) > 2 and shape[-1] == 1:
+        shape = shape[:-1]
+    return shape
+
+
+_ORNT: dict[bytes, np.ndarray] = {}  # a site's files nearly all share one affine: memoise
+
+
+def _canonical_ornt(affine: np.ndarray) -> np.ndarray:
+    """nibabel's orientation transform from array axes to the closest RAS axes (3 rows)."""
+    key = np.asarray(affine, dtype=np.float64).tobytes()
+    if key not in _ORNT:
+        if len(_ORNT) > 10_000:
+            _ORNT.clear()
+        _ORNT[key] = nib.io_orientation(affine)
+    return _ORNT[key]
+
+
+def canonical_shape(img: nib.spatialimages.SpatialImage) -> tuple[int, ...]:
+    """The effective shape the image will have after reorientation to RAS (header only)."""
+    shape = effective_shape(img.shape)
+    if len(shape) not in (2, 3):
+        return shape
+    shape3 = shape + (1,) * (3 - len(shape))
+    ornt = _canonical_ornt(img.affine)
+    out = [0, 0, 0]
+    for i, (axis, _flip) in enumerate(ornt):
+        out[int(axis)] = shape3[i]
+    if len(shape) == 2:
+        del out[int(ornt[2, 0])]  # the padded singleton axis, wherever RAS put it
+    return tuple(out)
+
+
+def to_canonical(img: nib.spatialimages.SpatialImage) -> tuple[np.ndarray, np.ndarray]:
+    """Decode a 2D/3D nibabel image into a float32 RAS array plus its voxel sizes (mm).
+
+    Same maths as nibabel.as_closest_canonical, but it also copes with 2D images: they get a
+    singleton third axis so the 4x4 affine applies, and lose it again afterwards.
+    """
+    shape = effective_shape(img.shape)
+    if len(shape) not in (2, 3):
+        raise ValueError(f"expected a 2D or 3D image, got shape {tuple(img.shape)}")
+    # get_fdata applies scl_slope/inter and returns native byte order whatever the file had.
+    data = np.asarray(img.get_fdata(dtype=np.float32)).reshape(shape)
+    data3 = data.reshape(shape + (1,) * (3 - len(shape)))
+    ornt = _canonical_ornt(img.affine)
+    data3 = nib.apply_orientation(data3, ornt)
+    voxel = np.sqrt((np.asarray(img.affine)[:3, :3] ** 2).sum(axis=0))
+    zooms = np.ones(3)
+    for i, (axis, _flip) in enumerate(ornt):
+        zooms[int(axis)] = voxel[i] if voxel[i] > 0 else 1.0
+    if len(shape) == 2:
+        gone = int(ornt[2, 0])
+        data3 = np.squeeze(data3, axis=gone)
+        zooms = np.delete(zooms, gone)
+    return np.ascontiguousarray(data3, dtype=np.float32), zooms
+
+
+class ToCanonicalChannelFirst:
+    """nibabel image -> tensor (1, *RAS spatial).
+
+    When the image still has to be resized to spatial_size it becomes a MONAI MetaTensor whose
+    affine carries the voxel sizes (FitToSize keeps the physical aspect); otherwise a plain
+    tensor, because MetaTensor bookkeeping would triple the cost of small 2D images.
+    A numpy array is taken as already RAS with 1 mm voxels (the prepared-site convention).
+    """
+
+    def __init__(self, spatial_size: Sequence[int]):
+        self.spatial_size = tuple(int(s) for s in spatial_size)
+
+    def __call__(self, img: nib.spatialimages.SpatialImage | np.ndarray) -> torch.Tensor:
+        if isinstance(img, np.ndarray) or torch.is_tensor(img):
+            data = np.asarray(img, dtype=np.float32).reshape(effective_shape(np.shape(img)))
+            zooms = np.ones(data.ndim)
+        else:
+            data, zooms = to_canonical(img)
+        t = torch.from_numpy(data.copy())[None]
+        if data.shape == self.spatial_size:
+            return t
+        from monai.data import MetaTensor
+
+        return MetaTensor(t, affine=torch.as_tensor(np.diag(list(zooms) + [1.0])))
+
+
+class FitToSize:
+    """Resize keeping the physical aspect ratio, then pad / centre-crop to spatial_size.
+
+    Stretching each axis independently would distort anatomy differently per scanner; keeping
+    the aspect and padding with the image minimum (background after normalisation) does not.
+    """
+
+    def __init__(self, spatial_size: Sequence[int]):
+        self.spatial_size = tuple(int(s) for s in spatial_size)
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        from monai.transforms import CenterSpatialCrop, Resize, SpatialPad
+
+        shape = tuple(img.shape[1:])
+        if len(shape) != len(self.spatial_size):
+            raise ValueError(
+                f"image has {len(shape)} spatial dims, model expects "
+                f"{len(self.spatial_size)} ({self.spatial_size})"
+            )
+        if shape == self.spatial_size:
+            return img  # the common case for prepared sites: no interpolation at all
+        zooms = np.asarray(getattr(img, "pixdim", np.ones(len(shape))), dtype=float)[: len(shape)]
+        extent = np.asarray(shape, dtype=float) * zooms
+        scale = min(t / e for t, e in zip(self.spatial_size, extent, strict=True))
+        new = tuple(
+            int(min(t, max(1, round(e * scale))))
+            for t, e in zip(self.spatial_size, extent, strict=True)
+        )
+        if new != shape:
+            # "area" averages when shrinking (no aliasing); linear interpolation when growing.
+            shrink = all(n <= s for n, s in zip(new, shape, strict=True))
+            mode = "area" if shrink else ("bilinear" if len(shape) == 2 else "trilinear")
+            img = Resize(new, mode=mode)(img)
+        background = float(img.min())
+        img = SpatialPad(self.spatial_size, mode="constant", value=background)(img)
+        return CenterSpatialCrop(self.spatial_size)(img)
+
+
+def _to_plain_tensor(img: torch.Tensor) -> torch.Tensor:
+    # Drop MONAI metadata: the cache and DataLoader want a plain contiguous float32 tensor.
+    t = img.as_tensor() if hasattr(img, "as_tensor") else torch.as_tensor(img)
+    return t.to(torch.float32).contiguous()
+
+
+def build_transform(cfg: PreprocessConfig) -> Callable:
+    """Preprocessing chain for cfg: nibabel image or numpy array -> (C, *spatial_size) float32."""
+    # MONAI is imported here, not at module top: `fedvox validate` never preprocesses and
+    # should not pay MONAI's import time.
+    from monai.transforms import (
+        CastToType,
+        ClipIntensityPercentiles,
+        Compose,
+        NormalizeIntensity,
+        ScaleIntensityRange,
+    )
+
+    if cfg.is_ct:
+        lo, hi = cfg.ct_window
+        intensity = [ScaleIntensityRange(a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)]
+    else:
+        # Robust z-score: a few saturated voxels (implants, burnt-in text) must not squash the
+        # contrast of everything else, so clip the tails before taking mean and std.
+        intensity = [ClipIntensityPercentiles(lower=0.5, upper=99.5), NormalizeIntensity()]
+    return Compose(
+        [
+            ToCanonicalChannelFirst(cfg.spatial_size),
+            CastToType(dtype=np.float32),
+            *intensity,
+            FitToSize(cfg.spatial_size),
+            _to_plain_tensor,
+        ]
+    )

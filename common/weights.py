@@ -1,0 +1,38 @@
+"""Model weights <-> Flower `ArrayRecord`, with clean state_dict keys.
+
+Opacus wraps a model in `GradSampleModule`, whose state_dict keys gain a
+`_module.` prefix. Everything that leaves a node goes through `to_record`,
+which always serialises the unwrapped module, so the global state_dict loads
+into a fresh `build_model(...)` with no key fix-ups.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from flwr.app import ArrayRecord
+from torch import nn
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside an Opacus GradSampleModule (or the model itself)."""
+    return getattr(model, "_module", model)
+
+
+def to_record(model: nn.Module) -> ArrayRecord:
+    return ArrayRecord(unwrap(model).state_dict())
+
+
+def load_record(model: nn.Module, record: ArrayRecord) -> None:
+    """Load global weights in place (hooks and optimizer references stay valid)."""
+    unwrap(model).load_state_dict(record.to_torch_state_dict(), strict=True)
+
+
+def fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
+    """sha256 of a state_dict's names and values: which exact weights a round started from."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        h.update(name.encode())
+        h.update(state_dict[name].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()

@@ -1,0 +1,39 @@
+"""`fedvox bench {speed,utility}`: benchmarks that print a table and write JSON.
+
+Each benchmark is its own module with `add_arguments(parser)` and `run(args) -> int`, imported when
+the CLI builds its parser, so those modules keep their top-level imports light (stdlib only) and
+import torch/Flower inside functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+# benchmark -> (module, one-line help)
+BENCHMARKS: dict[str, tuple[str, str]] = {
+    "speed": ("simulations.bench_speed", "DP step cost vs non-private and Opacus modes"),
+    "utility": ("simulations.bench_utility", "model utility under DP (accuracy/AUC vs epsilon)"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="bench", required=True)
+    for name, (module_name, help_text) in BENCHMARKS.items():
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name != module_name:
+                raise
+            # Not written yet: keep the subcommand visible, fail clearly when it is run.
+            sp.set_defaults(_bench_module=None)
+            continue
+        sp.set_defaults(_bench_module=module_name)
+        module.add_arguments(sp)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args._bench_module is None:
+        raise SystemExit(f"fedvox bench {args.bench}: not implemented yet")
+    return int(importlib.import_module(args._bench_module).run(args) or 0)

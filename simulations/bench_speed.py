@@ -1,0 +1,223 @@
+"""`fedvox bench speed`: what DP-SGD costs per step, ours vs Opacus, side by side.
+
+Every mode (non-private, fedvox fast DP, Opacus `hooks`, Opacus `ew`) gets its own copy of the same
+default model, the same fixed batch and the same thread count, and all of them run interleaved in
+one process: round r runs one step of every mode (order rotated each round), so load from other
+processes on a shared machine hits all modes alike. Ratios are median step time / median
+non-private step time.
+
+The federation numbers of issue 5 (`federation_overhead`, `startup_s`, `data_share`, `scale`) come
+from a simulation run and are written as null here until `measure_federation(...)` exists; see
+`federation_section`.
+
+Top-level imports stay stdlib-only: the CLI imports this module to build its parser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import time
+from importlib import metadata
+from pathlib import Path
+
+MODES = ("nonprivate", "fast", "hooks", "ew")
+
+# name -> (spatial dims, input shape without batch, batch); the issue's reference workloads.
+FULL = {"2d": (2, (1, 28, 28), 64), "3d": (3, (1, 64, 64, 64), 8)}
+QUICK = {"2d": (2, (1, 28, 28), 16), "3d": (3, (1, 16, 16, 16), 2)}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, help="write the JSON result here")
+    parser.add_argument(
+        "--quick", action="store_true", help="small inputs, few repeats, 1 thread (for tests)"
+    )
+    parser.add_argument(
+        "--threads",
+        default=None,
+        help="comma-separated torch thread counts to measure; the first gives the top-level "
+        "ratios (default: '2,1' full, '1' quick)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="interleaved rounds per workload (default: 2d 15, 3d 5; quick 3)",
+    )
+
+
+def machine_info() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+
+    def version(dist: str) -> str | None:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "python": platform.python_version(),
+        "torch": version("torch"),
+        "opacus": version("opacus"),
+        "flwr": version("flwr"),
+    }
+
+
+def _setup(mode: str, dims: int, batch: int):
+    """A fresh default model + optimizer for `mode`, made private the way fedvox/Opacus do."""
+    import torch
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from common import fast_dp
+    from common.models import build_model
+
+    torch.manual_seed(0)  # every mode starts from the same weights
+    model = build_model(dims, 1, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    if mode == "nonprivate":
+        return model, opt
+    # make_private only reads the loader's length (sample rate = 1/len = batch/N).
+    loader = DataLoader(TensorDataset(torch.zeros(batch * 10, 1)), batch_size=batch)
+    args = dict(module=model, optimizer=opt, data_loader=loader, noise_multiplier=1.0)
+    engine = PrivacyEngine(accountant="rdp")
+    if mode == "fast":
+        model, opt, _ = fast_dp.make_private(engine, max_grad_norm=1.0, **args)
+    else:
+        model, opt, _ = engine.make_private(max_grad_norm=1.0, grad_sample_mode=mode, **args)
+    return model, opt
+
+
+def measure_steps(
+    dims: int, shape: tuple[int, ...], batch: int, threads: int, repeats: int
+) -> dict[str, float]:
+    """Median wall seconds of one SGD step per mode, all modes interleaved in this process."""
+    import warnings
+
+    import torch
+    from torch import nn
+
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, *shape, generator=gen)
+    y = torch.randint(0, 2, (batch,), generator=gen)
+    loss_fn = nn.CrossEntropyLoss()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Opacus' secure-RNG and backward-hook notices
+        runs = {m: _setup(m, dims, batch) for m in MODES}
+
+        def step(model, opt) -> float:
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model(x), y).backward()
+            opt.step()
+            return time.perf_counter() - t0
+
+        for m in MODES:  # warm-up: first-call allocations, kernel selection
+            step(*runs[m])
+        times: dict[str, list[float]] = {m: [] for m in MODES}
+        for r in range(repeats):
+            order = MODES[r % len(MODES) :] + MODES[: r % len(MODES)]
+            for m in order:
+                times[m].append(step(*runs[m]))
+    return {m: statistics.median(v) for m, v in times.items()}
+
+
+def dp_section(quick: bool, threads: list[int], repeats: int | None) -> dict:
+    """Ours and Opacus' ratios at threads[0] (top level); all thread counts in `by_threads`."""
+    workloads = QUICK if quick else FULL
+    by_threads = {}
+    for t in threads:
+        per = {}
+        for name, (dims, shape, batch) in workloads.items():
+            reps = repeats or (3 if quick else {"2d": 15, "3d": 5}[name])
+            med = measure_steps(dims, shape, batch, t, reps)
+            per[name] = {
+                "input": [batch, *shape],
+                "repeats": reps,
+                "step_ms": {m: round(v * 1e3, 2) for m, v in med.items()},
+                "ratio": {m: round(v / med["nonprivate"], 3) for m, v in med.items()},
+            }
+        by_threads[str(t)] = per
+    top = by_threads[str(threads[0])]
+    return {
+        "threads": threads[0],
+        "dp_step_ratio": {k: top[k]["ratio"]["fast"] for k in workloads},
+        "opacus_step_ratio": {
+            f"{mode}_{k}": top[k]["ratio"][mode] for k in workloads for mode in ("hooks", "ew")
+        },
+        "by_threads": by_threads,
+    }
+
+
+def federation_section() -> dict:
+    """Placeholders for the simulation-based numbers of issue 5.
+
+    Replace with `measure_federation(...)` (per-round wall / clients' own compute at 5 hospitals,
+    start-up seconds, NIfTI decode+preprocess share of a round, 100 hospitals x 3 rounds wall and
+    peak RSS) returning the same keys.
+    """
+    return {"federation_overhead": None, "startup_s": None, "data_share": None, "scale": None}
+
+
+def format_table(result: dict) -> str:
+    lines = [
+        f"{'workload':<28}{'threads':>8}"
+        + "".join(f"{m + ' ms':>16}" for m in MODES)
+        + f"{'fast/non-DP':>13}"
+    ]
+    for t, per in result["by_threads"].items():
+        for name, r in per.items():
+            cells = "".join(
+                f"{r['step_ms'][m]:>9.1f} ({r['ratio'][m]:.2f}x)"[-16:].rjust(16) for m in MODES
+            )
+            shape = "x".join(map(str, r["input"]))
+            lines.append(f"{name + ' ' + shape:<28}{t:>8}{cells}{r['ratio']['fast']:>12.2f}x")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    threads_arg = args.threads or ("1" if args.quick else "2,1")
+    try:
+        threads = [int(t) for t in threads_arg.split(",") if t.strip()]
+    except ValueError:
+        raise SystemExit(
+            f"--threads must be comma-separated integers, got {threads_arg!r}"
+        ) from None
+    if not threads or min(threads) < 1:
+        raise SystemExit(f"--threads needs at least one count >= 1, got {threads_arg!r}")
+    if args.repeats is not None and args.repeats < 1:
+        raise SystemExit(f"--repeats must be >= 1, got {args.repeats}")
+
+    result = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "quick": bool(args.quick),
+        **dp_section(args.quick, threads, args.repeats),
+        **federation_section(),
+    }
+    print(format_table(result))
+    print(
+        f"dp_step_ratio (threads={result['threads']}): "
+        + ", ".join(f"{k} {v:.2f}x" for k, v in result["dp_step_ratio"].items())
+    )
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return 0

@@ -1,0 +1,46 @@
+"""The `fedvox` command line.
+
+It lives in `simulations/` because that is the one package allowed to import
+`client`, `server` and `common` alike. Each subcommand is a module exposing
+`add_arguments(parser)` and `run(args) -> int`; only the chosen subcommand's module
+is imported, so `fedvox validate` does not pay for importing Flower or Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "validate": ("client.validate", "check a hospital data folder and report every bad file"),
+    "prepare": ("simulations.prepare", "write hospital folders + holdout from an npz or phantoms"),
+    "certs": ("common.certs", "create a CA, server certificate and hospital node keys"),
+    "bench": ("simulations.bench", "speed and utility benchmarks (JSON + table)"),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only the chosen subcommand's module is imported (for its arguments)."""
+    parser = argparse.ArgumentParser(prog="fedvox", description="fedvox command line")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        sp.set_defaults(_module=module_name)
+        if name == command:
+            # Argument definitions live next to the code that uses them.
+            importlib.import_module(module_name).add_arguments(sp)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command).parse_args(argv)
+    module = importlib.import_module(args._module)
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,13 @@
+"""Process harness for the tests: the same one the local simulation runner uses."""
+
+from simulations.procs import *  # noqa: F403
+from simulations.procs import (  # noqa: F401 - names the tests import explicitly
+    VENV_BIN,
+    Proc,
+    Procs,
+    descendants,
+    flwr_env,
+    free_port,
+    port_open,
+    wait_for,
+)

@@ -1,0 +1,142 @@
+"""Synthetic phantoms: the folder layout, shapes, a learnable label signal, non-IID sites."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from simulations import prepare
+from simulations.phantoms import PHANTOMS, make_phantom_sites
+
+
+def load_site(site: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    with open(site / "labels.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    images = np.stack(
+        [
+            nib.load(site / "images" / f"{r['case']}.nii.gz").get_fdata(dtype=np.float32)
+            for r in rows
+        ]
+    )
+    return images, np.array([int(r["label"]) for r in rows]), [r.get("split", "") for r in rows]
+
+
+def blob_score(images: np.ndarray) -> np.ndarray:
+    """Peak of the per-image robust z-scored image (undoes each site's offset and scale)."""
+    flat = images.reshape(len(images), -1)
+    z = (flat - np.median(flat, 1, keepdims=True)) / flat.std(1, keepdims=True)
+    return z.max(1)
+
+
+@pytest.fixture(scope="module")
+def sites_2d(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("p2d") / "sites"
+    make_phantom_sites("blobs-2d", out, hospitals=3, cases_per_site=80, holdout_cases=60, seed=1)
+    return out
+
+
+def test_registry():
+    assert {"blobs-2d", "blobs-3d"} <= set(PHANTOMS)
+    assert PHANTOMS["blobs-2d"].image_size == (28, 28)
+    assert PHANTOMS["blobs-3d"].image_size == (32, 32, 32)
+
+
+def test_2d_layout_and_counts(sites_2d):
+    manifest = json.loads((sites_2d / "prepare.json").read_text())
+    assert manifest["sites"] == ["hospital-1", "hospital-2", "hospital-3", "holdout"]
+    for site in manifest["sites"]:
+        images, labels, splits = load_site(sites_2d / site)
+        assert images.shape[1:] == (28, 28)
+        assert np.isfinite(images).all()
+        assert manifest["counts"][site] == np.bincount(labels, minlength=2).tolist()
+        assert len(set(labels)) == 2
+        meta = json.loads((sites_2d / site / "dataset.json").read_text())
+        assert meta["spatial_dims"] == 2 and meta["image_size"] == [28, 28]
+        assert meta["task"] == "classification" and len(meta["class_names"]) == 2
+        if site == "holdout":
+            assert splits == [""] * 60
+        else:
+            assert len(labels) == 80 and {"train", "val"} == set(splits)
+
+
+def test_2d_label_signal(sites_2d):
+    images, labels = [], []
+    for site in ["hospital-1", "hospital-2", "hospital-3", "holdout"]:
+        x, y, _ = load_site(sites_2d / site)
+        images.append(x)
+        labels.append(y)
+    images, labels = np.concatenate(images), np.concatenate(labels)
+    score = blob_score(images)
+    assert roc_auc_score(labels, score) > 0.9
+
+
+def test_sites_are_not_iid(sites_2d):
+    means = [load_site(sites_2d / f"hospital-{h}")[0].mean() for h in (1, 2, 3)]
+    stds = [load_site(sites_2d / f"hospital-{h}")[0].std() for h in (1, 2, 3)]
+    assert max(means) - min(means) > 5  # intensity offsets differ by tens of units
+    assert max(stds) / min(stds) > 1.1
+
+
+def test_3d_layout_shapes_and_signal(tmp_path):
+    out = tmp_path / "p3d"
+    counts = make_phantom_sites(
+        "blobs-3d", out, hospitals=2, cases_per_site=12, holdout_cases=40, seed=0
+    )  # fmt: skip
+    assert list(counts) == ["hospital-1", "hospital-2", "holdout"]
+    x, y, _ = load_site(out / "holdout")
+    assert x.shape == (40, 32, 32, 32)
+    assert json.loads((out / "holdout" / "dataset.json").read_text())["spatial_dims"] == 3
+    assert roc_auc_score(y, blob_score(x)) > 0.9
+
+
+def test_deterministic_for_a_seed(tmp_path):
+    kw = dict(hospitals=2, cases_per_site=10, holdout_cases=5, image_size=(12, 12))
+    make_phantom_sites("blobs-2d", tmp_path / "a", seed=3, **kw)
+    make_phantom_sites("blobs-2d", tmp_path / "b", seed=3, **kw)
+    make_phantom_sites("blobs-2d", tmp_path / "c", seed=4, **kw)
+    a, b, c = (load_site(tmp_path / n / "hospital-2")[0] for n in "abc")
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="unknown phantom"):
+        make_phantom_sites("lung-mri", tmp_path / "x", 2)
+    with pytest.raises(ValueError, match="image_size"):
+        make_phantom_sites("blobs-3d", tmp_path / "x", 2, image_size=(28, 28))
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "keep.txt").write_text("x")
+    with pytest.raises(FileExistsError):
+        make_phantom_sites("blobs-2d", tmp_path / "mine", 2, cases_per_site=4, holdout_cases=2)
+    assert (tmp_path / "mine" / "keep.txt").exists()
+
+
+def test_cli_phantom(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    prepare.add_arguments(parser)
+    argv = ["--phantom", "blobs-3d", "--out", str(tmp_path / "o"), "--hospitals", "2"]
+    argv += ["--cases-per-site", "6", "--holdout-cases", "4", "--image-size", "10", "10", "10"]
+    assert prepare.run(parser.parse_args(argv)) == 0
+    assert "hospital-2" in capsys.readouterr().out
+    assert nib.load(next((tmp_path / "o" / "hospital-1" / "images").iterdir())).shape == (
+        10,
+        10,
+        10,
+    )
+    bad = parser.parse_args(["--phantom", "nope", "--out", str(tmp_path / "q")])
+    assert prepare.run(bad) == 2
+    assert "unknown phantom" in capsys.readouterr().err
+
+
+def test_output_passes_the_reader_validation(sites_2d):
+    data = pytest.importorskip("common.data")
+    for site in ["hospital-1", "holdout"]:
+        report = data.validate_site(sites_2d / site)
+        assert report.exit_code == 0, report.format(only_bad=True)
+        assert report.spec.spatial_dims == 2

@@ -1,0 +1,144 @@
+"""Privacy budget rules, calibration, the node ledger, and DP-SGD steps under real Opacus."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from opacus.accountants import RDPAccountant
+from opacus.validators import ModuleValidator
+
+from client.ledger import LedgerError, PrivacyLedger
+from client.train import steps_per_epoch, train_dp
+from common.models import build_model
+from common.privacy import (
+    PrivacyRefusal,
+    calibrate_noise_multiplier,
+    compute_epsilon,
+    resolve_budget,
+)
+
+
+def test_node_limits_only_tighten_the_servers_proposal():
+    b = resolve_budget(8.0, 1e-5, node_max_epsilon=3.0, node_delta=1e-6, num_examples=1000)
+    assert (b.epsilon_run, b.epsilon_lifetime, b.delta) == (3.0, 3.0, 1e-6)
+    loose = resolve_budget(8.0, 1e-5, node_max_epsilon=50.0, node_delta=1e-2, num_examples=1000)
+    assert loose.epsilon_run == 8.0 and loose.delta == 1e-5  # a node cannot loosen it
+    assert loose.epsilon_lifetime == 50.0  # but its lifetime limit is its own
+    default = resolve_budget(8.0, 1e-5, None, None, num_examples=1000)
+    assert default.epsilon_lifetime == 8.0  # no declared lifetime budget: one run's worth
+
+
+@pytest.mark.parametrize("n", [10, 100_001])
+def test_delta_must_be_below_one_over_n(n):
+    with pytest.raises(PrivacyRefusal, match="1/N"):
+        resolve_budget(8.0, 1e-5 if n > 10 else 0.2, None, None, num_examples=n)
+
+
+def test_calibrated_sigma_spends_the_target_epsilon_over_the_whole_run():
+    q, steps = 64 / 900, 10 * 15  # 10 rounds x 1 epoch x 15 steps
+    sigma = calibrate_noise_multiplier(8.0, 1e-5, q, steps)
+    eps = compute_epsilon([(sigma, q, steps)], 1e-5)
+    assert 7.9 <= eps <= 8.0
+    # One round of that run spends far less: the budget covers the run, not each round.
+    assert compute_epsilon([(sigma, q, 15)], 1e-5) < 4.0
+
+
+def test_compute_epsilon_matches_opacus_accountant_and_merges_history():
+    history = [(1.1, 0.05, 40), (1.1, 0.05, 60), (2.0, 0.1, 10)]
+    acc = RDPAccountant()
+    acc.history = list(history)
+    assert compute_epsilon(history, 1e-5) == pytest.approx(acc.get_epsilon(1e-5), rel=1e-12)
+    assert compute_epsilon([], 1e-5) == 0.0
+
+
+def test_ledger_survives_a_fresh_process_and_refuses_a_corrupt_file(tmp_path):
+    ledger = PrivacyLedger.open(tmp_path)
+    ledger.plan_run("run-a", noise_multiplier=1.0, sample_rate=0.1)
+    ledger.record("run-a", 1, [(1.0, 0.1, 10)])
+    ledger.record("run-b", 1, [(1.0, 0.1, 10)])
+    again = PrivacyLedger.open(tmp_path)  # what a new ClientApp process sees
+    assert again.history() == [(1.0, 0.1, 10), (1.0, 0.1, 10)]
+    assert again.epsilon(1e-5, "run-a") < again.epsilon(1e-5)
+    assert again.epsilon(1e-5) == pytest.approx(compute_epsilon([(1.0, 0.1, 20)], 1e-5))
+    # A second plan for the same run keeps the first calibration.
+    assert again.plan_run("run-a", noise_multiplier=9.0)["noise_multiplier"] == 1.0
+    (tmp_path / "privacy_ledger.json").write_text('{"entries": [')
+    with pytest.raises(LedgerError, match="privacy_ledger.json"):
+        PrivacyLedger.open(tmp_path)
+    (tmp_path / "privacy_ledger.json").write_text(
+        json.dumps({"accountant": "prv", "entries": [], "runs": {}})
+    )
+    with pytest.raises(LedgerError, match="accountant"):
+        PrivacyLedger.open(tmp_path, accountant="rdp")
+
+
+@pytest.mark.parametrize("dims,shape", [(2, (1, 28, 28)), (3, (1, 16, 16, 16))])
+def test_models_pass_opacus_validation_and_take_dp_steps(dims, shape):
+    torch.manual_seed(0)
+    model = build_model(dims, in_channels=1, num_classes=2)
+    assert ModuleValidator.validate(model, strict=False) == []
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = torch.randn(24, *shape), torch.randint(0, 2, (24,))
+    result = train_dp(
+        model,
+        x,
+        y,
+        epochs=1,
+        batch_size=8,
+        learning_rate=0.1,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        accountant="rdp",
+    )
+    assert result.history == [(1.0, 1 / steps_per_epoch(24, 8), 3)]
+    after = model.state_dict()
+    assert set(after) == set(before)  # plain keys, no "_module." prefix
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_empty_poisson_batches_still_count_as_steps():
+    torch.manual_seed(0)
+    model = build_model(2, 1, 2, width=4, depth=1)
+    x, y = torch.randn(3, 1, 8, 8), torch.randint(0, 2, (3,))
+    # q = 1/3 over 3 samples: many of the 30 Poisson batches are empty.
+    result = train_dp(
+        model,
+        x,
+        y,
+        epochs=10,
+        batch_size=1,
+        learning_rate=0.1,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        accountant="rdp",
+    )
+    assert result.history[0][2] == 30
+
+
+def test_fedprox_proximal_step_pulls_towards_the_global_model():
+    x, y = torch.randn(64, 1, 8, 8), torch.randint(0, 2, (64,))
+
+    def distance(mu: float) -> float:
+        torch.manual_seed(0)
+        model = build_model(2, 1, 2, width=4, depth=1)
+        start = [p.detach().clone() for p in model.parameters()]
+        torch.manual_seed(1)
+        train_dp(
+            model,
+            x,
+            y,
+            epochs=3,
+            batch_size=16,
+            learning_rate=0.5,
+            noise_multiplier=0.0,
+            max_grad_norm=1.0,
+            accountant="rdp",
+            proximal_mu=mu,
+        )
+        pairs = zip(model.parameters(), start, strict=True)
+        return sum(float((p.detach() - s).norm()) for p, s in pairs)
+
+    assert distance(1.0) < 0.8 * distance(0.0)

@@ -1,0 +1,76 @@
+"""Strategy selection, metrics and run folder pieces of the server."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from flwr.serverapp import strategy as fl
+from sklearn.metrics import roc_auc_score
+
+from common.metrics import classification_metrics, roc_points
+from server.run_dir import resolve_resume, write_json
+from server.strategy import STRATEGIES, HospitalAware, build_strategy
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "fedavg",
+        "fedprox",
+        "fedadam",
+        "fedmedian",
+        "fedtrimmedavg",
+        "fedyogi",
+        "fedavgm",
+        "fedadagrad",
+    ],
+)
+def test_every_named_strategy_is_the_flower_one_and_hospital_aware(name):
+    s = build_strategy(name.upper(), {"proximal-mu": 0.1}, min_nodes=3)
+    assert isinstance(s, STRATEGIES[name]) and isinstance(s, HospitalAware)
+    assert s.min_available_nodes == 3
+    if name == "fedprox":
+        assert isinstance(s, fl.FedProx) and s.proximal_mu == 0.1
+
+
+def test_unknown_strategy_names_the_setting_and_choices():
+    with pytest.raises(ValueError, match="strategy='fedsgd'.*fedavg"):
+        build_strategy("fedsgd", {}, 2)
+
+
+def test_binary_metrics_agree_with_sklearn_and_confusion_counts():
+    labels = np.array([0, 0, 0, 1, 1, 1, 1, 0])
+    p1 = np.array([0.1, 0.4, 0.6, 0.8, 0.3, 0.9, 0.7, 0.2])
+    m = classification_metrics(np.stack([1 - p1, p1], 1), labels)
+    assert m["auc"] == pytest.approx(roc_auc_score(labels, p1))
+    assert m["sensitivity"] == pytest.approx(3 / 4)  # 0.8, 0.9, 0.7 >= 0.5; 0.3 missed
+    assert m["specificity"] == pytest.approx(3 / 4)  # 0.6 is a false positive
+    assert m["accuracy"] == pytest.approx(6 / 8)
+    assert math.isnan(classification_metrics(np.stack([1 - p1, p1], 1), np.zeros(8, int))["auc"])
+    pts = roc_points(np.stack([1 - p1, p1], 1), labels)
+    assert pts["fpr"][0] == 0.0 and pts["tpr"][-1] == 1.0
+
+
+def test_multiclass_macro_auc():
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1, 2], 20)
+    probs = rng.dirichlet([1, 1, 1], 60)
+    probs[np.arange(60), labels] += 1.0
+    probs /= probs.sum(1, keepdims=True)
+    m = classification_metrics(probs, labels)
+    assert m["auc"] == pytest.approx(roc_auc_score(labels, probs, multi_class="ovr"))
+    assert "sensitivity" not in m
+
+
+def test_summary_json_is_valid_json_with_nan_as_null(tmp_path):
+    write_json(tmp_path / "s.json", {"auc": float("nan"), "x": [1.0, float("inf")]})
+    assert (tmp_path / "s.json").read_text().replace(" ", "").replace(
+        "\n", ""
+    ) == '{"auc":null,"x":[1.0,null]}'
+
+
+def test_resume_from_a_folder_without_a_run_names_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+        resolve_resume(tmp_path)
