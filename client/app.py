@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from flwr.clientapp import ClientApp
 from client.audit import audit_mod
 from client.ledger import PrivacyLedger
 from client.train import steps_per_epoch, train_dp
+from common.calibration import validation_summary
 from common.data import SiteDataset, load_site
 from common.paths import absolute, default_output_dir, demo_data_dir, list_sites
 from common.privacy import PrivacyRefusal, calibrate_noise_multiplier, resolve_budget
@@ -41,8 +43,23 @@ TRAIN_METRIC_KEYS = (
     "noise-multiplier",
     "sample-rate",
     "steps",
+    "data-s",
+    "compute-s",
 )
-EVAL_METRIC_KEYS = ("num-examples", "loss", "auc", "accuracy", "sensitivity", "specificity")
+EVAL_METRIC_KEYS = (
+    "num-examples",
+    "loss",
+    "auc",
+    "accuracy",
+    "sensitivity",
+    "specificity",
+    "data-s",
+    "compute-s",
+)
+
+
+class NodeConfigError(ValueError):
+    """A configuration mistake whose message holds only config values: safe to send."""
 
 
 @dataclass
@@ -71,7 +88,7 @@ class Node:
     def model(self, data: SiteDataset) -> torch.nn.Module:
         width = int(self.run_config.get("model-width", 0)) or None
         depth = int(self.run_config.get("model-depth", 3))
-        return task_for(data.spec.task).build_model(
+        return task_for(data.spec).build_model(
             data.spatial_dims, data.in_channels, data.num_classes, width, depth
         )
 
@@ -93,8 +110,8 @@ def _node(msg: Message, context: Context) -> Node:
         )
         sites = list_sites(data_dir)
         if len(sites) != int(node["num-partitions"]):
-            raise ValueError(
-                f"data-dir {data_dir} has {len(sites)} hospital folders but the simulation has "
+            raise NodeConfigError(
+                f"data-dir has {len(sites)} hospital folders but the simulation has "
                 f"{node['num-partitions']} virtual nodes; run with "
                 f'--federation-config "num-supernodes={len(sites)}"'
             )
@@ -111,7 +128,9 @@ def _node(msg: Message, context: Context) -> Node:
     else:  # Deployment Engine: the hospital's own node config
         for key in ("data-dir", "state-dir"):
             if not node.get(key):
-                raise ValueError(f"node config '{key}' is not set (flower-supernode --node-config)")
+                raise NodeConfigError(
+                    f"node config '{key}' is not set (flower-supernode --node-config)"
+                )
         site = absolute(node["data-dir"], "node config data-dir")
         state_dir = absolute(node["state-dir"], "node config state-dir")
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -133,16 +152,11 @@ def _failed_reply(
     # The full error (which may name files) stays in the node's log.
     log.error("fedvox node failed:\n%s", traceback.format_exc())
     metrics = MetricRecord({k: 0.0 for k in keys})
-    if "refused" in metrics:
-        metrics["refused"] = 0.0
-    content = RecordDict(
-        {
-            "metrics": metrics,
-            "node": _status(
-                site_name, "failed", f"{type(exc).__name__} (details in the node's log)"
-            ),
-        }
-    )
+    if isinstance(exc, NodeConfigError):
+        reason = str(exc)
+    else:
+        reason = f"{type(exc).__name__} (details in the node's log)"
+    content = RecordDict({"metrics": metrics, "node": _status(site_name, "failed", reason)})
     return Message(content, reply_to=msg)
 
 
@@ -159,7 +173,9 @@ def train(msg: Message, context: Context) -> Message:
 
 def _train(msg: Message, node: Node) -> Message:
     run, server = node.run_config, node.server_config
+    t0 = time.perf_counter()
     data = node.load("train")
+    data_s = time.perf_counter() - t0
     n = len(data)
     epochs, batch = int(run["local-epochs"]), int(run["batch-size"])
     accountant = str(run.get("accountant", "rdp"))
@@ -193,6 +209,16 @@ def _train(msg: Message, node: Node) -> Message:
             ),
             reply_to=msg,
         )
+
+    if not _flag(run.get("dp", True)):
+        # The benchmarks' non-private reference (epsilon = inf). A hospital that set its
+        # own privacy limit never trains without DP.
+        if _optional_float(node.node_config.get("max-epsilon")) is not None:
+            return refuse(
+                "the server asked for training without DP (dp=false) but this hospital "
+                "requires DP (node max-epsilon is set)"
+            )
+        return _train_plain(msg, node, data)
 
     try:
         budget = resolve_budget(
@@ -241,6 +267,7 @@ def _train(msg: Message, node: Node) -> Message:
             budget.delta,
         )
 
+    t1 = time.perf_counter()
     model = node.model(data)
     load_record(model, msg.content.array_records["arrays"])
     result = train_dp(
@@ -254,7 +281,8 @@ def _train(msg: Message, node: Node) -> Message:
         max_grad_norm=float(run["max-grad-norm"]),
         accountant=accountant,
         proximal_mu=float(server.get("proximal-mu", 0.0)),
-        loss_fn=task_for(data.spec.task).loss_fn(),
+        momentum=float(run.get("momentum", 0.9)),
+        loss_fn=task_for(data.spec).loss_fn(),
     )
     # The ledger is on disk before the weights leave the node.
     ledger.record(run_uid, global_round, result.history)
@@ -269,11 +297,65 @@ def _train(msg: Message, node: Node) -> Message:
             "noise-multiplier": sigma,
             "sample-rate": q,
             "steps": float(sum(s for _, _, s in result.history)),
+            # Where the node's time went (the speed benchmark reads these).
+            "data-s": data_s,
+            "compute-s": time.perf_counter() - t1,
         }
     )
     return Message(
         RecordDict(
             {"arrays": to_record(model), "metrics": metrics, "node": _status(node.site_name, "ok")}
+        ),
+        reply_to=msg,
+    )
+
+
+def _flag(value) -> bool:
+    """A run-config boolean that may arrive as a TOML bool or a string."""
+    if isinstance(value, str):
+        return value.strip().lower() not in ("false", "0", "no", "off", "")
+    return bool(value)
+
+
+def _train_plain(msg: Message, node: Node, data: SiteDataset) -> Message:
+    """One round WITHOUT differential privacy (run config dp=false): no ledger entry, and
+    the reply says epsilon = inf so nobody mistakes the result for a private one."""
+    run, server = node.run_config, node.server_config
+    t1 = time.perf_counter()
+    model = node.model(data)
+    load_record(model, msg.content.array_records["arrays"])
+    result = train_dp(
+        model,
+        data.images,
+        data.labels,
+        epochs=int(run["local-epochs"]),
+        batch_size=int(run["batch-size"]),
+        learning_rate=float(run["learning-rate"]),
+        noise_multiplier=None,
+        max_grad_norm=float(run["max-grad-norm"]),
+        accountant=str(run.get("accountant", "rdp")),
+        proximal_mu=float(server.get("proximal-mu", 0.0)),
+        momentum=float(run.get("momentum", 0.9)),
+        loss_fn=task_for(data.spec).loss_fn(),
+    )
+    metrics = {k: 0.0 for k in TRAIN_METRIC_KEYS}
+    metrics.update(
+        {
+            "num-examples": len(data),
+            "train-loss": result.loss,
+            "epsilon-run": math.inf,
+            "epsilon-lifetime": math.inf,
+            "delta": 0.0,
+            "compute-s": time.perf_counter() - t1,
+        }
+    )
+    return Message(
+        RecordDict(
+            {
+                "arrays": to_record(model),
+                "metrics": MetricRecord(metrics),
+                "node": _status(node.site_name, "ok"),
+            }
         ),
         reply_to=msg,
     )
@@ -285,12 +367,19 @@ def evaluate(msg: Message, context: Context) -> Message:
     try:
         node = _node(msg, context)
         site_name = node.site_name
+        t0 = time.perf_counter()
         data = node.load("val")
+        t1 = time.perf_counter()
         model = node.model(data)
         load_record(model, msg.content.array_records["arrays"])
-        metrics = task_for(data.spec.task).evaluate(model, data.images, data.labels).metrics
+        metrics = task_for(data.spec).evaluate(model, data.images, data.labels).metrics
         record = MetricRecord({k: float(v) for k, v in metrics.items() if v is not None})
         record["num-examples"] = len(data)
+        # Aggregates (case counts per score bin, loss per temperature) from which the server
+        # picks the decision threshold and temperature on validation data; never per-case.
+        record.update(validation_summary(model, data.images, data.labels))
+        record["data-s"] = t1 - t0
+        record["compute-s"] = time.perf_counter() - t1
         return Message(
             RecordDict({"metrics": record, "node": _status(site_name, "ok")}), reply_to=msg
         )

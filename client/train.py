@@ -34,7 +34,7 @@ def train_dp(
     epochs: int,
     batch_size: int,
     learning_rate: float,
-    noise_multiplier: float,
+    noise_multiplier: float | None,
     max_grad_norm: float,
     accountant: str,
     proximal_mu: float = 0.0,
@@ -47,13 +47,20 @@ def train_dp(
     data-independent step after each private update: it does not touch the data, so
     it needs no clipping or noise and costs no privacy (adding it to the loss would
     leave it out of Opacus' per-sample gradients anyway).
+
+    `noise_multiplier=None` trains WITHOUT differential privacy (plain SGD, no clipping):
+    the non-private reference of the utility benchmark (epsilon = inf); history is empty.
     """
     loader = DataLoader(TensorDataset(images, labels), batch_size=batch_size, shuffle=True)
     optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=momentum)
     global_params = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
-    dp_model, dp_optimizer, dp_loader, engine = make_private(
-        model, optimizer, loader, noise_multiplier, max_grad_norm, accountant
-    )
+    model.train()  # Opacus refuses a module in eval mode (e.g. after an evaluation)
+    if noise_multiplier is None:
+        dp_model, dp_optimizer, dp_loader, engine = model, optimizer, loader, None
+    else:
+        dp_model, dp_optimizer, dp_loader, engine = make_private(
+            model, optimizer, loader, noise_multiplier, max_grad_norm, accountant
+        )
     loss_fn = loss_fn or nn.CrossEntropyLoss()
     dp_model.train()
     losses: list[float] = []
@@ -75,6 +82,8 @@ def train_dp(
                     with torch.no_grad():
                         for p, g in zip(unwrap(dp_model).parameters(), global_params, strict=True):
                             p.sub_(learning_rate * proximal_mu * (p - g))
+    if engine is None:
+        return TrainResult(loss=float(np.mean(losses)) if losses else float("nan"), history=[])
     history = steps_taken(engine)
     # Leave the caller a plain module again (Opacus hooks removed).
     dp_model._close()

@@ -1,6 +1,10 @@
 """The hospital data folder: reading, validating and loading it (README: "data folder contract").
 
 <site>/images/<case>.nii[.gz] + <site>/labels.csv (case,label[,split]) + optional dataset.json.
+Segmentation ("task": "segmentation" in dataset.json, which then must name the classes):
+<site>/masks/<case>.nii[.gz] beside each image, integer labels (0 = background, i = class_names[i]),
+same shape and affine as the image; labels.csv is optional there (`case[,split]`, only to fix
+splits; cases without a row get the hash split).
 
 Every file is checked once and gets exactly one reason when bad; the same report serves
 `fedvox validate` and training (which skips bad files, loudly). Decoding NIfTI is the expensive
@@ -34,12 +38,21 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from common.transforms import PreprocessConfig, build_transform, canonical_shape, effective_shape
+from common.transforms import (
+    PreprocessConfig,
+    build_mask_transform,
+    build_transform,
+    canonical_shape,
+    effective_shape,
+)
 
-CACHE_FORMAT = 1  # bump when the record layout below changes
+CACHE_FORMAT = 2  # bump when the record layout below changes (2: segmentation masks)
 VAL_FRACTION = 0.15  # local validation share when labels.csv has no split column
 SPLITS = ("train", "val", "test")
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+TASKS = ("classification", "segmentation")
+MAX_SEG_CLASSES = 256  # masks are cached as uint8
+AFFINE_TOLERANCE = 1e-3  # mm: a mask's affine may differ from its image's by float noise only
 
 
 class DataError(ValueError):
@@ -57,10 +70,16 @@ class DatasetSpec:
     modality: str = "other"
     spatial_dims: int = 2
     image_size: tuple[int, ...] | None = None
+    # segmentation: structures every case contains (an empty mask for one is warned about)
+    always_present: tuple[str, ...] = ()
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def is_segmentation(self) -> bool:
+        return self.task == "segmentation"
 
 
 def _read_json_spec(site: Path) -> dict:
@@ -76,10 +95,8 @@ def _read_json_spec(site: Path) -> dict:
         raise DataError(f"{path}: expected a JSON object, got {type(raw).__name__}")
     out: dict = {}
     if "task" in raw:
-        if raw["task"] != "classification":
-            raise DataError(
-                f"{path}: task {raw['task']!r} is not supported (only 'classification')"
-            )
+        if raw["task"] not in TASKS:
+            raise DataError(f"{path}: task {raw['task']!r} is not one of {list(TASKS)}")
         out["task"] = raw["task"]
     if "class_names" in raw:
         names = raw["class_names"]
@@ -90,6 +107,23 @@ def _read_json_spec(site: Path) -> dict:
         if len(set(names)) != len(names):
             raise DataError(f"{path}: class_names has duplicates: {names!r}")
         out["class_names"] = tuple(names)
+    if out.get("task") == "segmentation":
+        # Label values can't be inferred without decoding every mask, and "which value is
+        # which structure" must be stated anyway: require the names.
+        names = out.get("class_names", ())
+        if not 2 <= len(names) <= MAX_SEG_CLASSES:
+            raise DataError(
+                f"{path}: a segmentation dataset needs class_names with 2..{MAX_SEG_CLASSES} "
+                'names, label value i = class_names[i], 0 = background (e.g. ["background", '
+                f'"lung", "nodule"]), got {raw.get("class_names")!r}'
+            )
+        always = raw.get("always_present", [])
+        if not isinstance(always, list) or not all(a in names[1:] for a in always):
+            raise DataError(
+                f"{path}: always_present must be a list of foreground class_names "
+                f"{list(names[1:])}, got {always!r}"
+            )
+        out["always_present"] = tuple(always)
     if "modality" in raw:
         if not isinstance(raw["modality"], str) or not raw["modality"].strip():
             raise DataError(f"{path}: modality must be a string, got {raw['modality']!r}")
@@ -157,8 +191,10 @@ def _majority_dims(dims: Counter[int]) -> int:
 class Case:
     case_id: str
     image: Path
-    label: int
+    label: int  # classification; 0 for segmentation (the mask is the target)
     split: str  # "train" | "val" | "test"
+    mask: Path | None = None  # segmentation
+    present: tuple[int, ...] = ()  # segmentation: label values found in the mask
 
 
 @dataclass
@@ -167,6 +203,7 @@ class CaseReport:
     file: str  # relative to the site: images/x.nii.gz, or labels.csv for a label without an image
     ok: bool
     reason: str = ""
+    warning: str = ""  # usable but suspicious (e.g. an always-present structure missing)
 
 
 @dataclass
@@ -189,8 +226,16 @@ class SiteReport:
         return [r for r in self.reports if not r.ok]
 
     @property
+    def warnings(self) -> list[CaseReport]:
+        return [r for r in self.reports if r.warning]
+
+    @property
     def class_counts(self) -> dict[str, int]:
-        counts = Counter(c.label for c in self.cases)
+        """Cases per class (segmentation: cases whose mask contains the class)."""
+        if self.spec.is_segmentation:
+            counts = Counter(v for c in self.cases for v in c.present)
+        else:
+            counts = Counter(c.label for c in self.cases)
         return {name: counts.get(i, 0) for i, name in enumerate(self.spec.class_names)}
 
     @property
@@ -215,7 +260,9 @@ class SiteReport:
             f"image_size={size} classes={list(s.class_names)}"
         ]
         for r in self.reports:
-            if r.ok and not only_bad:
+            if r.ok and r.warning:
+                lines.append(f"  WARN {r.file}: {r.warning}")
+            elif r.ok and not only_bad:
                 lines.append(f"  ok   {r.file}")
             elif not r.ok:
                 lines.append(f"  BAD  {r.file}: {r.reason}")
@@ -236,8 +283,11 @@ class _Row:
     problem: str = ""
 
 
-def _read_labels(site: Path) -> list[_Row]:
+def _read_labels(site: Path, segmentation: bool = False) -> list[_Row]:
+    """labels.csv rows. Segmentation: optional, `case[,split]` (a label column is ignored)."""
     path = site / "labels.csv"
+    if segmentation and not path.exists():
+        return []
     if not path.is_file():
         raise DataError(
             f"{site}: missing labels.csv (expected {path} with header case,label[,split])"
@@ -248,9 +298,11 @@ def _read_labels(site: Path) -> list[_Row]:
         raise DataError(f"{path}: unreadable ({e})") from e
     reader = csv.reader(text.splitlines())
     header = [h.strip().lower() for h in next(reader, [])]
-    if "case" not in header or "label" not in header:
+    if segmentation and "case" not in header:
+        raise DataError(f"{path}: header must contain a 'case' column, got {header}")
+    if not segmentation and ("case" not in header or "label" not in header):
         raise DataError(f"{path}: header must contain 'case' and 'label' columns, got {header}")
-    ic, il = header.index("case"), header.index("label")
+    ic, il = header.index("case"), (None if segmentation else header.index("label"))
     isp = header.index("split") if "split" in header else None
     rows: list[_Row] = []
     for line, cells in enumerate(reader, start=2):
@@ -260,7 +312,7 @@ def _read_labels(site: Path) -> list[_Row]:
         row = _Row(
             case=cells[ic], line=line, label=None, split=(cells[isp] or None) if isp else None
         )
-        raw = cells[il]
+        raw = cells[il] if il is not None else "0"
         if not row.case:
             row.problem = f"labels.csv line {line} has no case id"
         elif not re.fullmatch(r"[+-]?\d+", raw):
@@ -282,11 +334,11 @@ def _case_id(name: str) -> str | None:
     return None
 
 
-def _list_images(site: Path) -> dict[str, tuple[int, int, int]]:
+def _list_images(site: Path, sub: str = "images") -> dict[str, tuple[int, int, int]]:
     """File name -> (size, mtime_ns, inode), sorted by name; hidden files are ignored."""
-    folder = site / "images"
+    folder = site / sub
     if not folder.is_dir():
-        raise DataError(f"{site}: missing images/ folder (expected {folder}/<case>.nii.gz)")
+        raise DataError(f"{site}: missing {sub}/ folder (expected {folder}/<case>.nii.gz)")
     out = {}
     with os.scandir(folder) as it:  # scandir + DirEntry.stat: no Path objects per file
         for e in it:
@@ -334,12 +386,15 @@ def _load_disk(path: Path, log: Callable[[str], None]) -> dict[str, dict]:
         if blob.get("format") != CACHE_FORMAT:
             return {}
         records = blob["records"]
-        images = blob["images"]
+        images, masks = blob["images"], blob["masks"]
         for rec in records.values():
-            row = rec.pop("row", None)
+            row, mask_row = rec.pop("row", None), rec.pop("mask_row", None)
             rec["tensor"] = images[row].clone() if row is not None else None
+            rec["mask_tensor"] = masks[mask_row].clone() if mask_row is not None else None
             if rec.get("shape") is not None:
                 rec["shape"] = tuple(rec["shape"])
+            if rec.get("mask_key") is not None:
+                rec["mask_key"] = tuple(rec["mask_key"])
         return records
     except Exception as e:  # any corruption: truncated zip, wrong types, bad index...
         log(f"ignoring unreadable cache file {path} ({type(e).__name__}: {e}); rebuilding it")
@@ -347,20 +402,25 @@ def _load_disk(path: Path, log: Callable[[str], None]) -> dict[str, dict]:
 
 
 def _save_disk(path: Path, records: dict[str, dict], log: Callable[[str], None]) -> None:
-    rows, out = [], {}
+    rows, mask_rows, out = [], [], {}
     for name, rec in records.items():
-        rec = {k: v for k, v in rec.items() if k != "tensor"}
+        rec = {k: v for k, v in rec.items() if k not in ("tensor", "mask_tensor")}
         if records[name].get("tensor") is not None:
             rec["row"] = len(rows)
             rows.append(records[name]["tensor"])
+        if records[name].get("mask_tensor") is not None:
+            rec["mask_row"] = len(mask_rows)
+            mask_rows.append(records[name]["mask_tensor"])
         out[name] = rec
     images = torch.stack(rows) if rows else torch.zeros(0)
+    masks = torch.stack(mask_rows) if mask_rows else torch.zeros(0, dtype=torch.uint8)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
-                torch.save({"format": CACHE_FORMAT, "records": out, "images": images}, f)
+                blob = {"format": CACHE_FORMAT, "records": out, "images": images, "masks": masks}
+                torch.save(blob, f)
             os.replace(tmp, path)  # atomic: readers see the old file or the new one, never half
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -383,6 +443,70 @@ def _data_reason(e: Exception) -> str:
     if isinstance(e, EOFError) or "zlib" in type(e).__module__ or "Compressed file" in msg:
         return f"truncated or corrupt gzip: {type(e).__name__}: {msg}"
     return f"unreadable or truncated voxel data: {type(e).__name__}: {msg}"
+
+
+def _same_mask(rec: dict, key: tuple | None, folder: str, hashing: bool) -> bool:
+    """Segmentation: is the cached record still about this case's mask file too?"""
+    old = rec.get("mask_key")
+    if old == key:
+        return True
+    if hashing and key and old and key[0] and old[0] == key[0] and old[1] == key[1]:
+        return rec.get("mask_sha256") == _sha256(os.path.join(folder, key[0]))
+    return False
+
+
+def _mask_header_problem(folder: Path, cid: str, files: list[str], img) -> str:
+    """Mask missing / duplicated / unreadable / not on its image's voxel grid (headers only)."""
+    if not files:
+        return f"mask missing (expected masks/{cid}.nii.gz)"
+    if len(files) > 1:
+        return f"duplicate masks for case {cid!r}: {', '.join('masks/' + f for f in files)}"
+    rel = f"masks/{files[0]}"
+    try:
+        mask = nib.load(folder / files[0])
+        if not isinstance(mask, (nib.Nifti1Image, nib.Nifti2Image)):
+            raise nib.filebasedimages.ImageFileError(f"{type(mask).__name__}, not NIfTI")
+    except Exception as e:
+        return f"{rel}: {_header_reason(e)}"
+    ms, im = effective_shape(mask.shape), effective_shape(img.shape)
+    if ms != im:
+        return f"{rel}: mask shape {ms} differs from the image's {im}"
+    diff = float(np.abs(np.asarray(mask.affine) - np.asarray(img.affine)).max())
+    if not diff <= AFFINE_TOLERANCE:
+        return (
+            f"{rel}: mask affine differs from the image's (max difference {diff:.4g}); "
+            "mask and image must share one voxel grid"
+        )
+    return ""
+
+
+def _mask_data_problem(
+    data: np.ndarray, class_names: tuple[str, ...], always: tuple[str, ...]
+) -> tuple[str, str, list[int]]:
+    """(error, warning, label values present) of a decoded mask."""
+    bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+    if bad:
+        return f"{bad} NaN/Inf voxels", "", []
+    rounded = np.rint(data)
+    if not np.array_equal(rounded, data):
+        example = float(data[rounded != data].flat[0])
+        return f"non-integer label values (e.g. {example:g}); expected integer labels", "", []
+    values = [int(v) for v in np.unique(rounded)]
+    outside = [v for v in values if not 0 <= v < len(class_names)]
+    if outside:
+        return (
+            f"labels {outside[:5]} are outside the declared classes "
+            f"0..{len(class_names) - 1} {list(class_names)}",
+            "",
+            [],
+        )
+    missing = [a for a in always if class_names.index(a) not in values]
+    warning = (
+        f"mask has no {', '.join(missing)} voxels, but dataset.json says always_present"
+        if missing
+        else ""
+    )
+    return "", warning, values
 
 
 @dataclass
@@ -416,10 +540,25 @@ def _scan(
     if not site.is_dir():
         raise DataError(f"{site}: site folder does not exist")
     declared = _read_json_spec(site)
-    rows = _read_labels(site)
+    seg = declared.get("task") == "segmentation"
+    rows = _read_labels(site, seg)
     stats = _list_images(site)
     names = list(stats)
     folder = str(site / "images")
+    mask_folder = site / "masks"
+    mask_stats = _list_images(site, "masks") if seg else {}
+    masks_by_case: dict[str, list[str]] = {}
+    for mname in mask_stats:
+        masks_by_case.setdefault(_case_id(mname) or mname, []).append(mname)
+
+    def mask_key(name: str) -> tuple | None:
+        """The mask file's identity for a record (None: not segmentation)."""
+        if not seg:
+            return None
+        files = masks_by_case.get(_case_id(name) or "", [])
+        if len(files) != 1:
+            return ("", len(files), 0)  # missing / duplicated: reported by the header check
+        return (files[0], *mask_stats[files[0]][:2])
 
     # -- records: memory first (stat identity), then the disk cache (content hash), then fresh
     token = _size_token(image_size if image_size is not None else declared.get("image_size"))
@@ -433,22 +572,32 @@ def _scan(
     for name in names:
         path = os.path.join(folder, name)
         stat = stats[name]
+        mkey = mask_key(name)
+        mpath = str(mask_folder / mkey[0]) if mkey and mkey[0] else ""
         rec = memory.get(name)
-        if not _same_file(rec, stat, path, hashing=False):
+        if not (
+            _same_file(rec, stat, path, hashing=False)
+            and _same_mask(rec, mkey, str(mask_folder), hashing=False)
+        ):
             rec = None
             if disk_path is not None:
                 if disk is None:
                     disk = _load_disk(disk_path, log)
                     dirty = dirty or set(disk) != set(names)
                 rec = disk.get(name)
-                if not _same_file(rec, stat, path, hashing=True):
+                if not (
+                    _same_file(rec, stat, path, hashing=True)
+                    and _same_mask(rec, mkey, str(mask_folder), hashing=True)
+                ):
                     rec = None
         if rec is not None:
-            if (rec["size"], rec["mtime_ns"]) != stat[:2]:
+            if (rec["size"], rec["mtime_ns"]) != stat[:2] or rec.get("mask_key") != mkey:
                 dirty = True  # same bytes, new mtime: remember it so we need not re-hash
-            rec.update(size=stat[0], mtime_ns=stat[1], ino=stat[2])
+            rec.update(size=stat[0], mtime_ns=stat[1], ino=stat[2], mask_key=mkey)
             if disk_path is not None and rec["sha256"] is None:
                 rec["sha256"], dirty = _sha256(path), True  # built earlier without a cache_dir
+            if disk_path is not None and mpath and rec.get("mask_sha256") is None:
+                rec["mask_sha256"], dirty = _sha256(mpath), True
             records[name] = rec
             continue
         dirty = True
@@ -463,6 +612,12 @@ def _scan(
             "data_error": "",
             "prep": None,
             "tensor": None,
+            "mask_key": mkey,
+            "mask_sha256": _sha256(mpath) if (disk_path is not None and mpath) else None,
+            "mask_error": "",
+            "mask_warning": "",
+            "mask_present": [],
+            "mask_tensor": None,
         }
         if disk_path is not None:
             rec["sha256"] = _sha256(path)
@@ -481,6 +636,11 @@ def _scan(
                 imgs[name] = img
             except Exception as e:
                 rec["header_error"] = _header_reason(e)
+        if seg and not rec["header_error"]:
+            cid = _case_id(name) or name
+            rec["mask_error"] = _mask_header_problem(
+                mask_folder, cid, masks_by_case.get(cid, []), imgs[name]
+            )
         records[name] = rec
 
     # -- the site's dims: declared, else the majority of readable headers (ties -> fewer dims)
@@ -511,10 +671,11 @@ def _scan(
             lines = ", ".join(str(r.line) for r in crow)
             case_problem[cid] = f"duplicate case id {cid!r} in labels.csv (lines {lines})"
         elif not crow:
-            case_problem[cid] = "image without a label (no row in labels.csv)"
+            if not seg:  # segmentation: the mask is the label; the row only fixes the split
+                case_problem[cid] = "image without a label (no row in labels.csv)"
         elif crow[0].problem:
             case_problem[cid] = crow[0].problem
-        elif not 0 <= crow[0].label < len(class_names):
+        elif not seg and not 0 <= crow[0].label < len(class_names):
             case_problem[cid] = (
                 f"label {crow[0].label} is outside the declared classes "
                 f"0..{len(class_names) - 1} {list(class_names)}"
@@ -529,6 +690,8 @@ def _scan(
         )
     cfg = PreprocessConfig(tuple(size), modality) if (want_tensors and size) else None
     transforms: dict[str, Callable] = {}  # built lazily: a fully cached load never imports MONAI
+    mask_transforms: dict[str, Callable] = {}
+    always = declared.get("always_present", ())
 
     keys: dict[PreprocessConfig, str] = {}
 
@@ -540,12 +703,37 @@ def _scan(
             transforms[key_of(cfg)] = build_transform(cfg)
         return transforms[key_of(cfg)](img)
 
+    def mask_transform(img: nib.spatialimages.SpatialImage) -> torch.Tensor:
+        if key_of(cfg) not in mask_transforms:
+            mask_transforms[key_of(cfg)] = build_mask_transform(cfg)
+        return mask_transforms[key_of(cfg)](img)
+
+    def _decode_mask(rec: dict, path: Path) -> None:
+        rel = f"masks/{path.name}"
+        mimg = nib.load(path)
+        try:
+            data = mimg.get_fdata(dtype=np.float32)
+        except Exception as e:
+            rec["mask_error"] = f"{rel}: {_data_reason(e)}"
+            return
+        error, warning, present = _mask_data_problem(data, class_names, always)
+        rec["mask_error"] = f"{rel}: {error}" if error else ""
+        rec["mask_warning"] = f"{rel}: {warning}" if warning else ""
+        rec["mask_present"] = present
+        if want_tensors and not error and rec["tensor"] is not None:
+            try:
+                rec["mask_tensor"] = mask_transform(mimg)
+            except Exception as e:
+                rec["mask_error"] = f"{rel}: preprocessing failed: {type(e).__name__}: {e}"
+        mimg.uncache()
+
     # -- file-level checks + decoding, in name order
     reports: list[CaseReport] = []
     valid: list[tuple[str, str]] = []  # (case id, file name)
     for name in names:
         rec, cid, rel = records[name], _case_id(name), f"images/{name}"
         reason = rec["header_error"] or (case_problem.get(cid, "") if cid else "")
+        reason = reason or rec.get("mask_error", "")
         if not reason and len(rec["shape"]) != site_dims:
             d = len(rec["shape"])
             kind = f"{d}D series" if d == 4 else f"{d}D image"
@@ -577,11 +765,13 @@ def _scan(
                     except Exception as e:
                         rec["data_error"] = f"preprocessing failed: {type(e).__name__}: {e}"
                 img.uncache()
-            reason = rec["data_error"]
+                if seg and not rec["data_error"]:
+                    _decode_mask(rec, mask_folder / rec["mask_key"][0])
+            reason = rec["data_error"] or rec["mask_error"]
         if reason:
             reports.append(CaseReport(cid or name, rel, False, reason))
         else:
-            reports.append(CaseReport(cid, rel, True))
+            reports.append(CaseReport(cid, rel, True, warning=rec.get("mask_warning", "")))
             valid.append((cid, name))
     for cid in sorted(set(rows_by_case) - set(by_case)):
         reports.append(
@@ -593,7 +783,11 @@ def _scan(
 
     # -- splits: explicit column, else a deterministic hash of the case id (~15% val)
     cases = []
-    auto = [cid for cid, _ in valid if rows_by_case[cid][0].split is None]
+
+    def row_of(cid: str) -> _Row | None:  # segmentation cases may have no row
+        return rows_by_case[cid][0] if cid in rows_by_case else None
+
+    auto = [cid for cid, _ in valid if row_of(cid) is None or row_of(cid).split is None]
     score = {c: int(hashlib.sha256(c.encode()).hexdigest()[:8], 16) / 2**32 for c in auto}
     val = {c for c in auto if score[c] < VAL_FRACTION}
     if not val and len(auto) >= 2:
@@ -601,9 +795,13 @@ def _scan(
     if len(auto) >= 2 and val == set(auto):  # small sites: keep something to train on too
         val.discard(max(auto, key=score.__getitem__))
     for cid, name in valid:
-        row = rows_by_case[cid][0]
-        split = row.split or ("val" if cid in val else "train")
-        cases.append(Case(cid, site / "images" / name, int(row.label), split))
+        row = row_of(cid)
+        split = (row.split if row else None) or ("val" if cid in val else "train")
+        rec = records[name]
+        mask = mask_folder / rec["mask_key"][0] if seg else None
+        present = tuple(rec["mask_present"]) if seg else ()
+        label = int(row.label) if (row and not seg) else 0
+        cases.append(Case(cid, site / "images" / name, label, split, mask, present))
 
     spec = DatasetSpec(
         task=declared.get("task", "classification"),
@@ -611,6 +809,7 @@ def _scan(
         modality=modality,
         spatial_dims=site_dims,
         image_size=declared.get("image_size"),
+        always_present=always,
     )
     report = SiteReport(site=site, spec=spec, reports=reports, cases=cases)
     _MEMORY[mem_key] = records
@@ -641,7 +840,9 @@ class SiteDataset(torch.utils.data.Dataset):
         preprocess: PreprocessConfig,
     ):
         self.images = images  # (N, C, *spatial_size) float32
-        self.labels = labels  # (N,) int64
+        # classification: (N,) int64 class indices; segmentation: (N, 1, *spatial_size) int64
+        # label maps, aligned voxel for voxel with `images`
+        self.labels = labels
         self.cases = cases
         self.spec = spec
         self.report = report
@@ -693,7 +894,10 @@ def load_site(
             f"({report.n_valid} valid cases in other splits)"
         )
     images = torch.stack([scan.records[n]["tensor"] for _, n in chosen])
-    labels = torch.tensor([c.label for c, _ in chosen], dtype=torch.int64)
+    if scan.spec.is_segmentation:
+        labels = torch.stack([scan.records[n]["mask_tensor"] for _, n in chosen]).to(torch.int64)
+    else:
+        labels = torch.tensor([c.label for c, _ in chosen], dtype=torch.int64)
     return SiteDataset(images, labels, [c for c, _ in chosen], scan.spec, report, scan.cfg)
 
 

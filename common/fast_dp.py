@@ -171,37 +171,11 @@ def linear_grad_sampler(
     return ret
 
 
-def group_norm_grad_sampler(
-    layer: nn.GroupNorm,
-    activations: list[torch.Tensor],
-    backprops: torch.Tensor,
-    skip_weight: bool = False,
-) -> dict[nn.Parameter, torch.Tensor]:
-    """Activations are [x, mean, rstd] as saved by the forward (no second normalisation pass)."""
-    x, mean, rstd = activations
-    n, c = x.shape[:2]
-    g = backprops.reshape(n, c, -1)
-    ret = {}
-    db = g.sum(2)  # (n, c): per-sample bias gradient
-    if layer.weight.requires_grad:
-        # dL/dgamma_c = sum_s g * (x - mean) * rstd = (sum_s g*x - mean * sum_s g) * rstd;
-        # vecdot reads x and g once without a temporary (3x faster than bmm of n*c dot products).
-        ds = torch.linalg.vecdot(g, x.reshape(n, c, -1))
-        rep = c // layer.num_groups
-        mean_c = mean.repeat_interleave(rep, dim=1)
-        rstd_c = rstd.repeat_interleave(rep, dim=1)
-        ret[layer.weight] = (ds - db * mean_c) * rstd_c
-    if layer.bias is not None and layer.bias.requires_grad:
-        ret[layer.bias] = db
-    return ret
-
-
 GRAD_SAMPLERS: dict[type, Callable[..., dict[nn.Parameter, torch.Tensor]]] = {
     nn.Conv1d: conv_grad_sampler,
     nn.Conv2d: conv_grad_sampler,
     nn.Conv3d: conv_grad_sampler,
     nn.Linear: linear_grad_sampler,
-    nn.GroupNorm: group_norm_grad_sampler,
 }
 
 # --------------------------------------------------------------------------------------------
@@ -216,12 +190,22 @@ _SHAPE_CHANGED = (
 )
 
 
-def _record(hooks: FastGradSampleHooks, layer: nn.Module, activations, g: torch.Tensor) -> None:
+def _record(
+    hooks: FastGradSampleHooks,
+    layer: nn.Module,
+    activations: list[torch.Tensor] | None,
+    g: torch.Tensor,
+    grads: dict[nn.Parameter, torch.Tensor] | None = None,
+) -> None:
+    """Store the layer's per-sample gradients (computed here from `activations` and the output
+    gradient `g`, or passed in as `grads`) on its parameters, scaled to Opacus' convention."""
     n = g.shape[0]
     scale = n if hooks.loss_reduction == "mean" else 1
     ghost_weight = hooks.allow_ghost and _use_ghost(layer, g.shape) and layer.weight.requires_grad
     if n == 0:
         grads = {p: p.new_zeros((0, *p.shape)) for p in layer.parameters() if p.requires_grad}
+    elif grads is not None:
+        grads = {p: gs for p, gs in grads.items() if p is not None and p.requires_grad}
     else:
         grads = GRAD_SAMPLERS[type(layer)](layer, activations, g, skip_weight=ghost_weight)
     w = layer.weight
@@ -301,6 +285,7 @@ class _GroupNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, layer, hooks):
         ctx.layer, ctx.hooks = layer, hooks
+        x = x.contiguous()
         n, c = x.shape[:2]
         hw = math.prod(x.shape[2:])
         y, mean, rstd = torch.native_group_norm(
@@ -315,21 +300,17 @@ class _GroupNorm(torch.autograd.Function):
         x, weight, mean, rstd = ctx.saved_tensors
         layer = ctx.layer
         n, c, hw = ctx.dims
-        gx = None
-        if ctx.needs_input_grad[0]:
-            gx = torch.ops.aten.native_group_norm_backward(
-                g.contiguous(),
-                x,
-                mean,
-                rstd,
-                weight,
-                n,
-                c,
-                hw,
-                layer.num_groups,
-                [True, False, False],
-            )[0]
-        _record(ctx.hooks, layer, [x, mean, rstd], g)
+        # Fold the batch into channels: GroupNorm of one "sample" with n*c channels and n*groups
+        # groups is exactly the per-sample GroupNorm, and the native backward's gamma/beta
+        # gradients of that problem are the per-sample gradients (n*c values each). So one call
+        # yields the input gradient and the per-sample gradients from the same pass over x and g
+        # (a separate x*g reduction cost up to +70% of the backward on 3D maps).
+        gx, gw, gb = torch.ops.aten.native_group_norm_backward(
+            g.contiguous(), x, mean, rstd, weight.repeat(n), 1, n * c, hw,
+            n * layer.num_groups, [ctx.needs_input_grad[0], True, True],
+        )  # fmt: skip
+        grads = {layer.weight: gw.view(n, c), layer.bias: gb.view(n, c)}
+        _record(ctx.hooks, layer, None, g, grads=grads)
         return gx, None, None, None, None
 
 

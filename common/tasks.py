@@ -2,11 +2,13 @@
 
 The client and server apps never branch on the task themselves; they ask
 `task_for(spec)` (from the data's `dataset.json`) for a `Task` and use its
-methods. Classification lives here; segmentation adds a second `Task`.
+methods: classification (a CNN, cross-entropy, AUC) and segmentation (a U-Net,
+Dice + cross-entropy, per-class Dice).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +19,7 @@ from torch import nn
 
 from common.metrics import evaluate_model, roc_points
 from common.models import build_model
+from common.unet import build_unet
 
 
 @dataclass(frozen=True)
@@ -56,10 +59,101 @@ class ClassificationTask:
         return float(value) if value is not None and np.isfinite(value) else None
 
 
-TASKS: dict[str, Any] = {"classification": ClassificationTask()}
+class SegmentationTask:
+    """Per-voxel classes (0 = background). Metrics are flat numbers, so a hospital's
+    MetricRecord and summary.json's "central" can hold them: `dice-<class>` per foreground
+    class, `dice-mean` (their mean, what best.pt is chosen by) and `loss`."""
+
+    name = "segmentation"
+    best_metric = "dice-mean"
+
+    def __init__(self, class_names: tuple[str, ...] = ()):
+        # Without names (task_for("segmentation")), classes are keyed by label value.
+        self.class_names = tuple(class_names)
+
+    def _foreground(self, num_classes: int) -> list[str]:
+        names = self.class_names if len(self.class_names) == num_classes else ()
+        return [names[i] if names else str(i) for i in range(1, num_classes)]
+
+    @property
+    def central_keys(self) -> tuple[str, ...]:
+        fg = self._foreground(len(self.class_names)) if self.class_names else []
+        return ("dice-mean", *(f"dice-{n}" for n in fg), "loss")
+
+    def build_model(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        num_classes: int,
+        width: int | None = None,
+        depth: int = 4,
+    ) -> nn.Module:
+        return build_unet(spatial_dims, in_channels, num_classes, width, depth)
+
+    def loss_fn(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        from monai.losses import DiceCELoss
+
+        # batch=False: Dice per sample, then the mean over the batch. Opacus clips per-sample
+        # gradients of a loss that is a MEAN of per-sample terms (loss_reduction="mean");
+        # batch=True would pool voxels across samples and mix them in one Dice. The CE half is
+        # a mean over equally many voxels per sample, i.e. also a mean of per-sample means.
+        return DiceCELoss(to_onehot_y=True, softmax=True, batch=False)
+
+    @torch.no_grad()
+    def evaluate(
+        self,
+        model: nn.Module,
+        images: torch.Tensor,
+        targets: torch.Tensor,
+        threshold: float = 0.5,  # unused: argmax over classes; kept for the Task interface
+        batch_size: int = 4,
+    ) -> Evaluation:
+        from monai.metrics import DiceMetric
+        from monai.networks.utils import one_hot
+
+        model.eval()
+        loss_fn = self.loss_fn()
+        # ignore_empty: a case without, say, a nodule gives NaN (not 1.0) for that class, so
+        # the mean is over the cases that have the structure.
+        dice = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
+        per_case, loss_sum = [], 0.0
+        num_classes = 0
+        for i in range(0, len(images), batch_size):
+            x, y = images[i : i + batch_size], targets[i : i + batch_size]
+            logits = model(x)
+            num_classes = logits.shape[1]
+            loss_sum += float(loss_fn(logits, y)) * len(x)
+            pred = one_hot(logits.argmax(1, keepdim=True), num_classes)
+            per_case.append(dice(pred, one_hot(y, num_classes)))
+        scores = torch.cat(per_case).cpu().numpy()  # (N, foreground classes), NaN = absent
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # nanmean of an all-NaN column
+            per_class = np.nanmean(scores, axis=0)
+        names = self._foreground(num_classes)
+        metrics = {f"dice-{n}": float(v) for n, v in zip(names, per_class, strict=True)}
+        finite = [v for v in per_class if np.isfinite(v)]
+        metrics["dice-mean"] = float(np.mean(finite)) if finite else float("nan")
+        metrics["loss"] = loss_sum / max(1, len(images))
+        return Evaluation(metrics, {})
+
+    def score(self, metrics: dict[str, float]) -> float | None:
+        """Mean foreground Dice (None when no foreground class is in the holdout)."""
+        value = metrics.get(self.best_metric)
+        return float(value) if value is not None and np.isfinite(value) else None
 
 
-def task_for(task_name: str) -> ClassificationTask:
-    if task_name not in TASKS:
-        raise ValueError(f"task {task_name!r} (dataset.json) is not one of {sorted(TASKS)}")
-    return TASKS[task_name]
+TASKS: dict[str, Any] = {
+    "classification": ClassificationTask(),
+    "segmentation": SegmentationTask(),
+}
+
+
+def task_for(task: Any) -> ClassificationTask | SegmentationTask:
+    """The Task for a dataset: a DatasetSpec (preferred: segmentation metrics then carry the
+    class names, e.g. `dice-lung`) or just the task name from dataset.json."""
+    name = getattr(task, "task", task)
+    if name not in TASKS:
+        raise ValueError(f"task {name!r} (dataset.json) is not one of {sorted(TASKS)}")
+    if name == "segmentation" and getattr(task, "class_names", ()):
+        return SegmentationTask(tuple(task.class_names))
+    return TASKS[name]

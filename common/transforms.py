@@ -10,6 +10,11 @@ NIfTI image (or a numpy array already in RAS order) -> float32 tensor (C, *spati
      centre-crop to exactly spatial_size.
 Steps 2-4 are MONAI transforms; every scanner difference the data contract allows (size,
 spacing, orientation, dtype, byte order) is absorbed here rather than treated as a defect.
+
+Segmentation masks go through `build_mask_transform`: the same reorientation and the same
+FitToSize geometry (which depends only on the shape and voxel sizes, identical for a mask and
+its image once validation checked shape + affine), but nearest-neighbour resizing, padding with
+background (0) and no intensity step, so each label stays on the voxels of its structure.
 """
 
 from __future__ import annotations
@@ -158,8 +163,11 @@ class FitToSize:
     the aspect and padding with the image minimum (background after normalisation) does not.
     """
 
-    def __init__(self, spatial_size: Sequence[int]):
+    def __init__(self, spatial_size: Sequence[int], mask: bool = False):
         self.spatial_size = tuple(int(s) for s in spatial_size)
+        # Masks: nearest-neighbour ("nearest-exact": voxel centres, no half-voxel shift) and
+        # background padding, so labels stay integers on their structure.
+        self.mask = mask
 
     def __call__(self, img: torch.Tensor) -> torch.Tensor:
         from monai.transforms import CenterSpatialCrop, Resize, SpatialPad
@@ -183,8 +191,8 @@ class FitToSize:
             # "area" averages when shrinking (no aliasing); linear interpolation when growing.
             shrink = all(n <= s for n, s in zip(new, shape, strict=True))
             mode = "area" if shrink else ("bilinear" if len(shape) == 2 else "trilinear")
-            img = Resize(new, mode=mode)(img)
-        background = float(img.min())
+            img = Resize(new, mode="nearest-exact" if self.mask else mode)(img)
+        background = 0.0 if self.mask else float(img.min())
         img = SpatialPad(self.spatial_size, mode="constant", value=background)(img)
         return CenterSpatialCrop(self.spatial_size)(img)
 
@@ -221,5 +229,25 @@ def build_transform(cfg: PreprocessConfig) -> Callable:
             *intensity,
             FitToSize(cfg.spatial_size),
             _to_plain_tensor,
+        ]
+    )
+
+
+def _to_label_tensor(mask: torch.Tensor) -> torch.Tensor:
+    # uint8 keeps the caches small (validation allows at most 256 classes); load_site widens
+    # to int64 for the loss and the metrics.
+    return torch.round(_to_plain_tensor(mask)).to(torch.uint8).contiguous()
+
+
+def build_mask_transform(cfg: PreprocessConfig) -> Callable:
+    """Label-map chain for cfg: nibabel mask -> (1, *spatial_size) uint8, aligned with the
+    image that `build_transform(cfg)` makes from the image of the same shape and affine."""
+    from monai.transforms import Compose
+
+    return Compose(
+        [
+            ToCanonicalChannelFirst(cfg.spatial_size),
+            FitToSize(cfg.spatial_size, mask=True),
+            _to_label_tensor,
         ]
     )

@@ -20,7 +20,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from common.calibration import SUMMARY_KEYS, calibrated_metrics, choose_calibration
 from common.data import load_site
+from common.metrics import predict_probs
 from common.paths import absolute, default_output_dir, demo_data_dir
 from common.tasks import task_for
 from common.weights import fingerprint
@@ -69,6 +71,7 @@ def _image_size(cfg: dict[str, Any]) -> tuple[int, ...] | None:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    t_main = time.time()
     cfg = dict(context.run_config)
     rounds = int(cfg["num-server-rounds"])
     data_dir, holdout_dir = resolve_data(cfg)
@@ -81,7 +84,7 @@ def main(grid: Grid, context: Context) -> None:
         cache_dir=output_dir / ".cache",
         log=lambda m: log(INFO, m),
     )
-    task = task_for(holdout.spec.task)
+    task = task_for(holdout.spec)
     model_config = {
         "task": task.name,
         "spatial_dims": holdout.spatial_dims,
@@ -160,14 +163,27 @@ def main(grid: Grid, context: Context) -> None:
         }
     )
 
+    clock = {"last": t_main}
+
     def evaluate_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         nonlocal best_score
         if resume and server_round == 0:
             return None  # round `offset` is already in the summary
         global_round = offset + server_round
+        t_eval = time.time()
         model.load_state_dict(arrays.to_torch_state_dict())
-        result = task.evaluate(model, holdout.images, holdout.labels)
+        replies = getattr(strategy, "hospital_replies", {}).get(server_round, {})
+        # Decision threshold + temperature from the hospitals' validation aggregates for
+        # this very model (common/calibration.py); the holdout only measures the result.
+        calib = choose_calibration(
+            [r.get("metrics", {}) for r in replies.get("evaluate", []) if r["status"] == "ok"]
+        )
+        chosen = {"threshold": calib.threshold} if calib and calib.threshold is not None else {}
+        result = task.evaluate(model, holdout.images, holdout.labels, **chosen)
         central = {k: result.metrics.get(k) for k in task.central_keys if k in result.metrics}
+        if calib is not None:
+            probs = predict_probs(model, holdout.images)
+            central.update(calibrated_metrics(probs, holdout.labels.numpy(), calib))
         score = task.score(result.metrics)
         is_best = score is not None and score > best_score
         if is_best:
@@ -181,12 +197,14 @@ def main(grid: Grid, context: Context) -> None:
                 "round": global_round,
                 "central": central,
                 "weights_sha256": fingerprint(model.state_dict()),
-                "hospitals": _hospitals(
-                    getattr(strategy, "hospital_replies", {}).get(server_round, {})
-                ),
+                # Wall clock since the previous round's evaluation ended (round 0: since start).
+                "wall_s": t_eval - clock["last"],
+                "central_eval_s": time.time() - t_eval,
+                "hospitals": _hospitals(replies),
             }
         )
         run.write_summary(summary)
+        clock["last"] = time.time()
         eps = [
             h["epsilon_lifetime"]
             for h in summary["rounds"][-1]["hospitals"].values()
@@ -204,15 +222,21 @@ def main(grid: Grid, context: Context) -> None:
         )
         return MetricRecord({k: float(v) for k, v in central.items() if v is not None})
 
-    strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(model.state_dict()),
-        num_rounds=rounds,
-        timeout=float(cfg.get("round-timeout", 3600)),
-        train_config=ConfigRecord(dict(node_config)),
-        evaluate_config=ConfigRecord(dict(node_config)),
-        evaluate_fn=evaluate_round,
-    )
+    try:
+        strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(model.state_dict()),
+            num_rounds=rounds,
+            timeout=float(cfg.get("round-timeout", 3600)),
+            train_config=ConfigRecord(dict(node_config)),
+            evaluate_config=ConfigRecord(dict(node_config)),
+            evaluate_fn=evaluate_round,
+        )
+    except BaseException as exc:
+        summary["status"] = "failed"
+        summary["error"] = str(exc)
+        run.write_summary(summary)
+        raise
     summary["status"] = "finished"
     run.write_summary(summary)
     if not summary["rounds"]:
@@ -242,7 +266,8 @@ def _hospitals(replies: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, 
     for r in replies.get("evaluate", []):
         entry = out.setdefault(r["site"], {"status": r["status"]})
         if r["status"] == "ok":
-            entry["eval"] = {k: v for k, v in r.get("metrics", {}).items()}
+            # Calibration aggregates are used above, not kept (long lists).
+            entry["eval"] = {k: v for k, v in r.get("metrics", {}).items() if k not in SUMMARY_KEYS}
         else:
             entry["eval"] = {"status": r["status"], "reason": r["reason"]}
     return out

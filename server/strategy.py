@@ -50,6 +50,10 @@ def hospital_reply(msg: Message) -> dict[str, Any]:
     }
 
 
+def _failed(msg: Message) -> bool:
+    return msg.has_error() or msg.content.config_records.get("node", {}).get("status") == "failed"
+
+
 class HospitalAware:
     """Mixin over a Flower strategy: record per-hospital replies, aggregate only good ones."""
 
@@ -69,6 +73,11 @@ class HospitalAware:
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         self._record("train", server_round, replies)
+        failed = [hospital_reply(m) for m in replies if _failed(m)]
+        if replies and len(failed) == len(replies):
+            # Nothing can come of more rounds: stop with every hospital's reason.
+            reasons = "; ".join(f"{h['site']}: {h['reason']}" for h in failed)
+            raise RuntimeError(f"round {server_round}: every hospital failed ({reasons})")
         good = [m for m in replies if self._keep(m)]
         if len(good) < len(replies):
             log.warning(

@@ -6,8 +6,10 @@ are not IID: an intensity offset and scale, a noise level, a blob contrast and t
 prevalence are drawn per hospital. The holdout uses mid-range settings.
 
 To add a phantom, write a `generate(rng, n, image_size, site) -> (images, labels)` and register
-a `Phantom` in PHANTOMS. (A segmentation phantom will also need masks; `Phantom.task` is
-there so the writer can branch on it.)
+a `Phantom` in PHANTOMS.
+
+"lung-ct" / "lung-ct-2d" (segmentation): chest CT volumes in HU with lung and nodule masks, and
+axial slices of the same generator; see the lung-ct section below.
 """
 
 from __future__ import annotations
@@ -97,12 +99,8 @@ class Phantom:
     class_names: tuple[str, ...]
     modality: str
     task: str = "classification"
-
-
-PHANTOMS: dict[str, Phantom] = {
-    "blobs-2d": Phantom(generate_blobs, (28, 28), ("no-blob", "blob"), "MR"),
-    "blobs-3d": Phantom(generate_blobs, (32, 32, 32), ("no-blob", "blob"), "MR"),
-}
+    # segmentation: dataset.json's image_size (model input) for the default image_size
+    train_size: tuple[int, ...] | None = None
 
 
 def make_phantom_sites(
@@ -133,6 +131,22 @@ def make_phantom_sites(
     rng = np.random.default_rng(seed)
     names = list(phantom.class_names)
     counts: dict[str, list[int]] = {}
+    params = {
+        "phantom": name,
+        "hospitals": hospitals,
+        "cases_per_site": cases_per_site,
+        "holdout_cases": holdout_cases,
+        "seed": seed,
+        "image_size": list(size),
+        "val_fraction": val_fraction,
+    }
+    if phantom.task == "segmentation":
+        with _locked(out), atomic_output(out) as tmp:
+            counts = _make_segmentation_sites(
+                phantom, tmp, hospitals, cases_per_site, holdout_cases, rng, size, val_fraction
+            )
+            write_manifest(tmp, params, counts, ["no-nodule", "nodule"])
+        return counts
     with _locked(out), atomic_output(out) as tmp:
         for h in range(1, hospitals + 1):
             style = random_style(rng)
@@ -144,14 +158,240 @@ def make_phantom_sites(
         images, labels = phantom.generate(rng, holdout_cases, size, HOLDOUT_STYLE)
         write_site(tmp / "holdout", images, labels, None, names, phantom.modality)
         counts["holdout"] = class_counts(labels, len(names))
-        params = {
-            "phantom": name,
-            "hospitals": hospitals,
-            "cases_per_site": cases_per_site,
-            "holdout_cases": holdout_cases,
-            "seed": seed,
-            "image_size": list(size),
-            "val_fraction": val_fraction,
-        }
         write_manifest(tmp, params, counts, names)
     return counts
+
+
+# ---------------------------------------------------------------------------------------------
+# lung-ct: chest CT phantoms for segmentation (issue 7)
+#
+# Anatomy is drawn in millimetres, then sampled on each hospital's voxel grid, so scanners
+# differ the way real ones do: voxel spacing and slice count (the same chest in more or fewer
+# voxels), an HU calibration offset and gain, and a noise level. Labels: 0 background (air,
+# body, spine, heart), 1 lung (parenchyma and the vessels inside it, as clinical lung masks
+# do), 2 nodule. Vessels have nodule-like HU, so a model must use shape, not brightness alone.
+
+LUNG_CLASSES = ("background", "lung", "nodule")
+LUNG_FOV_MM = 256.0  # nominal field of view: 64 voxels of 4 mm
+NODULE_FREE = 0.15  # share of 3D cases without a nodule (Dice then ignores them for nodule)
+
+
+@dataclass(frozen=True)
+class ScannerStyle:
+    """One hospital's CT scanner."""
+
+    hu_offset: float  # calibration error (HU)
+    hu_scale: float  # gain
+    noise: float  # HU std of the (slightly correlated) noise
+    spacing_xy: float  # mm, in-plane voxel size (the matrix stays image_size[:2])
+    spacing_z: float  # mm, slice spacing (the slice count follows from the field of view)
+
+
+HOLDOUT_SCANNER = ScannerStyle(0.0, 1.0, 25.0, 4.0, 4.0)
+
+
+def random_scanner(rng: np.random.Generator) -> ScannerStyle:
+    return ScannerStyle(
+        hu_offset=float(rng.uniform(-40, 40)),
+        hu_scale=float(rng.uniform(0.9, 1.1)),
+        noise=float(rng.uniform(10, 50)),
+        spacing_xy=float(rng.uniform(3.6, 4.4)),
+        spacing_z=float(rng.uniform(3.0, 5.0)),
+    )
+
+
+def _segment_distance(points: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    ab = b - a
+    t = np.clip(((points - a) @ ab) / max(float(ab @ ab), 1e-9), 0.0, 1.0)
+    return np.linalg.norm(points - (a + t[:, None] * ab), axis=1)
+
+
+def chest_ct(
+    rng: np.random.Generator,
+    shape: tuple[int, int, int],
+    spacing: tuple[float, float, float],
+    style: ScannerStyle,
+    nodules: int,
+) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """One chest volume (X, Y, Z) in HU (float32), its label map (uint8) and nodule centres (mm).
+
+    Axes: X left-right, Y posterior-anterior, Z inferior-superior (RAS with a diagonal affine).
+    """
+    axes = [(np.arange(n) - (n - 1) / 2) * s for n, s in zip(shape, spacing, strict=True)]
+    x, y, z = np.meshgrid(*axes, indexing="ij")
+    ax, ay = rng.uniform(95, 115), rng.uniform(70, 85)  # body semi-axes (mm)
+    hu = np.full(shape, -1000.0)
+    label = np.zeros(shape, dtype=np.uint8)
+    body = (x / ax) ** 2 + (y / ay) ** 2 <= 1
+    hu[body] = -90.0  # subcutaneous fat
+    hu[(x / (ax - 8)) ** 2 + (y / (ay - 8)) ** 2 <= 1] = 35.0  # muscle / soft tissue
+    hu[(x**2 + (y + 0.72 * ay) ** 2) <= 12.0**2] = 400.0  # spine (bone)
+    zc, lz = rng.uniform(-10, 10), rng.uniform(85, 105)
+    heart = ((x + 0.12 * ax) / (0.3 * ax)) ** 2 + ((y - 0.2 * ay) / (0.38 * ay)) ** 2 + (
+        (z - zc + 0.35 * lz) / (0.5 * lz)
+    ) ** 2 <= 1
+    lungs = np.zeros(shape, dtype=bool)
+    hila = []
+    for side in (-1, 1):
+        cx = side * rng.uniform(0.47, 0.53) * ax
+        sx, sy = rng.uniform(0.36, 0.42) * ax, rng.uniform(0.64, 0.74) * ay
+        lung = ((x - cx) / sx) ** 2 + ((y + 0.05 * ay) / sy) ** 2 + ((z - zc) / lz) ** 2 <= 1
+        lungs |= lung & ~heart & ((x / (ax - 14)) ** 2 + (y / (ay - 14)) ** 2 <= 1)
+        hila.append(np.array([cx - side * 0.6 * sx, 0.0, zc]))
+    hu[lungs] = -850.0 + 25.0 * smooth_noise(rng, shape, sigma=2.0)[lungs]
+    label[lungs] = 1
+    # Vessels: tubes from each hilum towards random points of the lung, inside the lung only.
+    pts = np.stack([x[lungs], y[lungs], z[lungs]], axis=1)
+    vessel = np.zeros(len(pts), dtype=bool)
+    for hilum in hila:
+        near = pts[np.linalg.norm(pts - hilum, axis=1) < 0.9 * lz]
+        if not len(near):
+            continue
+        for end in near[rng.choice(len(near), size=8)]:
+            vessel |= _segment_distance(pts, hilum, end) <= rng.uniform(1.5, 3.0)
+    lung_hu = hu[lungs]
+    lung_hu[vessel] = 40.0
+    hu[lungs] = lung_hu
+    # Nodules: spheres well inside a lung, 6-15 mm radius, soft-tissue HU with a blurred rim.
+    centres: list[np.ndarray] = []
+    for _ in range(nodules):
+        r = rng.uniform(6.0, 15.0)
+        for _try in range(50):
+            c = pts[rng.integers(len(pts))]
+            d = np.sqrt((x - c[0]) ** 2 + (y - c[1]) ** 2 + (z - c[2]) ** 2)
+            sphere = d <= r
+            if sphere.any() and not (sphere & ~lungs).any():
+                edge = np.clip((r + 1.5 - d) / 3.0, 0.0, 1.0)  # partial volume over ~3 mm
+                hu = np.where(d <= r + 1.5, np.maximum(hu, -850 + (20.0 + 850) * edge), hu)
+                label[sphere] = 2
+                centres.append(c)
+                break
+    hu = style.hu_offset + style.hu_scale * hu
+    hu = hu + style.noise * smooth_noise(rng, shape, sigma=0.6)
+    return hu.astype(np.float32), label, centres
+
+
+def lung_ct_case(
+    rng: np.random.Generator, matrix: tuple[int, ...], style: ScannerStyle
+) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
+    """One case for `matrix` = (X, Y, Z) (3D) or (X, Y) (2D): (HU, labels, voxel sizes in mm).
+
+    3D: the in-plane matrix is fixed; the slice count follows from the scanner's spacing.
+    2D: the axial slice through a nodule centre (a random lung slice for nodule-free cases).
+    """
+    nxy = matrix[:2]
+    nominal_z = matrix[2] if len(matrix) == 3 else nxy[0]
+    fov_z = nominal_z * LUNG_FOV_MM / nxy[0]
+    sxy = style.spacing_xy * LUNG_FOV_MM / (4.0 * nxy[0])  # keep the FOV when the matrix changes
+    sz = style.spacing_z * fov_z / (4.0 * nominal_z)
+    nz = max(8, int(round(fov_z / sz)))
+    nodules = 0 if rng.random() < NODULE_FREE else int(rng.integers(1, 4))
+    if len(matrix) == 2:
+        nodules = max(nodules, int(rng.random() >= NODULE_FREE))
+    hu, label, centres = chest_ct(rng, (*nxy, nz), (sxy, sxy, sz), style, nodules)
+    if len(matrix) == 3:
+        return hu, label, (sxy, sxy, sz)
+    if centres:
+        k = int(round(centres[int(rng.integers(len(centres)))][2] / sz + (nz - 1) / 2))
+    else:
+        k = int(rng.choice(np.flatnonzero((label == 1).any(axis=(0, 1)))))
+    return hu[:, :, k], label[:, :, k], (sxy, sxy)
+
+
+def write_segmentation_site(
+    site_dir: Path,
+    cases: list[tuple[np.ndarray, np.ndarray, tuple[float, ...]]],
+    splits: list[str] | None,
+    class_names: tuple[str, ...],
+    modality: str,
+    image_size: tuple[int, ...],
+    always_present: tuple[str, ...] = (),
+) -> None:
+    """images/<case>.nii.gz (int16 HU) + masks/<case>.nii.gz (uint8) on one affine per case,
+    labels.csv (`case[,split]`) and dataset.json ("task": "segmentation").
+    Arrays are (X, Y[, Z]) with voxel sizes in mm: written as they are, diagonal affine."""
+    import csv
+    import json
+
+    import nibabel as nib
+
+    site_dir = Path(site_dir)
+    (site_dir / "images").mkdir(parents=True, exist_ok=True)
+    (site_dir / "masks").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, (image, mask, spacing) in enumerate(cases):
+        case = f"case-{i + 1:06d}"
+        affine = np.diag([*spacing, *([1.0] * (3 - len(spacing))), 1.0])
+        for sub, arr in (("images", np.rint(image).astype(np.int16)), ("masks", mask)):
+            nifti = nib.Nifti1Image(np.ascontiguousarray(arr), affine)
+            nifti.header.set_xyzt_units("mm")
+            nifti.set_qform(affine, code=1)
+            nifti.set_sform(affine, code=1)
+            nib.save(nifti, site_dir / sub / f"{case}.nii.gz")
+        rows.append([case] + ([splits[i]] if splits is not None else []))
+    with open(site_dir / "labels.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["case"] + (["split"] if splits is not None else []))
+        w.writerows(rows)
+    meta = {
+        "task": "segmentation",
+        "class_names": list(class_names),
+        "always_present": list(always_present),
+        "modality": modality,
+        "spatial_dims": len(image_size),
+        "image_size": list(image_size),
+    }
+    (site_dir / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def _make_segmentation_sites(
+    phantom: Phantom,
+    tmp: Path,
+    hospitals: int,
+    cases_per_site: int,
+    holdout_cases: int,
+    rng: np.random.Generator,
+    matrix: tuple[int, ...],
+    val_fraction: float,
+) -> dict[str, list[int]]:
+    """Counts per site are [cases without a nodule, cases with one] (a table prepare prints)."""
+    # dataset.json image_size = the model input, scaled with the written matrix (64^3 -> 32^3).
+    train_size = tuple(
+        max(16, int(round(t * m / d)))
+        for t, m, d in zip(
+            phantom.train_size or phantom.image_size, matrix, phantom.image_size, strict=True
+        )
+    )
+    counts: dict[str, list[int]] = {}
+    sites = [
+        (f"hospital-{h}", random_scanner(rng), cases_per_site) for h in range(1, hospitals + 1)
+    ]
+    for name, style, n in [*sites, ("holdout", HOLDOUT_SCANNER, holdout_cases)]:
+        cases = [phantom.generate(rng, matrix, style) for _ in range(n)]
+        splits = None
+        if name != "holdout":
+            n_val = max(1, int(round(val_fraction * n)))
+            splits = ["val" if i < n_val else "train" for i in range(n)]  # ids are random anyway
+        write_segmentation_site(
+            tmp / name,
+            cases,
+            splits,
+            phantom.class_names,
+            phantom.modality,
+            train_size,
+            always_present=("lung",),
+        )
+        with_nodule = sum(int((m == 2).any()) for _, m, _ in cases)
+        counts[name] = [n - with_nodule, with_nodule]
+    return counts
+
+
+PHANTOMS: dict[str, Phantom] = {
+    "blobs-2d": Phantom(generate_blobs, (28, 28), ("no-blob", "blob"), "MR"),
+    "blobs-3d": Phantom(generate_blobs, (32, 32, 32), ("no-blob", "blob"), "MR"),
+    # 64^3 written (hospitals: 64x64 x 51-85 slices), trained at 32^3 by default (CPU); 2D: 64^2
+    "lung-ct": Phantom(
+        lung_ct_case, (64, 64, 64), LUNG_CLASSES, "CT", "segmentation", (32, 32, 32)
+    ),
+    "lung-ct-2d": Phantom(lung_ct_case, (64, 64), LUNG_CLASSES, "CT", "segmentation", (64, 64)),
+}

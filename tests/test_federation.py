@@ -156,3 +156,23 @@ def test_spent_budget_refuses_and_the_round_finishes_with_the_others(fed, resume
     assert h["hospital-2"]["status"] == "ok" and h["hospital-2"]["epsilon_run"] > 0
     assert s["rounds"][1]["central"]["auc"] is not None
     assert s["status"] == "finished"
+
+
+def test_more_hospital_folders_than_virtual_nodes_is_a_clear_error(fed):
+    make_phantom_sites(
+        "blobs-2d", fed.root / "data3", hospitals=3, cases_per_site=16, holdout_cases=12, seed=2
+    )
+    fed.run(
+        {
+            **fed.base,
+            "data-dir": str(fed.root / "data3"),
+            "run-name": "mismatch",
+            "num-server-rounds": 1,
+        },
+        num_supernodes=2,
+        timeout=600,
+        name="mismatch",
+    )
+    s = _summary(fed, "mismatch")
+    assert s["status"] == "failed"
+    assert "3 hospital folders" in s["error"] and "num-supernodes=3" in s["error"]

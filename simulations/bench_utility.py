@@ -1,0 +1,408 @@
+"""`fedvox bench utility`: what privacy costs in clinical utility, as a table and JSON.
+
+Settings (issue 6):
+  - "centralised": the pooled, non-private reference — every hospital's training part in
+    one place, trained in-process with the same model and optimiser settings for the same
+    number of epochs as the federation sees (rounds x local epochs);
+  - "fl": the federation without DP (epsilon = inf), a real Flower simulation;
+  - "fl-dp": the federation with DP-SGD at every hospital at each epsilon, a real Flower
+    simulation (`simulations.local.LocalFederation`).
+
+Every number is the model after the LAST round (never the best round: picking a round by
+its test score would be choosing on the test split). Accuracy is at the decision threshold
+the server chose on the hospitals' validation parts (common/calibration.py). Per-site AUC
+is each hospital's evaluation of the final global model on its own validation part; the
+table shows the worst site and the best-worst gap.
+
+Top-level imports stay stdlib-only: the CLI imports this module to build its parser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = PROJECT_DIR / "simulations" / "results" / "utility.json"
+DEFAULT_EPSILONS = "1,3,8,inf"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help="JSON result (a .md table goes beside it)"
+    )
+    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (model init, training)")
+    parser.add_argument(
+        "--epsilons",
+        default=DEFAULT_EPSILONS,
+        help=f"comma-separated target epsilons; 'inf' = the non-DP federation (default "
+        f"{DEFAULT_EPSILONS})",
+    )
+    parser.add_argument(
+        "--settings",
+        default="centralised,fl",
+        help="which of centralised,fl to run (fl covers fl and fl-dp; default both)",
+    )
+    parser.add_argument(
+        "-c",
+        "--run-config",
+        default="",
+        help='run-config overrides for every federation, e.g. "num-server-rounds=5"',
+    )
+    parser.add_argument(
+        "--workdir", type=Path, default=None, help="data, runs and logs (default: a temp dir)"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="phantom data, 2 hospitals, 1 seed, 2 rounds, epsilon 8 and inf (for tests)",
+    )
+
+
+# ------------------------------------------------------------------------------- helpers
+
+
+def machine_info() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
+
+
+def default_run_config() -> dict:
+    """`[tool.flwr.app.config]` of the project: the defaults `flwr run .` uses."""
+    with open(PROJECT_DIR / "pyproject.toml", "rb") as f:
+        return dict(tomllib.load(f)["tool"]["flwr"]["app"]["config"])
+
+
+def parse_overrides(text: str) -> dict:
+    """`key=value other="s"` (TOML values, as `flwr run -c` takes them) -> dict."""
+    return dict(tomllib.loads("\n".join(_split_pairs(text)))) if text.strip() else {}
+
+
+def _split_pairs(text: str) -> list[str]:
+    import shlex
+
+    return [f'"{k}" = {v}' for k, v in (p.split("=", 1) for p in shlex.split(text, posix=False))]
+
+
+def parse_epsilons(text: str) -> list[float]:
+    out = []
+    for raw in text.split(","):
+        raw = raw.strip().lower()
+        if not raw:
+            continue
+        value = math.inf if raw in ("inf", "none", "off") else float(raw)
+        if not value > 0:
+            raise SystemExit(f"--epsilons: {raw!r} is not a positive number or 'inf'")
+        out.append(value)
+    return out
+
+
+def _finite(values: list[float | None]) -> list[float]:
+    return [float(v) for v in values if v is not None and math.isfinite(v)]
+
+
+def _mean_sd(values: list[float | None]) -> tuple[float | None, float | None]:
+    vals = _finite(values)
+    if not vals:
+        return None, None
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else None)
+
+
+# ------------------------------------------------------------------------------- one run
+
+
+def final_round(summary: dict) -> dict:
+    """The numbers of the LAST round of a federation's summary.json."""
+    if summary.get("status") != "finished" or not summary.get("rounds"):
+        raise RuntimeError(f"run {summary.get('run_name')} did not finish: {summary.get('error')}")
+    last = summary["rounds"][-1]
+    central = last["central"]
+    site_auc = {
+        site: h["eval"].get("auc")
+        for site, h in last["hospitals"].items()
+        if isinstance(h.get("eval"), dict) and h["eval"].get("auc") is not None
+    }
+    eps = [h.get("epsilon_run") for h in last["hospitals"].values()]
+    return {
+        "round": last["round"],
+        "auc": central.get("auc"),
+        "acc": central.get("accuracy"),
+        "sensitivity": central.get("sensitivity"),
+        "specificity": central.get("specificity"),
+        "threshold": central.get("threshold"),
+        "ece": central.get("ece"),
+        "ece_raw": central.get("ece-raw"),
+        "site_auc": site_auc,
+        "max_epsilon_spent": max(_finite(eps), default=None),
+    }
+
+
+def run_federation(fed, base: dict, epsilon: float, seed: int, hospitals: int, name: str) -> dict:
+    cfg = {**base, "seed": seed, "run-name": name}
+    if math.isinf(epsilon):
+        cfg["dp"] = False
+    else:
+        cfg["dp"] = True
+        cfg["target-epsilon"] = float(epsilon)
+    result = fed.run(cfg, num_supernodes=hospitals, timeout=3600, name=name)
+    summary_path = Path(base["output-dir"]) / name / "summary.json"
+    if result.returncode != 0 or not summary_path.is_file():
+        raise RuntimeError(
+            f"flwr run {name} failed (rc {result.returncode}):\n{result.output[-4000:]}"
+        )
+    out = final_round(json.loads(summary_path.read_text()))
+    out["wall_s"] = result.wall_s
+    return out
+
+
+def run_centralised(data_dir: Path, cfg: dict, seed: int, cache_dir: Path) -> dict:
+    """Pooled non-DP training in-process: the reference a single big hospital could reach."""
+    import torch
+
+    from client.train import train_dp
+    from common.calibration import calibrated_metrics, choose_calibration, validation_summary
+    from common.data import load_site
+    from common.metrics import evaluate_model
+    from common.paths import list_sites
+    from common.tasks import task_for
+
+    t0 = time.monotonic()
+
+    def load(site: Path, split: str):
+        return load_site(
+            site, split=split, image_size=None, cache_dir=cache_dir, log=lambda m: None
+        )
+
+    sites = list_sites(data_dir)
+    train = [load(s, "train") for s in sites]
+    val = [load(s, "val") for s in sites]
+    holdout = load(data_dir / "holdout", "all")
+    task = task_for(holdout.spec.task)
+    torch.manual_seed(seed)
+    model = task.build_model(
+        holdout.spatial_dims,
+        holdout.in_channels,
+        holdout.num_classes,
+        int(cfg.get("model-width", 0)) or None,
+        int(cfg.get("model-depth", 3)),
+    )
+    epochs = int(cfg["num-server-rounds"]) * int(cfg["local-epochs"])
+    train_dp(
+        model,
+        torch.cat([d.images for d in train]),
+        torch.cat([d.labels for d in train]),
+        epochs=epochs,
+        batch_size=int(cfg["batch-size"]),
+        learning_rate=float(cfg["learning-rate"]),
+        noise_multiplier=None,  # non-private reference
+        max_grad_norm=float(cfg["max-grad-norm"]),
+        accountant=str(cfg.get("accountant", "rdp")),
+        momentum=float(cfg.get("momentum", 0.9)),
+        loss_fn=task.loss_fn(),
+    )
+    calib = choose_calibration(
+        [validation_summary(model, d.images, d.labels) for d in val if len(d)]
+    )
+    threshold = calib.threshold if calib and calib.threshold is not None else 0.5
+    metrics, probs = evaluate_model(model, holdout.images, holdout.labels, threshold)
+    extra = calibrated_metrics(probs, holdout.labels.numpy(), calib) if calib else {}
+    site_auc = {}
+    for s, d in zip(sites, val, strict=True):
+        if len(d):
+            site_auc[s.name] = task.evaluate(model, d.images, d.labels).metrics.get("auc")
+    return {
+        "round": epochs,
+        "auc": metrics["auc"],
+        "acc": metrics["accuracy"],
+        "sensitivity": metrics.get("sensitivity"),
+        "specificity": metrics.get("specificity"),
+        "threshold": extra.get("threshold"),
+        "ece": extra.get("ece"),
+        "ece_raw": extra.get("ece-raw"),
+        "site_auc": site_auc,
+        "max_epsilon_spent": None,
+        "wall_s": time.monotonic() - t0,
+    }
+
+
+# ------------------------------------------------------------------------------- table
+
+
+def summarise(runs: list[dict]) -> list[dict]:
+    """One row per (setting, epsilon): mean and sd over seeds."""
+    rows = []
+    keys: list[tuple[str, float | None]] = []
+    for r in runs:
+        if (r["setting"], r["epsilon"]) not in keys:
+            keys.append((r["setting"], r["epsilon"]))
+    for setting, epsilon in keys:
+        group = [r for r in runs if r["setting"] == setting and r["epsilon"] == epsilon]
+        auc_mean, auc_sd = _mean_sd([r["auc"] for r in group])
+        acc_mean, acc_sd = _mean_sd([r["acc"] for r in group])
+        ece_mean, _ = _mean_sd([r.get("ece") for r in group])
+        worst = [min(_finite(list(r["site_auc"].values())), default=None) for r in group]
+        best = [max(_finite(list(r["site_auc"].values())), default=None) for r in group]
+        gaps = [b - w for b, w in zip(best, worst, strict=True) if b is not None and w is not None]
+        rows.append(
+            {
+                "setting": setting,
+                "epsilon": epsilon,
+                "seeds": [r["seed"] for r in group],
+                "auc_mean": auc_mean,
+                "auc_sd": auc_sd,
+                "acc_mean": acc_mean,
+                "acc_sd": acc_sd,
+                "worst_site_auc": _mean_sd(worst)[0],
+                "site_auc_gap": _mean_sd(gaps)[0],
+                "ece_mean": ece_mean,
+                "wall_s_mean": _mean_sd([r.get("wall_s") for r in group])[0],
+            }
+        )
+    return rows
+
+
+def _fmt(mean: float | None, sd: float | None = None) -> str:
+    if mean is None:
+        return "–"
+    return f"{mean:.3f}" + (f" ± {sd:.3f}" if sd is not None else "")
+
+
+def format_table(result: dict) -> str:
+    lines = [
+        "| setting | ε | seeds | AUC | ACC | worst-site AUC | best–worst gap | ECE | wall s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        eps = "∞" if r["epsilon"] is None else f"{r['epsilon']:g}"
+        lines.append(
+            f"| {r['setting']} | {eps} | {len(r['seeds'])} | {_fmt(r['auc_mean'], r['auc_sd'])} "
+            f"| {_fmt(r['acc_mean'], r['acc_sd'])} | {_fmt(r['worst_site_auc'])} "
+            f"| {_fmt(r['site_auc_gap'])} | {_fmt(r['ece_mean'])} "
+            f"| {r['wall_s_mean']:.0f} |"
+        )
+    lines.append("")
+    lines.append(
+        f"Measured {result['date']} on {result['machine']['cpu']} "
+        f"({result['machine']['cores']} cores); data: {result['data']}; "
+        f"config: {json.dumps(result['run_config_overrides'])}"
+    )
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------- main
+
+
+def run(args: argparse.Namespace) -> int:
+    from simulations.local import LocalFederation
+
+    quick = bool(args.quick)
+    seeds = list(range(1 if quick else max(1, args.seeds)))
+    epsilons = parse_epsilons(
+        "8,inf" if quick and args.epsilons == DEFAULT_EPSILONS else args.epsilons
+    )
+    settings = {s.strip() for s in args.settings.split(",") if s.strip()}
+    unknown = settings - {"centralised", "fl"}
+    if unknown:
+        raise SystemExit(f"--settings: unknown {sorted(unknown)}; choose from centralised,fl")
+    overrides = parse_overrides(args.run_config)
+    if quick:
+        overrides = {"num-server-rounds": 2, "batch-size": 16, **overrides}
+
+    with tempfile.TemporaryDirectory(prefix="fedvox-bench-utility-") as tmp:
+        work = Path(args.workdir or tmp).resolve()
+        work.mkdir(parents=True, exist_ok=True)
+        if quick:
+            from simulations.phantoms import make_phantom_sites
+
+            data_dir, hospitals = work / "data", 2
+            if not (data_dir / "holdout").is_dir():
+                make_phantom_sites(
+                    "blobs-2d", data_dir, hospitals=2, cases_per_site=48, holdout_cases=40, seed=1
+                )
+            data_desc = "phantom blobs-2d, 2 hospitals"
+        else:
+            from common.datasets import ensure_demo_data
+
+            defaults = default_run_config()
+            hospitals = int(overrides.get("demo-hospitals", defaults.get("demo-hospitals", 5)))
+            alpha = float(overrides.get("demo-alpha", defaults.get("demo-alpha", 0.5)))
+            # One fixed partition (the demo's, seed 0); seeds vary initialisation and training.
+            data_dir = ensure_demo_data(work / "data", hospitals=hospitals, alpha=alpha, seed=0)
+            data_desc = (
+                f"PneumoniaMNIST, {hospitals} hospitals, Dirichlet({alpha:g}), partition seed 0"
+            )
+        cfg = {**default_run_config(), **overrides}
+        base = {
+            **overrides,
+            "data-dir": str(data_dir),
+            "output-dir": str(work / "runs"),
+        }
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        runs: list[dict] = []
+
+        def record(setting: str, epsilon: float | None, seed: int, res: dict) -> None:
+            runs.append({"setting": setting, "epsilon": epsilon, "seed": seed, **res})
+            eps = "inf" if epsilon is None else f"{epsilon:g}"
+            print(
+                f"[bench utility] {setting} eps={eps} seed={seed}: AUC {res['auc']:.4f} "
+                f"ACC {res['acc']:.4f} ({res['wall_s']:.0f} s)",
+                flush=True,
+            )
+
+        if "centralised" in settings:
+            for seed in seeds:
+                res = run_centralised(data_dir, cfg, seed, work / "cache")
+                record("centralised", None, seed, res)
+        if "fl" in settings:
+            with LocalFederation(work / "sim") as fed:
+                for epsilon in epsilons:
+                    for seed in seeds:
+                        name = f"{stamp}-eps{epsilon:g}-seed{seed}"
+                        res = run_federation(fed, base, epsilon, seed, hospitals, name)
+                        setting = "fl" if math.isinf(epsilon) else "fl-dp"
+                        record(setting, None if math.isinf(epsilon) else epsilon, seed, res)
+
+    result = {
+        "benchmark": "utility",
+        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "quick": quick,
+        "data": data_desc,
+        "run_config_overrides": overrides,
+        "run_config": {k: v for k, v in cfg.items() if k not in ("data-dir", "output-dir")},
+        "rows": summarise(runs),
+        "runs": runs,
+    }
+    table = format_table(result)
+    print(table)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    out.with_suffix(".md").write_text(table + "\n")
+    print(f"[bench utility] wrote {out} and {out.with_suffix('.md')}")
+    return 0
