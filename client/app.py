@@ -283,6 +283,7 @@ def _train(msg: Message, node: Node) -> Message:
         proximal_mu=float(server.get("proximal-mu", 0.0)),
         momentum=float(run.get("momentum", 0.9)),
         loss_fn=task_for(data.spec).loss_fn(),
+        augmentation=_flag(run.get("augmentation", False)),
     )
     # The ledger is on disk before the weights leave the node.
     ledger.record(run_uid, global_round, result.history)
@@ -337,6 +338,7 @@ def _train_plain(msg: Message, node: Node, data: SiteDataset) -> Message:
         proximal_mu=float(server.get("proximal-mu", 0.0)),
         momentum=float(run.get("momentum", 0.9)),
         loss_fn=task_for(data.spec).loss_fn(),
+        augmentation=_flag(run.get("augmentation", False)),
     )
     metrics = {k: 0.0 for k in TRAIN_METRIC_KEYS}
     metrics.update(

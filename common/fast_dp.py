@@ -1,20 +1,29 @@
 """Cheaper per-sample gradients for DP-SGD on CPU, plugged into Opacus.
 
-Why this exists: with Opacus' `hooks` mode one DP step costs ~2x a non-private step on CPU. Two
-costs dominate and neither is needed for DP-SGD:
+Why this exists: with Opacus' `hooks` mode one DP step costs ~2x a non-private step on CPU. The
+overhead is work DP-SGD does not need:
   1. autograd still computes the ordinary batch weight gradient `p.grad` in every conv/linear/norm
      backward, which the DPOptimizer then overwrites with the clipped sum (pure waste);
   2. per-sample conv weight gradients are built by unfolding activations (im2col), which for 3D
-     volumes writes Cin*27 floats per voxel and runs ~10x slower than the fast conv kernels.
+     volumes writes Cin*27 floats per voxel and runs ~10x slower than the fast conv kernels;
+  3. GroupNorm per-sample gradients re-normalise the activations in a second pass;
+  4. on small late 2D maps (7x7, 128x64x3x3 weights) the materialised per-sample gradients are
+     larger than the activations, and writing/reading them dominates.
 
-So each supported layer runs through a small autograd.Function whose backward computes only the
-input gradient (if needed) and the per-sample parameter gradients, with the cheapest kernel for the
-layer's shape (a grouped convolution backward with the batch folded into groups, or im2col where it
-is faster). The per-sample gradients land in `p.grad_sample` exactly where Opacus' own hooks would
-put them, so the rest is stock Opacus: `PrivacyEngine.make_private(grad_sample_mode="no_op")` wraps
-the model, Poisson data loader, `DPOptimizer` (clipping, noise, accountant hook) and
-`BatchMemoryManager` all run unchanged. The per-layer samplers use Opacus' grad-sampler signature
-`(module, activations, backprops) -> {param: grad_sample}` and live in `GRAD_SAMPLERS`.
+So each supported layer runs through a small autograd.Function whose backward returns only the
+input gradient (never p.grad) and records per-sample gradients with the cheapest kernel for the
+layer's shape: a grouped-convolution weight gradient with the batch folded into groups (or the
+channels-as-batch convolution for the first layer, or im2col on tiny maps); GroupNorm's native
+backward with the batch folded into channels, which yields input AND per-sample gradients in one
+pass; and, for convs where 2 T^2 < #weights (T = output positions), only per-sample NORMS via T x T
+Gram matrices ("mixed ghost clipping" / book-keeping), the clipped sum then being one batched weight
+gradient with per-sample-scaled output gradients (FastDPOptimizer).
+
+Everything else is stock Opacus: per-sample gradients land in `p.grad_sample` exactly where its
+hooks put them; `PrivacyEngine.make_private(grad_sample_mode="no_op")` builds the wrapper, the
+Poisson loader, the DPOptimizer (clipping, noise, scaling, skip-steps for BatchMemoryManager) and
+the accountant hook. The samplers keep Opacus' grad-sampler signature
+`(module, activations, backprops) -> {param: grad_sample}` (in `GRAD_SAMPLERS`).
 
 Use `make_private(engine, module=..., optimizer=..., data_loader=..., noise_multiplier=...,
 max_grad_norm=...)` instead of `engine.make_private(...)`; it returns the same triple.
@@ -50,8 +59,9 @@ def _conv_weight_per_sample(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) 
     w_shape = layer.weight.shape
     if layer.groups == 1 and cin <= 4:
         # Few input channels (the first layer): one convolution of the input, channels as batch,
-        # with the output gradients as n-grouped filters. Measured 2.7x faster than the batch
-        # weight gradient kernel itself for 1 -> 16 channels on 64^3.
+        # with the output gradients as n-grouped filters (PyTorch's ExpandedWeights trick). As
+        # fast as the batch weight gradient for 1 -> 16 channels on 64^3 at 1 thread, 2.7x
+        # faster at 2 threads; the grouped kernel below is 1.3x slower there.
         conv = (F.conv1d, F.conv2d, F.conv3d)[d - 1]
         r = conv(
             x.transpose(0, 1),
@@ -68,7 +78,8 @@ def _conv_weight_per_sample(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) 
         return r.reshape(cin, n, cout, *w_shape[2:]).permute(1, 2, 0, *range(3, 3 + d))
     if d == 2 and layer.groups == 1 and g[0, 0].numel() <= 64:
         # Tiny 2D maps (<= 8x8): im2col + one batched matmul beats the grouped kernel (measured
-        # 12 vs 36 ms for 64 -> 128 channels on 7x7, batch 64).
+        # 8.6 vs 10.1 ms for 64 -> 128 channels on 7x7, batch 64). With make_private such layers
+        # usually take the ghost-norm path instead (see _use_ghost).
         a = unfold2d(
             x,
             kernel_size=layer.kernel_size,
@@ -238,7 +249,8 @@ class _Conv(torch.autograd.Function):
     def forward(ctx, x, weight, bias, layer, hooks):
         ctx.layer, ctx.hooks = layer, hooks
         ctx.save_for_backward(x, weight)
-        return layer._conv_forward(x, weight, bias)
+        conv = (F.conv1d, F.conv2d, F.conv3d)[x.dim() - 3]
+        return conv(x, weight, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
 
     @staticmethod
     def backward(ctx, g):
@@ -331,8 +343,6 @@ def _check_layer(name: str, layer: nn.Module) -> None:
                 f"fast DP: {where} needs numeric zero padding, got padding={layer.padding!r}, "
                 f"padding_mode={layer.padding_mode!r}; use grad_sample_mode='hooks' instead"
             )
-    if isinstance(layer, nn.GroupNorm) and not layer.affine:
-        return
 
 
 class FastGradSampleHooks(AbstractGradSampleHooks):
@@ -391,6 +401,13 @@ class FastGradSampleHooks(AbstractGradSampleHooks):
         else:
             p.grad_sample = [p.grad_sample, gs]
 
+    def disable_hooks(self) -> None:
+        """Plain forward/backward (ordinary p.grad), as Opacus' GradSampleHooks.disable_hooks."""
+        self.hooks_enabled = False
+
+    def enable_hooks(self) -> None:
+        self.hooks_enabled = True
+
     def forbid_grad_accumulation(self) -> None:
         self.forbid_accumulation = True
 
@@ -413,8 +430,6 @@ def _make_forward(layer: nn.Module, hooks: FastGradSampleHooks) -> Callable[...,
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         if not (hooks.hooks_enabled and layer.training and torch.is_grad_enabled()):
-            return plain(layer, x)
-        if isinstance(layer, nn.GroupNorm) and not layer.affine:
             return plain(layer, x)
         return fn.apply(x, layer.weight, layer.bias, layer, hooks)
 
@@ -519,6 +534,9 @@ def make_private(
     except Exception:
         hooks.remove_hooks()
         raise
+    # Opacus' no_op wrapper has nothing to remove; make its cleanup (`_close()`,
+    # `to_standard_module()`) take our layers off too, so the model can be made private again.
+    module.remove_hooks = hooks.remove_hooks
     if type(optimizer) is DPOptimizer:
         fast = FastDPOptimizer(
             optimizer.original_optimizer,

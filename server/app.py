@@ -261,6 +261,8 @@ def _hospitals(replies: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, 
                 "train_loss": m.get("train-loss"),
                 "noise_multiplier": m.get("noise-multiplier"),
                 "steps": m.get("steps"),
+                "data_s": m.get("data-s"),
+                "compute_s": m.get("compute-s"),
             }
         )
     for r in replies.get("evaluate", []):

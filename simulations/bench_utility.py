@@ -202,7 +202,7 @@ def run_centralised(data_dir: Path, cfg: dict, seed: int, cache_dir: Path) -> di
     train = [load(s, "train") for s in sites]
     val = [load(s, "val") for s in sites]
     holdout = load(data_dir / "holdout", "all")
-    task = task_for(holdout.spec.task)
+    task = task_for(holdout.spec)
     torch.manual_seed(seed)
     model = task.build_model(
         holdout.spatial_dims,
@@ -224,6 +224,7 @@ def run_centralised(data_dir: Path, cfg: dict, seed: int, cache_dir: Path) -> di
         accountant=str(cfg.get("accountant", "rdp")),
         momentum=float(cfg.get("momentum", 0.9)),
         loss_fn=task.loss_fn(),
+        augmentation=str(cfg.get("augmentation", False)).lower() in ("true", "1"),
     )
     calib = choose_calibration(
         [validation_summary(model, d.images, d.labels) for d in val if len(d)]
@@ -260,6 +261,8 @@ def summarise(runs: list[dict]) -> list[dict]:
     for r in runs:
         if (r["setting"], r["epsilon"]) not in keys:
             keys.append((r["setting"], r["epsilon"]))
+    order = {"centralised": 0, "fl": 1, "fl-dp": 2}
+    keys.sort(key=lambda k: (order.get(k[0], 3), -(k[1] or 0.0)))
     for setting, epsilon in keys:
         group = [r for r in runs if r["setting"] == setting and r["epsilon"] == epsilon]
         auc_mean, auc_sd = _mean_sd([r["auc"] for r in group])
@@ -364,6 +367,22 @@ def run(args: argparse.Namespace) -> int:
         }
         stamp = time.strftime("%Y%m%d-%H%M%S")
         runs: list[dict] = []
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+
+        def result(complete: bool) -> dict:
+            return {
+                "benchmark": "utility",
+                "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+                "machine": machine_info(),
+                "complete": complete,
+                "quick": quick,
+                "data": data_desc,
+                "run_config_overrides": overrides,
+                "run_config": {k: v for k, v in cfg.items() if k not in ("data-dir", "output-dir")},
+                "rows": summarise(runs),
+                "runs": runs,
+            }
 
         def record(setting: str, epsilon: float | None, seed: int, res: dict) -> None:
             runs.append({"setting": setting, "epsilon": epsilon, "seed": seed, **res})
@@ -373,11 +392,10 @@ def run(args: argparse.Namespace) -> int:
                 f"ACC {res['acc']:.4f} ({res['wall_s']:.0f} s)",
                 flush=True,
             )
+            # Written after every run, so an interrupted benchmark still leaves its numbers.
+            out.write_text(json.dumps(result(False), indent=2) + "\n")
+            out.with_suffix(".md").write_text(format_table(result(False)) + "\n")
 
-        if "centralised" in settings:
-            for seed in seeds:
-                res = run_centralised(data_dir, cfg, seed, work / "cache")
-                record("centralised", None, seed, res)
         if "fl" in settings:
             with LocalFederation(work / "sim") as fed:
                 for epsilon in epsilons:
@@ -387,22 +405,14 @@ def run(args: argparse.Namespace) -> int:
                         setting = "fl" if math.isinf(epsilon) else "fl-dp"
                         record(setting, None if math.isinf(epsilon) else epsilon, seed, res)
 
-    result = {
-        "benchmark": "utility",
-        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "machine": machine_info(),
-        "quick": quick,
-        "data": data_desc,
-        "run_config_overrides": overrides,
-        "run_config": {k: v for k, v in cfg.items() if k not in ("data-dir", "output-dir")},
-        "rows": summarise(runs),
-        "runs": runs,
-    }
-    table = format_table(result)
+        if "centralised" in settings:
+            for seed in seeds:
+                res = run_centralised(data_dir, cfg, seed, work / "cache")
+                record("centralised", None, seed, res)
+        final = result(True)
+    table = format_table(final)
     print(table)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out.write_text(json.dumps(final, indent=2) + "\n")
     out.with_suffix(".md").write_text(table + "\n")
     print(f"[bench utility] wrote {out} and {out.with_suffix('.md')}")
     return 0

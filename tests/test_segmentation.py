@@ -1,0 +1,249 @@
+"""Segmentation (issue 7): masks in the data contract, aligned preprocessing, DP U-Nets, Dice,
+lung-CT phantoms and a 2-round federated segmentation run on a real Flower simulation."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from nifti_factory import write_nifti
+from opacus.validators import ModuleValidator
+
+from client.train import train_dp
+from common.data import DataError, clear_memory_cache, load_site, validate_site
+from common.tasks import SegmentationTask, task_for
+from simulations.local import LocalFederation
+from simulations.phantoms import PHANTOMS, make_phantom_sites
+
+CLASSES = ["background", "lung", "nodule"]
+
+
+def _seg_site(root, cases, always=("lung",), labels_csv=None, class_names=CLASSES):
+    """cases: {case: (image, mask or None, image affine, mask affine)}."""
+    for case, (image, mask, affine, mask_affine) in cases.items():
+        write_nifti(root / "images" / f"{case}.nii.gz", image, affine)
+        if mask is not None:
+            write_nifti(root / "masks" / f"{case}.nii.gz", mask, mask_affine)
+    (root / "masks").mkdir(parents=True, exist_ok=True)
+    spec = {"task": "segmentation", "class_names": class_names, "always_present": list(always)}
+    (root / "dataset.json").write_text(json.dumps(spec))
+    if labels_csv is not None:
+        (root / "labels.csv").write_text(labels_csv)
+    return root
+
+
+def _good(shape=(12, 10, 8)):
+    image = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    mask = np.zeros(shape, np.uint8)
+    mask[2:8, 2:6] = 1
+    mask[4:6, 3:5] = 2
+    return image, mask
+
+
+def test_mask_defects_are_reported_per_file(tmp_path):
+    eye = np.eye(4)
+    image, mask = _good()
+    shifted = eye.copy()
+    shifted[0, 3] = 2.0
+    out_of_range, fractional, no_lung = mask.copy(), mask.astype(np.float32), mask.copy()
+    out_of_range[0, 0, 0] = 5
+    fractional[0, 0, 0] = 0.5
+    no_lung[no_lung == 1] = 0
+    site = _seg_site(
+        tmp_path / "site",
+        {
+            "ok": (image, mask, eye, eye),
+            "missing": (image, None, eye, eye),
+            "shape": (image, mask[:, :, :6], eye, eye),
+            "affine": (image, mask, eye, shifted),
+            "range": (image, out_of_range, eye, eye),
+            "fraction": (image, fractional, eye, eye),
+            "nolung": (image, no_lung, eye, eye),
+        },
+    )
+    report = validate_site(site)
+    by_file = {r.file: r for r in report.reports}
+    assert by_file["images/ok.nii.gz"].ok and not by_file["images/ok.nii.gz"].warning
+    expected = {
+        "missing": "mask missing (expected masks/missing.nii.gz)",
+        "shape": "masks/shape.nii.gz: mask shape (12, 10, 6) differs from the image's (12, 10, 8)",
+        "affine": "masks/affine.nii.gz: mask affine differs",
+        "range": "masks/range.nii.gz: labels [5] are outside the declared classes 0..2",
+        "fraction": "masks/fraction.nii.gz: non-integer label values (e.g. 0.5)",
+    }
+    for case, reason in expected.items():
+        r = by_file[f"images/{case}.nii.gz"]
+        assert not r.ok and r.reason.startswith(reason), (case, r.reason)
+    # An always-present structure missing is a warning: the case stays usable.
+    warned = by_file["images/nolung.nii.gz"]
+    assert warned.ok and "no lung voxels" in warned.warning
+    assert "WARN images/nolung.nii.gz" in report.format(only_bad=True)
+    assert report.n_valid == 2 and report.n_bad == 5
+    assert report.class_counts == {"background": 2, "lung": 1, "nodule": 2}
+    # labels.csv is optional for segmentation; training loads the valid cases with masks.
+    data = load_site(site, "all", log=lambda _m: None)
+    assert data.labels.shape == (2, 1, 12, 10, 8) and data.labels.dtype == torch.int64
+    assert sorted(data.labels.unique().tolist()) == [0, 1, 2]
+
+
+def test_segmentation_labels_csv_and_dataset_json_rules(tmp_path):
+    image, mask = _good((16, 16))
+    eye = np.eye(4)
+    cases = {f"c{i}": (image, mask, eye, eye) for i in range(4)}
+    site = _seg_site(tmp_path / "a", cases, labels_csv="case,split\nc0,val\nc1,train\nghost,val\n")
+    report = validate_site(site)
+    splits = {c.case_id: c.split for c in report.cases}
+    assert splits["c0"] == "val" and splits["c1"] == "train" and len(splits) == 4
+    ghost = [r for r in report.reports if r.case == "ghost"]
+    assert ghost and not ghost[0].ok and ghost[0].file == "labels.csv"
+    # Class names are required (label value i = class_names[i]) and always_present must name them.
+    bad = _seg_site(tmp_path / "b", cases, class_names=["lung"], always=())
+    with pytest.raises(DataError, match="class_names"):
+        validate_site(bad)
+    bad = _seg_site(tmp_path / "c", cases, always=("heart",))
+    with pytest.raises(DataError, match="always_present"):
+        validate_site(bad)
+
+
+def test_aligned_transforms_keep_the_mask_on_its_structure(tmp_path):
+    """A bright box in an anisotropic, x-flipped volume; after reorientation + resize + pad to
+    16^3 the mask must sit exactly on the bright voxels, at the RAS position of the box."""
+    shape = (40, 24, 12)
+    image = np.zeros(shape, np.float32)
+    mask = np.zeros(shape, np.uint8)
+    image[4:14, 6:18, 3:9] = 1000.0  # near the start of array axis 0
+    mask[4:14, 6:18, 3:9] = 1
+    affine = np.diag([-1.0, 1.0, 2.0, 1.0])  # x flipped (LAS-like), 2 mm slices
+    site = _seg_site(
+        tmp_path / "s", {"box": (image, mask, affine, affine)}, always=(), class_names=["bg", "box"]
+    )
+    data = load_site(site, "all", image_size=(16, 16, 16), log=lambda _m: None)
+    img, lab = data.images[0, 0].numpy(), data.labels[0, 0].numpy()
+    assert set(np.unique(lab)) == {0, 1}  # nearest neighbour: no blended labels
+    # Voxels wholly inside the box are labelled; labelled voxels are at least partly inside
+    # (edge voxels blend box and background after resizing: either label is right there).
+    core, touched = img > img.max() - 1e-3, img > img.min() + 1e-3
+    assert (lab[core] == 1).all() and (touched[lab == 1]).all()
+    assert (lab == 1).sum() >= 0.5 * touched.sum()
+    # Array axis 0 runs right-to-left, so after RAS reorientation the box is at the high-x end.
+    xs = np.flatnonzero((lab == 1).any(axis=(1, 2)))
+    assert xs.min() > 16 / 2, xs
+
+
+@pytest.mark.parametrize("dims,size", [(2, 32), (3, 16)])
+def test_one_dp_step_of_each_unet(dims, size):
+    torch.manual_seed(0)
+    task = SegmentationTask(tuple(CLASSES))
+    model = task.build_model(dims, 1, 3)
+    assert ModuleValidator.validate(model, strict=False) == []
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    images = torch.randn(6, 1, *(size,) * dims)
+    masks = (images > 0.5).long() + (images > 1.5).long()
+    before = [p.detach().clone() for p in model.parameters()]
+    result = train_dp(
+        model,
+        images,
+        masks,
+        epochs=1,
+        batch_size=3,
+        learning_rate=0.1,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        accountant="rdp",
+        loss_fn=task.loss_fn(),
+    )
+    assert result.history and result.history[0][2] == 2  # two DP steps were accounted
+    assert np.isfinite(result.loss)
+    after = list(model.parameters())
+    changed = [not torch.equal(a, b.detach()) for a, b in zip(before, after, strict=True)]
+    assert all(changed)  # every layer, the upsampling path included, got a noisy update
+    assert not any(k.startswith("_module") for k in model.state_dict())
+
+
+class _Threshold(torch.nn.Module):
+    """A fixed 'model': class k where the image is nearest to k (logits = -|x - k|)."""
+
+    def forward(self, x):
+        return torch.cat([-(x - k).abs() for k in range(3)], dim=1)
+
+
+def test_evaluate_reports_per_class_dice_from_monai():
+    target = torch.zeros(2, 1, 8, 8, dtype=torch.long)
+    target[:, :, 0:4, 0:4] = 1  # 16 lung voxels per case
+    target[0, :, 6:8, 6:8] = 2  # nodule only in case 0
+    pred = target.clone()
+    pred[0, :, 0, 0:4] = 0  # case 0 misses 4 lung voxels: Dice 2*12/(12+16) = 6/7
+    ev = task_for(type("Spec", (), {"task": "segmentation", "class_names": CLASSES})()).evaluate(
+        _Threshold(), pred.float(), target
+    )
+    m = ev.metrics
+    assert m["dice-lung"] == pytest.approx((6 / 7 + 1.0) / 2)
+    assert m["dice-nodule"] == pytest.approx(1.0)  # case 1 has no nodule: ignored, not 1 or 0
+    assert m["dice-mean"] == pytest.approx((m["dice-lung"] + 1.0) / 2)
+    assert np.isfinite(m["loss"])
+    assert task_for("segmentation").score(m) == m["dice-mean"]
+
+
+def test_lung_ct_phantom_hospitals_differ_and_validate(tmp_path):
+    counts = make_phantom_sites(
+        "lung-ct", tmp_path / "d", hospitals=2, cases_per_site=3, holdout_cases=2, seed=3,
+        image_size=(32, 32, 32),
+    )  # fmt: skip
+    assert set(counts) == {"hospital-1", "hospital-2", "holdout"}
+    zooms = {}
+    for site in counts:
+        report = validate_site(tmp_path / "d" / site)
+        assert report.n_bad == 0 and not report.warnings, report.format(only_bad=True)
+        assert report.spec.task == "segmentation" and report.spec.image_size == (16, 16, 16)
+        img = nib.load(report.cases[0].image)
+        msk = nib.load(report.cases[0].mask)
+        assert np.allclose(img.affine, msk.affine) and img.shape == msk.shape
+        hu, lab = img.get_fdata(), msk.get_fdata()
+        assert np.median(hu[lab == 1]) < -600 and np.median(hu[lab == 2]) > -400  # HU
+        zooms[site] = (img.header.get_zooms(), img.shape)
+    assert zooms["hospital-1"] != zooms["hospital-2"]  # scanners differ in spacing / slices
+    assert PHANTOMS["lung-ct-2d"].task == "segmentation"
+
+
+def test_two_round_two_hospital_segmentation_simulation(tmp_path):
+    clear_memory_cache()
+    make_phantom_sites(
+        "lung-ct-2d", tmp_path / "data", hospitals=2, cases_per_site=12, holdout_cases=6,
+        seed=0, image_size=(32, 32),
+    )  # fmt: skip
+    with LocalFederation(tmp_path / "sim") as fed:
+        result = fed.run(
+            {
+                "data-dir": str(tmp_path / "data"),
+                "output-dir": str(tmp_path / "runs"),
+                "run-name": "seg",
+                "num-server-rounds": 2,
+                "batch-size": 4,
+                "learning-rate": 0.1,
+                "target-epsilon": 8.0,
+                "target-delta": 1e-3,
+            },
+            num_supernodes=2,
+            timeout=600,
+        )
+        assert result.returncode == 0, result.output[-6000:]
+    assert fed.procs.alive_pids() == []
+    summary = json.loads((tmp_path / "runs" / "seg" / "summary.json").read_text())
+    assert summary["status"] == "finished", summary.get("error")
+    assert summary["model"]["task"] == "segmentation"
+    assert [r["round"] for r in summary["rounds"]] == [0, 1, 2]
+    for r in summary["rounds"]:
+        c = r["central"]
+        assert set(c) >= {"dice-lung", "dice-nodule", "dice-mean", "loss"}, c
+        assert 0.0 <= c["dice-lung"] <= 1.0 and 0.0 <= c["dice-mean"] <= 1.0
+    for r in summary["rounds"][1:]:
+        for site in ("hospital-1", "hospital-2"):
+            h = r["hospitals"][site]
+            assert h["status"] == "ok" and 0 < h["epsilon_run"] <= 8.0
+            assert "dice-lung" in h["eval"] and "dice-mean" in h["eval"]
+    best = torch.load(tmp_path / "runs" / "seg" / "checkpoints" / "best.pt", weights_only=True)
+    means = {r["round"]: r["central"]["dice-mean"] for r in summary["rounds"]}
+    assert best["round"] == max(means, key=means.get) == summary["best"]["round"]
