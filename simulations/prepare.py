@@ -38,7 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"MedMNIST-style .npz (default: vendored {DEFAULT_SOURCE.name})",
     )
     src.add_argument(
-        "--phantom", default=None, help="write a synthetic phantom instead (blobs-2d, blobs-3d, lung-ct, lung-ct-2d)"
+        "--phantom",
+        default=None,
+        help="write a synthetic phantom instead (blobs-2d, blobs-3d, lung-ct, lung-ct-2d)",
     )
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--hospitals", type=int, default=5, help="number of hospitals (default 5)")
