@@ -211,12 +211,13 @@ def _train(msg: Message, node: Node) -> Message:
         )
 
     if not _flag(run.get("dp", True)):
-        # The benchmarks' non-private reference (epsilon = inf). A hospital that set its
-        # own privacy limit never trains without DP.
-        if _optional_float(node.node_config.get("max-epsilon")) is not None:
+        # The benchmarks' non-private reference (epsilon = inf). Only simulated hospitals,
+        # or a real node whose own config says `allow-non-dp = true`, ever train without DP:
+        # the server's run config alone cannot switch a hospital's privacy off.
+        if not non_dp_allowed(node.node_config):
             return refuse(
-                "the server asked for training without DP (dp=false) but this hospital "
-                "requires DP (node max-epsilon is set)"
+                "the server asked for training without DP (dp=false); this hospital trains "
+                "only with DP (node config allow-non-dp is not set)"
             )
         return _train_plain(msg, node, data)
 
@@ -309,6 +310,15 @@ def _train(msg: Message, node: Node) -> Message:
         ),
         reply_to=msg,
     )
+
+
+def non_dp_allowed(node_config: dict) -> bool:
+    """May this node train without DP when a run asks for it (dp=false)?
+
+    Simulated hospitals (the benchmarks' non-private reference) yes; a real node only when
+    its own config says `allow-non-dp = true`.
+    """
+    return "partition-id" in node_config or _flag(node_config.get("allow-non-dp", False))
 
 
 def _flag(value) -> bool:

@@ -118,7 +118,8 @@ def build_strategy(name: str, run_config: dict[str, Any], min_nodes: int) -> fl.
     if key in ("fedadam", "fedyogi", "fedadagrad"):
         kwargs["eta"] = float(run_config.get("server-learning-rate", 0.01))
     if key == "fedavgm":
-        kwargs["server_learning_rate"] = float(run_config.get("server-learning-rate", 1.0))
+        # FedAvgM applies the averaged update with momentum at its full size (lr 1.0).
+        kwargs["server_learning_rate"] = 1.0
         kwargs["server_momentum"] = float(run_config.get("server-momentum", 0.9))
     if key == "fedtrimmedavg":
         kwargs["beta"] = float(run_config.get("trim-beta", 0.2))

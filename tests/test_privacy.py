@@ -142,3 +142,12 @@ def test_fedprox_proximal_step_pulls_towards_the_global_model():
         return sum(float((p.detach() - s).norm()) for p, s in pairs)
 
     assert distance(1.0) < 0.8 * distance(0.0)
+
+
+def test_only_simulated_or_explicitly_allowing_nodes_train_without_dp():
+    from client.app import non_dp_allowed
+
+    assert non_dp_allowed({"partition-id": 0, "num-partitions": 2})
+    assert not non_dp_allowed({"data-dir": "/d", "state-dir": "/s"})  # a real node: DP only
+    assert not non_dp_allowed({"data-dir": "/d", "allow-non-dp": "false"})
+    assert non_dp_allowed({"data-dir": "/d", "allow-non-dp": True})
