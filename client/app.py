@@ -20,7 +20,7 @@ from flwr.clientapp import ClientApp
 
 from client.audit import audit_mod
 from client.ledger import PrivacyLedger
-from client.train import steps_per_epoch, train_dp
+from client.train import TrainResult, steps_per_epoch, train_dp
 from common.calibration import validation_summary
 from common.data import SiteDataset, load_site
 from common.paths import absolute, default_output_dir, demo_data_dir, list_sites
@@ -269,23 +269,7 @@ def _train(msg: Message, node: Node) -> Message:
         )
 
     t1 = time.perf_counter()
-    model = node.model(data)
-    load_record(model, msg.content.array_records["arrays"])
-    result = train_dp(
-        model,
-        data.images,
-        data.labels,
-        epochs=epochs,
-        batch_size=batch,
-        learning_rate=float(run["learning-rate"]),
-        noise_multiplier=sigma,
-        max_grad_norm=float(run["max-grad-norm"]),
-        accountant=accountant,
-        proximal_mu=float(server.get("proximal-mu", 0.0)),
-        momentum=float(run.get("momentum", 0.9)),
-        loss_fn=task_for(data.spec).loss_fn(),
-        augmentation=_flag(run.get("augmentation", False)),
-    )
+    model, result = _local_training(msg, node, data, sigma)
     # The ledger is on disk before the weights leave the node.
     ledger.record(run_uid, global_round, result.history)
     metrics = MetricRecord(
@@ -328,11 +312,11 @@ def _flag(value) -> bool:
     return bool(value)
 
 
-def _train_plain(msg: Message, node: Node, data: SiteDataset) -> Message:
-    """One round WITHOUT differential privacy (run config dp=false): no ledger entry, and
-    the reply says epsilon = inf so nobody mistakes the result for a private one."""
+def _local_training(
+    msg: Message, node: Node, data: SiteDataset, noise_multiplier: float | None
+) -> tuple[torch.nn.Module, TrainResult]:
+    """The global model from `msg`, trained on this site (DP unless noise_multiplier is None)."""
     run, server = node.run_config, node.server_config
-    t1 = time.perf_counter()
     model = node.model(data)
     load_record(model, msg.content.array_records["arrays"])
     result = train_dp(
@@ -342,7 +326,7 @@ def _train_plain(msg: Message, node: Node, data: SiteDataset) -> Message:
         epochs=int(run["local-epochs"]),
         batch_size=int(run["batch-size"]),
         learning_rate=float(run["learning-rate"]),
-        noise_multiplier=None,
+        noise_multiplier=noise_multiplier,
         max_grad_norm=float(run["max-grad-norm"]),
         accountant=str(run.get("accountant", "rdp")),
         proximal_mu=float(server.get("proximal-mu", 0.0)),
@@ -350,6 +334,14 @@ def _train_plain(msg: Message, node: Node, data: SiteDataset) -> Message:
         loss_fn=task_for(data.spec).loss_fn(),
         augmentation=_flag(run.get("augmentation", False)),
     )
+    return model, result
+
+
+def _train_plain(msg: Message, node: Node, data: SiteDataset) -> Message:
+    """One round WITHOUT differential privacy (run config dp=false): no ledger entry, and
+    the reply says epsilon = inf so nobody mistakes the result for a private one."""
+    t1 = time.perf_counter()
+    model, result = _local_training(msg, node, data, noise_multiplier=None)
     metrics = {k: 0.0 for k in TRAIN_METRIC_KEYS}
     metrics.update(
         {

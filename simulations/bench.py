@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import platform
+from importlib import metadata
+from pathlib import Path
 
 # benchmark -> (module, one-line help)
 BENCHMARKS: dict[str, tuple[str, str]] = {
@@ -37,3 +41,32 @@ def run(args: argparse.Namespace) -> int:
     if args._bench_module is None:
         raise SystemExit(f"fedvox bench {args.bench}: not implemented yet")
     return int(importlib.import_module(args._bench_module).run(args) or 0)
+
+
+def machine_info() -> dict:
+    """What a benchmark ran on: CPU model, cores, platform and the library versions."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+
+    def version(dist: str) -> str | None:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": version("torch"),
+        "opacus": version("opacus"),
+        "flwr": version("flwr"),
+    }

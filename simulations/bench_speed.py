@@ -18,12 +18,11 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
-import platform
 import statistics
 import time
-from importlib import metadata
 from pathlib import Path
+
+from simulations.bench import machine_info
 
 MODES = ("nonprivate", "fast", "hooks", "ew")
 
@@ -64,33 +63,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="interleaved rounds per workload (default: 2d 15, 3d 5; quick 3)",
     )
-
-
-def machine_info() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-
-    def version(dist: str) -> str | None:
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            return None
-
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "python": platform.python_version(),
-        "torch": version("torch"),
-        "opacus": version("opacus"),
-        "flwr": version("flwr"),
-    }
 
 
 def _setup(mode: str, dims: int, batch: int):

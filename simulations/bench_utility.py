@@ -23,12 +23,12 @@ import argparse
 import datetime as dt
 import json
 import math
-import os
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
+
+from simulations.bench import machine_info
 
 try:
     import tomllib
@@ -73,23 +73,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # ------------------------------------------------------------------------------- helpers
-
-
-def machine_info() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-    }
 
 
 def default_run_config() -> dict:
