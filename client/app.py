@@ -134,7 +134,10 @@ def _node(msg: Message, context: Context) -> Node:
         site = absolute(node["data-dir"], "node config data-dir")
         state_dir = absolute(node["state-dir"], "node config state-dir")
     state_dir.mkdir(parents=True, exist_ok=True)
-    name = str(node.get("site-name") or site.name)
+    # The name this node is known by in the server's summary. A real node's folder name
+    # could say more than it should, so it is only used for simulated hospitals.
+    default_name = site.name if "partition-id" in node else f"node-{context.node_id}"
+    name = str(node.get("site-name") or default_name)
     return Node(site, name, state_dir, run, node, server)
 
 
