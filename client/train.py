@@ -5,11 +5,13 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -48,6 +50,23 @@ def augment(x: torch.Tensor, shift: float = 0.1, rotate_deg: float = 10.0, scale
     return F.grid_sample(x, grid, padding_mode="border", align_corners=False)
 
 
+@contextmanager
+def _batch_memory(loader, optimizer, max_physical_batch: int):
+    with BatchMemoryManager(
+        data_loader=loader, max_physical_batch_size=max_physical_batch, optimizer=optimizer
+    ) as physical:
+        yield physical
+
+
+def _physical_batches(loader, optimizer, max_physical_batch: int):
+    """The loader's batches, split into chunks of <= max_physical_batch under DP."""
+    if max_physical_batch <= 0 or not hasattr(optimizer, "signal_skip_step"):
+        yield from loader
+        return
+    with _batch_memory(loader, optimizer, max_physical_batch) as physical:
+        yield from physical
+
+
 def train_dp(
     model: nn.Module,
     images: torch.Tensor,
@@ -63,6 +82,7 @@ def train_dp(
     momentum: float = 0.9,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     augmentation: bool = False,
+    max_physical_batch: int = 0,
 ) -> TrainResult:
     """Train `model` in place with Opacus DP-SGD (Poisson sampling, per-sample clipping, noise).
 
@@ -70,6 +90,11 @@ def train_dp(
     data-independent step after each private update: it does not touch the data, so
     it needs no clipping or noise and costs no privacy (adding it to the loss would
     leave it out of Opacus' per-sample gradients anyway).
+
+    `max_physical_batch` (DP only; 0 = off): a logical (Poisson) batch larger than this is
+    split by Opacus' BatchMemoryManager into physical chunks whose clipped gradients are
+    summed before the one noisy step, so a large `batch_size` costs the memory of a small one
+    with exactly the same privacy accounting.
 
     `noise_multiplier=None` trains WITHOUT differential privacy (plain SGD, no clipping):
     the non-private reference of the utility benchmark (epsilon = inf); history is empty.
@@ -91,7 +116,7 @@ def train_dp(
         # Expected with Opacus hooks: image inputs never require gradients.
         warnings.filterwarnings("ignore", message=".*Full backward hook is firing.*")
         for _ in range(epochs):
-            for x, y in dp_loader:
+            for x, y in _physical_batches(dp_loader, dp_optimizer, max_physical_batch):
                 dp_optimizer.zero_grad(set_to_none=True)
                 if augmentation and len(x):
                     x = augment(x)
@@ -103,7 +128,7 @@ def train_dp(
                 dp_optimizer.step()
                 if len(y):
                     losses.append(float(loss.detach()))
-                if proximal_mu > 0:
+                if proximal_mu > 0 and not getattr(dp_optimizer, "_is_last_step_skipped", False):
                     with torch.no_grad():
                         for p, g in zip(unwrap(dp_model).parameters(), global_params, strict=True):
                             p.sub_(learning_rate * proximal_mu * (p - g))

@@ -14,7 +14,8 @@ Output layout (the hospital data folder contract, see README):
 Axis order. MedMNIST stores an image as a C-order array (H, W) or (D, H, W). We write the
 array with its axes reversed, the ITK/SimpleITK convention: NIfTI X = W (column), Y = H (row),
 Z = D (slice), with a 1 mm diagonal affine. So `nib.load(f).get_fdata().T` is the npz image
-again, and dataset.json's `image_size` is the NIfTI shape (W, H[, D]).
+again, and dataset.json's `image_size` (the model input) is the NIfTI shape (W, H[, D]) — for 3D
+volumes larger than 32³ it is 32³ (`common.data.auto_input_size`).
 
 Safety. Everything is written into a hidden sibling temp folder and renamed onto `<out>` only
 when complete, under a file lock (`.<out>.lock` next to `<out>`). So a crash never leaves a
@@ -61,8 +62,8 @@ def _find_vendored(name: str) -> Path:
         if Path(str(f)) == rel and Path(str(dist.locate_file(f))).is_file():
             return Path(str(dist.locate_file(f))).resolve()
     url = json.loads(dist.read_text("direct_url.json") or "{}").get("url", "")
-    if url.startswith("file://") and (Path(url[len("file://"):]) / rel).is_file():
-        return Path(url[len("file://"):]) / rel
+    if url.startswith("file://") and (Path(url[len("file://") :]) / rel).is_file():
+        return Path(url[len("file://") :]) / rel
     return here
 
 
@@ -211,12 +212,16 @@ def write_site(
         w = csv.writer(f)
         w.writerow(["case", "label"] + (["split"] if splits is not None else []))
         w.writerows(rows)
+    from common.data import auto_input_size  # torch-heavy module: only when writing
+
     meta = {
         "task": "classification",
         "class_names": list(class_names),
         "modality": modality,
         "spatial_dims": images.ndim - 1,
-        "image_size": list(images.shape[1:][::-1]),
+        # the model input: the written size, except 3D volumes larger than 32^3 (trained at
+        # 32^3 unless the run config's image-size says otherwise; see common/data.py)
+        "image_size": list(auto_input_size(images.shape[1:][::-1])),
     }
     (site_dir / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
 

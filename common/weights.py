@@ -36,3 +36,29 @@ def fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
         h.update(name.encode())
         h.update(state_dict[name].detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+# Normalisation layers whose affine parameters FedBN-style training keeps at each site.
+_NORM_TYPES = (nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+
+
+def norm_parameter_names(model: nn.Module) -> list[str]:
+    """state_dict keys of every normalisation layer's affine weight and bias (FedBN)."""
+    names = []
+    for prefix, module in unwrap(model).named_modules():
+        if isinstance(module, _NORM_TYPES):
+            for p in ("weight", "bias"):
+                if getattr(module, p, None) is not None:
+                    names.append(f"{prefix}.{p}" if prefix else p)
+    return names
+
+
+def keep_local(model: nn.Module, names: list[str]) -> ArrayRecord:
+    """The named parameters of `model`, to keep at the site between rounds."""
+    state = unwrap(model).state_dict()
+    return ArrayRecord({n: state[n].detach().clone() for n in names})
+
+
+def restore_local(model: nn.Module, kept: ArrayRecord) -> None:
+    """Overwrite the global values of the kept parameters with this site's own."""
+    unwrap(model).load_state_dict(kept.to_torch_state_dict(), strict=False)

@@ -21,11 +21,12 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from common.calibration import SUMMARY_KEYS, calibrated_metrics, choose_calibration
-from common.data import load_site
+from common.data import default_image_size, load_site
 from common.metrics import predict_probs
 from common.paths import absolute, default_output_dir, demo_data_dir
 from common.tasks import task_for
 from common.weights import fingerprint
+from server.grid import ResponsiveGrid
 from server.run_dir import RunDir, resolve_resume
 from server.strategy import build_strategy
 
@@ -80,7 +81,7 @@ def main(grid: Grid, context: Context) -> None:
     holdout = load_site(
         holdout_dir,
         split="all",
-        image_size=_image_size(cfg),
+        image_size=_image_size(cfg) or default_image_size(holdout_dir),
         cache_dir=output_dir / ".cache",
         log=lambda m: log(INFO, m),
     )
@@ -224,7 +225,7 @@ def main(grid: Grid, context: Context) -> None:
 
     try:
         strategy.start(
-            grid=grid,
+            grid=ResponsiveGrid(grid),
             initial_arrays=ArrayRecord(model.state_dict()),
             num_rounds=rounds,
             timeout=float(cfg.get("round-timeout", 3600)),

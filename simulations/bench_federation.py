@@ -41,7 +41,7 @@ def _tree_rss_mb(root_pid: int) -> float:
     return total_kb / 1024
 
 
-class _PeakMemory:
+class PeakMemory:
     """Samples the RSS of a process tree twice a second while a run is going."""
 
     def __init__(self, root_pid: int) -> None:
@@ -53,7 +53,7 @@ class _PeakMemory:
             self.peak_mb = max(self.peak_mb, _tree_rss_mb(self.root_pid))
             self._stop.wait(0.5)
 
-    def __enter__(self) -> _PeakMemory:
+    def __enter__(self) -> PeakMemory:
         self._thread.start()
         return self
 
@@ -96,7 +96,7 @@ def run_federation(
     }
     with LocalFederation(workdir / f"sim-{hospitals}h") as fed:
         t_launch = time.time()
-        with _PeakMemory(fed.superlink.pid) as mem:
+        with PeakMemory(fed.superlink.pid) as mem:
             result = fed.run(config, num_supernodes=hospitals, num_cpus=num_cpus, timeout=3600)
     summary = json.loads((workdir / "runs" / config["run-name"] / "summary.json").read_text())
     if summary.get("status") != "finished":

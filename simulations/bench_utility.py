@@ -46,6 +46,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (model init, training)")
     parser.add_argument(
+        "--first-seed", type=int, default=0, help="start the seeds here instead (with --merge)"
+    )
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        default=None,
+        help="a previous result JSON of the same data and config whose runs join this table "
+        "(e.g. seed 0 from earlier, seeds 1-2 now)",
+    )
+    parser.add_argument(
         "--epsilons",
         default=DEFAULT_EPSILONS,
         help=f"comma-separated target epsilons; 'inf' = the non-DP federation (default "
@@ -64,6 +74,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--workdir", type=Path, default=None, help="data, runs and logs (default: a temp dir)"
+    )
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="a prepared folder (hospital-*/ + holdout/, e.g. from `fedvox prepare --phantom "
+        "blobs-3d` or `--phantom lung-ct-2d`) instead of the vendored PneumoniaMNIST; its "
+        "dataset.json decides the task (segmentation rows report per-class Dice)",
     )
     parser.add_argument(
         "--quick",
@@ -141,8 +159,19 @@ def final_round(summary: dict) -> dict:
         "ece": central.get("ece"),
         "ece_raw": central.get("ece-raw"),
         "site_auc": site_auc,
+        "dice": _dice(central),
+        "site_dice": {
+            site: h["eval"].get("dice-mean")
+            for site, h in last["hospitals"].items()
+            if isinstance(h.get("eval"), dict) and h["eval"].get("dice-mean") is not None
+        },
         "max_epsilon_spent": max(_finite(eps), default=None),
     }
+
+
+def _dice(metrics: dict) -> dict[str, float]:
+    """Per-class Dice of a segmentation evaluation ({} for classification)."""
+    return {k[len("dice-") :]: float(v) for k, v in metrics.items() if k.startswith("dice-")}
 
 
 def run_federation(fed, base: dict, epsilon: float, seed: int, hospitals: int, name: str) -> dict:
@@ -152,7 +181,10 @@ def run_federation(fed, base: dict, epsilon: float, seed: int, hospitals: int, n
     else:
         cfg["dp"] = True
         cfg["target-epsilon"] = float(epsilon)
-    result = fed.run(cfg, num_supernodes=hospitals, timeout=3600, name=name)
+    from simulations.bench_federation import PeakMemory
+
+    with PeakMemory(fed.superlink.pid) as mem:  # SuperLink + simulation + Ray workers
+        result = fed.run(cfg, num_supernodes=hospitals, timeout=3600, name=name)
     summary_path = Path(base["output-dir"]) / name / "summary.json"
     if result.returncode != 0 or not summary_path.is_file():
         raise RuntimeError(
@@ -160,6 +192,7 @@ def run_federation(fed, base: dict, epsilon: float, seed: int, hospitals: int, n
         )
     out = final_round(json.loads(summary_path.read_text()))
     out["wall_s"] = result.wall_s
+    out["peak_rss_mb"] = mem.peak_mb
     return out
 
 
@@ -169,16 +202,18 @@ def run_centralised(data_dir: Path, cfg: dict, seed: int, cache_dir: Path) -> di
 
     from client.train import train_dp
     from common.calibration import calibrated_metrics, choose_calibration, validation_summary
-    from common.data import load_site
+    from common.data import default_image_size, load_site
     from common.metrics import evaluate_model
     from common.paths import list_sites
     from common.tasks import task_for
 
     t0 = time.monotonic()
 
+    size = default_image_size(data_dir / "holdout")  # what the server would choose
+
     def load(site: Path, split: str):
         return load_site(
-            site, split=split, image_size=None, cache_dir=cache_dir, log=lambda m: None
+            site, split=split, image_size=size, cache_dir=cache_dir, log=lambda m: None
         )
 
     sites = list_sites(data_dir)
@@ -209,6 +244,21 @@ def run_centralised(data_dir: Path, cfg: dict, seed: int, cache_dir: Path) -> di
         loss_fn=task.loss_fn(),
         augmentation=str(cfg.get("augmentation", False)).lower() in ("true", "1"),
     )
+    if holdout.spec.is_segmentation:
+        return {
+            "round": epochs,
+            "auc": None,
+            "acc": None,
+            "dice": _dice(task.evaluate(model, holdout.images, holdout.labels).metrics),
+            "site_dice": {
+                s.name: task.evaluate(model, d.images, d.labels).metrics.get("dice-mean")
+                for s, d in zip(sites, val, strict=True)
+                if len(d)
+            },
+            "site_auc": {},
+            "max_epsilon_spent": None,
+            "wall_s": time.monotonic() - t0,
+        }
     calib = choose_calibration(
         [validation_summary(model, d.images, d.labels) for d in val if len(d)]
     )
@@ -229,6 +279,7 @@ def run_centralised(data_dir: Path, cfg: dict, seed: int, cache_dir: Path) -> di
         "ece": extra.get("ece"),
         "ece_raw": extra.get("ece-raw"),
         "site_auc": site_auc,
+        "dice": {},
         "max_epsilon_spent": None,
         "wall_s": time.monotonic() - t0,
     }
@@ -254,6 +305,11 @@ def summarise(runs: list[dict]) -> list[dict]:
         worst = [min(_finite(list(r["site_auc"].values())), default=None) for r in group]
         best = [max(_finite(list(r["site_auc"].values())), default=None) for r in group]
         gaps = [b - w for b, w in zip(best, worst, strict=True) if b is not None and w is not None]
+        classes = sorted({c for r in group for c in r.get("dice") or {}})
+        dice = {c: _mean_sd([(r.get("dice") or {}).get(c) for r in group]) for c in classes}
+        worst_dice = [
+            min(_finite(list((r.get("site_dice") or {}).values())), default=None) for r in group
+        ]
         rows.append(
             {
                 "setting": setting,
@@ -267,6 +323,18 @@ def summarise(runs: list[dict]) -> list[dict]:
                 "site_auc_gap": _mean_sd(gaps)[0],
                 "ece_mean": ece_mean,
                 "wall_s_mean": _mean_sd([r.get("wall_s") for r in group])[0],
+                "peak_rss_mb_max": max(
+                    _finite([r.get("peak_rss_mb") for r in group]), default=None
+                ),
+                **(
+                    {
+                        "dice_mean": {c: m for c, (m, _) in dice.items()},
+                        "dice_sd": {c: sd for c, (_, sd) in dice.items()},
+                        "worst_site_dice": _mean_sd(worst_dice)[0],
+                    }
+                    if classes
+                    else {}
+                ),
             }
         )
     return rows
@@ -279,35 +347,81 @@ def _fmt(mean: float | None, sd: float | None = None) -> str:
 
 
 def format_table(result: dict) -> str:
+    """Markdown table: AUC/ACC columns for classification, per-class Dice for segmentation."""
+    rows = result["rows"]
+    if any("dice_mean" in r for r in rows):
+        classes = sorted({c for r in rows for c in r.get("dice_mean", {}) if c != "mean"})
+        classes.append("mean")
+        head = [f"Dice {c}" for c in classes] + ["worst-site Dice"]
+
+        def cells(r: dict) -> list[str]:
+            dice = [
+                _fmt(r.get("dice_mean", {}).get(c), r.get("dice_sd", {}).get(c)) for c in classes
+            ]
+            return [*dice, _fmt(r.get("worst_site_dice"))]
+    else:
+        head = ["AUC", "ACC", "worst-site AUC", "best–worst gap", "ECE"]
+
+        def cells(r: dict) -> list[str]:
+            return [
+                _fmt(r["auc_mean"], r["auc_sd"]),
+                _fmt(r["acc_mean"], r["acc_sd"]),
+                _fmt(r["worst_site_auc"]),
+                _fmt(r["site_auc_gap"]),
+                _fmt(r["ece_mean"]),
+            ]
+
     lines = [
-        "| setting | ε | seeds | AUC | ACC | worst-site AUC | best–worst gap | ECE | wall s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| setting | ε | seeds | " + " | ".join(head) + " | wall s |",
+        "|---|---|---|" + "---|" * (len(head) + 1),
     ]
-    for r in result["rows"]:
+    for r in rows:
         eps = "∞" if r["epsilon"] is None else f"{r['epsilon']:g}"
         lines.append(
-            f"| {r['setting']} | {eps} | {len(r['seeds'])} | {_fmt(r['auc_mean'], r['auc_sd'])} "
-            f"| {_fmt(r['acc_mean'], r['acc_sd'])} | {_fmt(r['worst_site_auc'])} "
-            f"| {_fmt(r['site_auc_gap'])} | {_fmt(r['ece_mean'])} "
-            f"| {r['wall_s_mean']:.0f} |"
+            f"| {r['setting']} | {eps} | {len(r['seeds'])} | "
+            + " | ".join(cells(r))
+            + f" | {r['wall_s_mean']:.0f} |"
         )
     lines.append("")
-    lines.append(
+    lines.append(_footer(result))
+    return "\n".join(lines)
+
+
+def _footer(result: dict) -> str:
+    return (
         f"Measured {result['date']} on {result['machine']['cpu']} "
         f"({result['machine']['cores']} cores); data: {result['data']}; "
         f"config: {json.dumps(result['run_config_overrides'])}"
     )
-    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------- main
+
+
+def _merged_runs(path: Path | None, data_desc: str, overrides: dict) -> list[dict]:
+    """Runs of an earlier result to add to this table; refused if data or config differ."""
+    if path is None:
+        return []
+    try:
+        earlier = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--merge {path}: cannot read it ({e})") from None
+    if earlier.get("data") != data_desc:
+        raise SystemExit(f"--merge {path}: other data ({earlier.get('data')!r}, not {data_desc!r})")
+    if earlier.get("run_config_overrides") != overrides:
+        raise SystemExit(
+            f"--merge {path}: other run config ({earlier.get('run_config_overrides')} "
+            f"vs {overrides})"
+        )
+    return [dict(r, merged_from=str(path)) for r in earlier.get("runs", [])]
 
 
 def run(args: argparse.Namespace) -> int:
     from simulations.local import LocalFederation
 
     quick = bool(args.quick)
-    seeds = list(range(1 if quick else max(1, args.seeds)))
+    first = 0 if quick else int(getattr(args, "first_seed", 0))
+    seeds = list(range(first, first + (1 if quick else max(1, args.seeds))))
     epsilons = parse_epsilons(
         "8,inf" if quick and args.epsilons == DEFAULT_EPSILONS else args.epsilons
     )
@@ -322,7 +436,19 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="fedvox-bench-utility-") as tmp:
         work = Path(args.workdir or tmp).resolve()
         work.mkdir(parents=True, exist_ok=True)
-        if quick:
+        if args.data is not None:
+            from common.paths import list_sites
+
+            data_dir = Path(args.data).resolve()
+            if not (data_dir / "holdout").is_dir():
+                raise SystemExit(f"--data {data_dir}: no holdout/ folder (see fedvox prepare)")
+            hospitals = len(list_sites(data_dir))
+            data_desc = f"{data_dir.name}, {hospitals} hospitals"
+            params = data_dir / "prepare.json"
+            if params.is_file():
+                prepared = json.loads(params.read_text()).get("params", {})
+                data_desc += f" (fedvox prepare {json.dumps(prepared)})"
+        elif quick:
             from simulations.phantoms import make_phantom_sites
 
             data_dir, hospitals = work / "data", 2
@@ -349,7 +475,7 @@ def run(args: argparse.Namespace) -> int:
             "output-dir": str(work / "runs"),
         }
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        runs: list[dict] = []
+        runs: list[dict] = _merged_runs(getattr(args, "merge", None), data_desc, overrides)
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
 

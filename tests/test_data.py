@@ -178,3 +178,31 @@ def test_changed_modality_invalidates_tensors(tmp_path, load_spy):
     ct = load_site(site, "all")
     assert len(load_spy) == 6 and not torch.equal(xray.images, ct.images)
     assert float(ct.images.min()) >= 0.0  # CT window scales into [0, 1]
+
+
+def test_default_image_size_shrinks_only_large_3d_volumes(tmp_path):
+    from common.data import AUTO_3D_SIZE, default_image_size
+
+    rng = np.random.default_rng(0)
+    big = make_site(
+        tmp_path / "big", {"a": (rng.random((40, 36, 40)), 0), "b": (rng.random((40, 36, 40)), 1)}
+    )
+    small = make_site(
+        tmp_path / "small", {"a": (rng.random((16, 16, 16)), 0), "b": (rng.random((16, 16, 16)), 1)}
+    )
+    flat = make_site(
+        tmp_path / "flat", {"a": (rng.random((64, 64)), 0), "b": (rng.random((64, 64)), 1)}
+    )
+    declared = make_site(tmp_path / "declared", {"a": (rng.random((40, 40, 40)), 0)})
+    (declared / "dataset.json").write_text('{"task": "classification", "image_size": [24, 24, 24]}')
+    assert default_image_size(big) == AUTO_3D_SIZE
+    assert default_image_size(small) is None  # already small: keep it
+    assert default_image_size(flat) is None  # 2D keeps its size
+    assert default_image_size(declared) == (24, 24, 24)  # dataset.json wins
+
+    # `fedvox prepare` declares the same model input for the 3D volumes it writes.
+    from common.datasets import write_site
+
+    vols = rng.random((2, 20, 40, 48)).astype(np.float32)
+    write_site(tmp_path / "prepared", vols, np.array([0, 1]), None, ["a", "b"], "MR")
+    assert default_image_size(tmp_path / "prepared") == AUTO_3D_SIZE

@@ -142,3 +142,44 @@ def test_non_private_training_leaves_no_privacy_history():
         accountant="rdp",
     )
     assert [h[0] for h in dp.history] == [1.0]
+
+
+def test_segmentation_runs_make_per_class_dice_rows_and_a_dice_table():
+    from simulations.bench_utility import format_table
+
+    def run(setting, eps, seed, lung, nodule):
+        return {
+            "setting": setting,
+            "epsilon": eps,
+            "seed": seed,
+            "auc": None,
+            "acc": None,
+            "site_auc": {},
+            "wall_s": 10.0,
+            "dice": {"lung": lung, "nodule": nodule, "mean": (lung + nodule) / 2},
+            "site_dice": {"hospital-1": 0.8, "hospital-2": 0.6},
+        }
+
+    runs = [
+        run("fl-dp", 8.0, 0, 0.96, 0.70),
+        run("fl-dp", 8.0, 1, 0.98, 0.74),
+        run("centralised", None, 0, 0.99, 0.90),
+    ]
+    rows = summarise(runs)
+    assert [(r["setting"], r["epsilon"]) for r in rows] == [("centralised", None), ("fl-dp", 8.0)]
+    dp = rows[1]
+    assert dp["dice_mean"]["lung"] == pytest.approx(0.97)
+    assert dp["dice_sd"]["nodule"] == pytest.approx(0.0283, abs=1e-3)
+    assert dp["worst_site_dice"] == pytest.approx(0.6)
+    assert dp["auc_mean"] is None
+    table = format_table(
+        {
+            "rows": rows,
+            "date": "d",
+            "machine": {"cpu": "c", "cores": 2},
+            "data": "lung-ct-2d",
+            "run_config_overrides": {},
+        }
+    )
+    assert "Dice lung" in table and "Dice nodule" in table and "Dice mean" in table
+    assert "| fl-dp | 8 | 2 | 0.970 ± 0.014 |" in table

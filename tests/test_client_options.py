@@ -1,0 +1,143 @@
+"""Client-side training options, driven through the real ClientApp functions.
+
+The ClientApp's `train` is called directly with real Flower `Message`/`Context` objects on
+real NIfTI phantom sites (what the SuperNode would hand it), so the options are checked where
+they live: FedBN keeps a site's normalisation parameters across rounds, and Opacus'
+BatchMemoryManager changes memory, not maths.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import tomllib
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
+
+from client.app import FEDBN_KEY, train
+from client.train import train_dp
+from common.models import build_model
+from common.weights import norm_parameter_names
+from simulations.phantoms import make_phantom_sites
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Secure RNG turned off"),
+    pytest.mark.filterwarnings("ignore:Optimal order is the"),
+]
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULTS = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+
+
+@pytest.fixture(scope="module")
+def sites(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("opts")
+    make_phantom_sites("blobs-2d", root, hospitals=1, cases_per_site=40, holdout_cases=20, seed=3)
+    return root
+
+
+def _context(sites: Path, tmp: Path, **overrides) -> Context:
+    run = {
+        **DEFAULTS,
+        "data-dir": str(sites),
+        "output-dir": str(tmp / "runs"),
+        "batch-size": 16,
+        "local-epochs": 1,
+        "augmentation": False,
+        **overrides,
+    }
+    node = {"partition-id": 0, "num-partitions": 1}
+    return Context(run_id=7, node_id=1, node_config=node, state=RecordDict(), run_config=run)
+
+
+def _message(state_dict: dict, round_: int) -> Message:
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(state_dict),
+            "config": ConfigRecord(
+                {"server-round": round_, "run-uid": "test-run", "run-name": "opts"}
+            ),
+        }
+    )
+    # What a SuperNode hands the ClientApp: a message with its delivery metadata set.
+    metadata = Metadata(
+        run_id=7,
+        message_id=f"m{round_}",
+        src_node_id=0,
+        dst_node_id=1,
+        reply_to_message_id="",
+        group_id=str(round_),
+        created_at=time.time(),
+        ttl=3600.0,
+        message_type="train",
+    )
+    return Message(content, metadata=metadata)
+
+
+def _round(context: Context, state_dict: dict, round_: int) -> dict[str, torch.Tensor]:
+    reply = train(_message(state_dict, round_), context)
+    assert reply.content.config_records["node"]["status"] == "ok", reply.content
+    return reply.content.array_records["arrays"].to_torch_state_dict()
+
+
+@pytest.mark.parametrize("fedbn", [True, False])
+def test_fedbn_keeps_the_sites_norm_parameters_and_takes_the_rest_global(sites, tmp_path, fedbn):
+    torch.manual_seed(0)
+    model = build_model(2, 1, 2)
+    norm_names = set(norm_parameter_names(model))
+    assert norm_names and all("features" in n for n in norm_names)  # GroupNorm weight + bias
+    context = _context(sites, tmp_path, fedbn=fedbn)
+
+    trained = _round(context, model.state_dict(), 1)  # round 1 trains every parameter
+    assert (FEDBN_KEY in context.state.array_records) is fedbn
+
+    # Round 2: a global model whose norm parameters are a marker value, trained with lr 0 so
+    # the reply shows exactly which values the site started from.
+    marked = {k: (torch.full_like(v, 7.0) if k in norm_names else v) for k, v in trained.items()}
+    context.run_config["learning-rate"] = 0.0
+    second = _round(context, marked, 2)
+    for name, value in second.items():
+        if name in norm_names and fedbn:
+            torch.testing.assert_close(value, trained[name])  # the site's own, from round 1
+            assert not torch.equal(value, marked[name])
+        else:
+            torch.testing.assert_close(value, marked[name])  # what the server sent
+
+
+def test_batch_memory_manager_gives_the_full_batch_update_and_accounting():
+    torch.manual_seed(1)
+    x, y = torch.randn(64, 1, 28, 28), torch.randint(0, 2, (64,))
+    start = build_model(2, 1, 2).state_dict()
+    results = {}
+    for physical in (0, 5):  # 0 = one physical batch per logical batch of ~16
+        model = build_model(2, 1, 2)
+        model.load_state_dict(start)
+        torch.manual_seed(2)  # the same Poisson batches in both runs
+        out = train_dp(
+            model,
+            x,
+            y,
+            epochs=2,
+            batch_size=16,
+            learning_rate=0.1,
+            noise_multiplier=0.0,
+            max_grad_norm=1.0,
+            accountant="rdp",
+            max_physical_batch=physical,
+        )
+        results[physical] = (model.state_dict(), out.history)
+    (full, full_hist), (split, split_hist) = results[0], results[5]
+    assert split_hist == full_hist  # same (sigma, q, steps): chunks are not extra steps
+    assert sum(s for _, _, s in full_hist) == 2 * 4
+    for name in full:
+        torch.testing.assert_close(split[name], full[name], rtol=1e-4, atol=1e-6)
+    assert any(not torch.equal(full[n], start[n]) for n in full)  # it did train
+
+
+def test_norm_parameter_names_cover_the_unet_too():
+    from common.unet import build_unet  # noqa: PLC0415
+
+    names = norm_parameter_names(build_unet(2, 1, 3))
+    assert names and all(n.endswith((".weight", ".bias")) for n in names)
