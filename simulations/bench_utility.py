@@ -496,9 +496,12 @@ def run(args: argparse.Namespace) -> int:
         def record(setting: str, epsilon: float | None, seed: int, res: dict) -> None:
             runs.append({"setting": setting, "epsilon": epsilon, "seed": seed, **res})
             eps = "inf" if epsilon is None else f"{epsilon:g}"
+            if res.get("dice"):
+                shown = " ".join(f"Dice {c} {v:.4f}" for c, v in res["dice"].items())
+            else:
+                shown = f"AUC {res['auc']:.4f} ACC {res['acc']:.4f}"
             print(
-                f"[bench utility] {setting} eps={eps} seed={seed}: AUC {res['auc']:.4f} "
-                f"ACC {res['acc']:.4f} ({res['wall_s']:.0f} s)",
+                f"[bench utility] {setting} eps={eps} seed={seed}: {shown} ({res['wall_s']:.0f} s)",
                 flush=True,
             )
             # Written after every run, so an interrupted benchmark still leaves its numbers.
