@@ -20,7 +20,7 @@ from flwr.clientapp import ClientApp
 
 from client.audit import audit_mod
 from client.ledger import PrivacyLedger
-from client.train import TrainResult, steps_per_epoch, train_dp
+from client.train import TrainResult, scheduled_learning_rate, steps_per_epoch, train_dp
 from common.calibration import validation_summary
 from common.data import SiteDataset, load_site
 from common.paths import absolute, default_output_dir, demo_data_dir, list_sites
@@ -353,7 +353,12 @@ def _local_training(
         data.labels,
         epochs=int(run["local-epochs"]),
         batch_size=int(run["batch-size"]),
-        learning_rate=float(run["learning-rate"]),
+        learning_rate=scheduled_learning_rate(
+            float(run["learning-rate"]),
+            str(run.get("learning-rate-schedule", "constant")),
+            int(server.get("server-round", 1)) + int(server.get("round-offset", 0)),
+            int(server.get("total-rounds", run["num-server-rounds"])),
+        ),
         noise_multiplier=noise_multiplier,
         max_grad_norm=float(run["max-grad-norm"]),
         accountant=str(run.get("accountant", "rdp")),

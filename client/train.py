@@ -25,6 +25,21 @@ class TrainResult:
     history: list[HistoryEntry]  # (sigma, q, steps) the accountant recorded this round
 
 
+def scheduled_learning_rate(base: float, schedule: str, round_: int, total_rounds: int) -> float:
+    """The local learning rate of global round `round_` (1-based) of `total_rounds`.
+
+    "constant": `base` every round. "cosine": `base` in round 1 decaying along a half cosine
+    towards 0 after the last round — DP noise enters every step in proportion to the learning
+    rate, so smaller late steps leave less noise in the final model (at no privacy cost).
+    """
+    if schedule == "constant":
+        return base
+    if schedule == "cosine":
+        progress = min(max(round_ - 1, 0), total_rounds) / max(total_rounds, 1)
+        return base * 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f'learning-rate-schedule="{schedule}": expected "constant" or "cosine"')
+
+
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
     """DP-SGD steps in one epoch: Opacus samples with q = 1/len(loader)."""
     return max(1, -(-num_examples // batch_size))

@@ -200,7 +200,7 @@ def run_centralised(data_dir: Path, cfg: dict, seed: int, cache_dir: Path) -> di
     """Pooled non-DP training in-process: the reference a single big hospital could reach."""
     import torch
 
-    from client.train import train_dp
+    from client.train import scheduled_learning_rate, train_dp
     from common.calibration import calibrated_metrics, choose_calibration, validation_summary
     from common.data import default_image_size, load_site
     from common.metrics import evaluate_model
@@ -229,21 +229,37 @@ def run_centralised(data_dir: Path, cfg: dict, seed: int, cache_dir: Path) -> di
         int(cfg.get("model-width", 0)) or None,
         int(cfg.get("model-depth", 3)),
     )
-    epochs = int(cfg["num-server-rounds"]) * int(cfg["local-epochs"])
-    train_dp(
-        model,
-        torch.cat([d.images for d in train]),
-        torch.cat([d.labels for d in train]),
-        epochs=epochs,
-        batch_size=int(cfg["batch-size"]),
-        learning_rate=float(cfg["learning-rate"]),
-        noise_multiplier=None,  # non-private reference
-        max_grad_norm=float(cfg["max-grad-norm"]),
-        accountant=str(cfg.get("accountant", "rdp")),
-        momentum=float(cfg.get("momentum", 0.9)),
-        loss_fn=task.loss_fn(),
-        augmentation=str(cfg.get("augmentation", False)).lower() in ("true", "1"),
+    rounds, local_epochs = int(cfg["num-server-rounds"]), int(cfg["local-epochs"])
+    epochs = rounds * local_epochs
+    images = torch.cat([d.images for d in train])
+    labels = torch.cat([d.labels for d in train])
+    schedule = str(cfg.get("learning-rate-schedule", "constant"))
+    base_lr = float(cfg["learning-rate"])
+    # A constant rate trains in one go; a schedule trains as many "rounds" as the federation,
+    # each with a fresh optimiser at that round's rate, like a hospital's local training.
+    chunks = (
+        [(epochs, base_lr)]
+        if schedule == "constant"
+        else [
+            (local_epochs, scheduled_learning_rate(base_lr, schedule, r, rounds))
+            for r in range(1, rounds + 1)
+        ]
     )
+    for chunk_epochs, lr in chunks:
+        train_dp(
+            model,
+            images,
+            labels,
+            epochs=chunk_epochs,
+            batch_size=int(cfg["batch-size"]),
+            learning_rate=lr,
+            noise_multiplier=None,  # non-private reference
+            max_grad_norm=float(cfg["max-grad-norm"]),
+            accountant=str(cfg.get("accountant", "rdp")),
+            momentum=float(cfg.get("momentum", 0.9)),
+            loss_fn=task.loss_fn(),
+            augmentation=str(cfg.get("augmentation", False)).lower() in ("true", "1"),
+        )
     if holdout.spec.is_segmentation:
         return {
             "round": epochs,

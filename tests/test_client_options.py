@@ -141,3 +141,15 @@ def test_norm_parameter_names_cover_the_unet_too():
 
     names = norm_parameter_names(build_unet(2, 1, 3))
     assert names and all(n.endswith((".weight", ".bias")) for n in names)
+
+
+def test_cosine_schedule_starts_at_the_base_rate_and_decays_every_round():
+    from client.train import scheduled_learning_rate
+
+    rates = [scheduled_learning_rate(0.5, "cosine", r, 10) for r in range(1, 11)]
+    assert rates[0] == pytest.approx(0.5)
+    assert all(a > b for a, b in zip(rates, rates[1:], strict=False))
+    assert 0 < rates[-1] < 0.02  # the last round still trains, with a small step
+    assert scheduled_learning_rate(0.5, "constant", 7, 10) == 0.5
+    with pytest.raises(ValueError, match="learning-rate-schedule"):
+        scheduled_learning_rate(0.5, "linear", 1, 10)
