@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,20 +64,14 @@ def augment(x: torch.Tensor, shift: float = 0.1, rotate_deg: float = 10.0, scale
     return F.grid_sample(x, grid, padding_mode="border", align_corners=False)
 
 
-@contextmanager
-def _batch_memory(loader, optimizer, max_physical_batch: int):
-    with BatchMemoryManager(
-        data_loader=loader, max_physical_batch_size=max_physical_batch, optimizer=optimizer
-    ) as physical:
-        yield physical
-
-
 def _physical_batches(loader, optimizer, max_physical_batch: int):
     """The loader's batches, split into chunks of <= max_physical_batch under DP."""
     if max_physical_batch <= 0 or not hasattr(optimizer, "signal_skip_step"):
         yield from loader
         return
-    with _batch_memory(loader, optimizer, max_physical_batch) as physical:
+    with BatchMemoryManager(
+        data_loader=loader, max_physical_batch_size=max_physical_batch, optimizer=optimizer
+    ) as physical:
         yield from physical
 
 

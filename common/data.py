@@ -198,7 +198,8 @@ def default_image_size(site: Path | str) -> tuple[int, ...] | None:
         except Exception:
             continue  # validate_site names the bad file
         if len(shape) == 3:
-            return AUTO_3D_SIZE if auto_input_size(shape) != shape else None
+            size = auto_input_size(shape)
+            return size if size != shape else None
     return None
 
 
