@@ -346,6 +346,15 @@ def _local_training(
 ) -> tuple[torch.nn.Module, TrainResult]:
     """The global model from `msg`, trained on this site (DP unless noise_multiplier is None)."""
     run, server = node.run_config, node.server_config
+    try:
+        learning_rate = scheduled_learning_rate(
+            float(run["learning-rate"]),
+            str(run.get("learning-rate-schedule", "constant")),
+            int(server.get("server-round", 1)) + int(server.get("round-offset", 0)),
+            int(server.get("total-rounds", run["num-server-rounds"])),
+        )
+    except ValueError as exc:  # a run-config mistake: its message holds only config values
+        raise NodeConfigError(str(exc)) from None
     model = node.global_model(msg, data)
     result = train_dp(
         model,
@@ -353,12 +362,7 @@ def _local_training(
         data.labels,
         epochs=int(run["local-epochs"]),
         batch_size=int(run["batch-size"]),
-        learning_rate=scheduled_learning_rate(
-            float(run["learning-rate"]),
-            str(run.get("learning-rate-schedule", "constant")),
-            int(server.get("server-round", 1)) + int(server.get("round-offset", 0)),
-            int(server.get("total-rounds", run["num-server-rounds"])),
-        ),
+        learning_rate=learning_rate,
         noise_multiplier=noise_multiplier,
         max_grad_norm=float(run["max-grad-norm"]),
         accountant=str(run.get("accountant", "rdp")),

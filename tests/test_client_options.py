@@ -153,3 +153,12 @@ def test_cosine_schedule_starts_at_the_base_rate_and_decays_every_round():
     assert scheduled_learning_rate(0.5, "constant", 7, 10) == 0.5
     with pytest.raises(ValueError, match="learning-rate-schedule"):
         scheduled_learning_rate(0.5, "linear", 1, 10)
+
+
+def test_an_unknown_schedule_fails_the_round_with_the_setting_named(sites, tmp_path):
+    context = _context(sites, tmp_path, **{"learning-rate-schedule": "linear"})
+    reply = train(_message(build_model(2, 1, 2).state_dict(), 1), context)
+    node = reply.content.config_records["node"]
+    assert node["status"] == "failed"
+    assert "learning-rate-schedule" in node["reason"] and "cosine" in node["reason"]
+    assert "arrays" not in reply.content.array_records  # no weights from a failed round
