@@ -24,7 +24,7 @@ from client.train import TrainResult, scheduled_learning_rate, steps_per_epoch, 
 from common.calibration import validation_summary
 from common.data import SiteDataset, load_site
 from common.paths import absolute, default_output_dir, demo_data_dir, list_sites
-from common.privacy import PrivacyRefusal, calibrate_noise_multiplier, resolve_budget
+from common.privacy import Budget, PrivacyRefusal, calibrate_noise_multiplier, resolve_budget
 from common.tasks import task_for
 from common.weights import keep_local, load_record, norm_parameter_names, restore_local, to_record
 
@@ -248,25 +248,21 @@ def _train(msg: Message, node: Node) -> Message:
         return _train_plain(msg, node, data)
 
     try:
-        budget = resolve_budget(
-            float(run["target-epsilon"]),
-            float(run["target-delta"]),
-            _optional_float(node.node_config.get("max-epsilon")),
-            _optional_float(node.node_config.get("delta")),
-            n,
-        )
+        budget = _budget(node, n)
     except PrivacyRefusal as exc:
         return refuse(str(exc))
 
     # Calibrate once per run, for every step the run may take; later rounds reuse it (the
     # search costs ~0.4 s, which at 5 hospitals was most of a round's federation overhead).
+    # The plan covers the local fine-tuning after the last round too (finetune-epochs).
+    planned_steps = total_rounds * round_steps + _finetune_epochs(run) * spe
     plan = ledger.runs.get(run_uid) or ledger.plan_run(
         run_uid,
         noise_multiplier=calibrate_noise_multiplier(
-            budget.epsilon_run, budget.delta, q, total_rounds * round_steps, accountant
+            budget.epsilon_run, budget.delta, q, planned_steps, accountant
         ),
         sample_rate=q,
-        planned_steps=total_rounds * round_steps,
+        planned_steps=planned_steps,
         num_examples=n,
         epsilon=budget.epsilon_run,
         delta=budget.delta,
@@ -356,24 +352,139 @@ def _local_training(
     except ValueError as exc:  # a run-config mistake: its message holds only config values
         raise NodeConfigError(str(exc)) from None
     model = node.global_model(msg, data)
-    result = train_dp(
+    result = _fit(
+        model,
+        node,
+        data,
+        noise_multiplier,
+        epochs=int(run["local-epochs"]),
+        learning_rate=learning_rate,
+        proximal_mu=float(server.get("proximal-mu", 0.0)),
+    )
+    node.remember(model)
+    return model, result
+
+
+def _fit(
+    model: torch.nn.Module,
+    node: Node,
+    data: SiteDataset,
+    noise_multiplier: float | None,
+    *,
+    epochs: int,
+    learning_rate: float,
+    proximal_mu: float = 0.0,
+) -> TrainResult:
+    """`train_dp` with the run config's optimiser, clipping and augmentation settings."""
+    run = node.run_config
+    return train_dp(
         model,
         data.images,
         data.labels,
-        epochs=int(run["local-epochs"]),
+        epochs=epochs,
         batch_size=int(run["batch-size"]),
         learning_rate=learning_rate,
         noise_multiplier=noise_multiplier,
         max_grad_norm=float(run["max-grad-norm"]),
         accountant=str(run.get("accountant", "rdp")),
-        proximal_mu=float(server.get("proximal-mu", 0.0)),
+        proximal_mu=proximal_mu,
         momentum=float(run.get("momentum", 0.9)),
         loss_fn=task_for(data.spec).loss_fn(),
         augmentation=_flag(run.get("augmentation", False)),
         max_physical_batch=int(run.get("max-physical-batch", 0)),
     )
-    node.remember(model)
-    return model, result
+
+
+def _budget(node: Node, num_examples: int) -> Budget:
+    """The run's privacy budget at this node: the server's proposal, tightened by the node."""
+    run = node.run_config
+    return resolve_budget(
+        float(run["target-epsilon"]),
+        float(run["target-delta"]),
+        _optional_float(node.node_config.get("max-epsilon")),
+        _optional_float(node.node_config.get("delta")),
+        num_examples,
+    )
+
+
+def _finetune_epochs(run: dict) -> int:
+    try:
+        epochs = int(run.get("finetune-epochs", 0))
+    except (TypeError, ValueError):
+        raise NodeConfigError(
+            f"finetune-epochs={run.get('finetune-epochs')!r}: expected a whole number >= 0"
+        ) from None
+    if epochs < 0:
+        raise NodeConfigError(f"finetune-epochs={epochs}: expected a whole number >= 0")
+    return epochs
+
+
+def personalised_model_path(node: Node, run_uid: str, global_round: int) -> Path:
+    """Where a node keeps its fine-tuned copy of a run's final model (never sent anywhere)."""
+    return node.state_dir / "personalised" / f"{run_uid}-round{global_round}.pt"
+
+
+def _finetune(msg: Message, node: Node, val: SiteDataset) -> dict[str, float]:
+    """Local fine-tuning of the run's final global model for this site (finetune-epochs > 0).
+
+    Runs once, at the evaluation of the run's last planned round. The fine-tuned model stays
+    on the node (`personalised_model_path`); only its metrics on the local validation part
+    leave, prefixed "finetuned-", beside the global model's. Under DP it trains with the run's
+    noise multiplier and its steps were part of the run's privacy plan from round 1 (each
+    round's noise was calibrated for them), so the run's epsilon still ends at its target; the
+    ledger records them like a round. A re-sent last evaluation reuses the saved model.
+    """
+    run, server = node.run_config, node.server_config
+    epochs = _finetune_epochs(run)
+    global_round = int(server.get("server-round", 1)) + int(server.get("round-offset", 0))
+    if epochs == 0 or global_round != int(server.get("total-rounds", run["num-server-rounds"])):
+        return {}
+    run_uid = str(server.get("run-uid") or "unnamed-run")
+    path = personalised_model_path(node, run_uid, global_round)
+    model = node.global_model(msg, val)
+    dp = _flag(run.get("dp", True))
+    ledger = PrivacyLedger.open(node.state_dir, str(run.get("accountant", "rdp")))
+    out: dict[str, float] = {}
+
+    def refused(reason: str) -> dict[str, float]:
+        log.warning("not fine-tuning the final model: %s", reason)
+        return {"finetune-refused": 1.0}
+
+    if path.is_file():
+        model.load_state_dict(torch.load(path, weights_only=True))
+    else:
+        data = node.load("train")
+        sigma = None
+        if dp:
+            plan = ledger.runs.get(run_uid)
+            if plan is None or int(plan["num_examples"]) != len(data):
+                return refused("this node has no privacy plan for this run's training set")
+            try:
+                budget = _budget(node, len(data))
+            except PrivacyRefusal as exc:
+                return refused(str(exc))
+            sigma, q = float(plan["noise_multiplier"]), float(plan["sample_rate"])
+            step = [(sigma, q, epochs * steps_per_epoch(len(data), int(run["batch-size"])))]
+            slack = 1 + 1e-6
+            if ledger.epsilon(budget.delta, run_uid, extra=step) > budget.epsilon_run * slack:
+                return refused("fine-tuning would take the run past its epsilon")
+            if ledger.epsilon(budget.delta, extra=step) > budget.epsilon_lifetime * slack:
+                return refused("fine-tuning would take the dataset past its lifetime epsilon")
+        elif not non_dp_allowed(node.node_config):
+            return refused("this hospital trains only with DP (allow-non-dp is not set)")
+        result = _fit(
+            model, node, data, sigma, epochs=epochs, learning_rate=float(run["learning-rate"])
+        )
+        if dp:  # on disk before anything about the fine-tuned model leaves the node
+            ledger.record(run_uid, global_round, result.history, phase="finetune")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), path)
+    metrics = task_for(val.spec).evaluate(model, val.images, val.labels).metrics
+    out.update({f"finetuned-{k}": float(v) for k, v in metrics.items() if v is not None})
+    if dp:
+        delta = float(ledger.runs[run_uid]["delta"])
+        out["finetuned-epsilon-run"] = ledger.epsilon(delta, run_uid)
+    return out
 
 
 def _train_plain(msg: Message, node: Node, data: SiteDataset) -> Message:
@@ -422,6 +533,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         record.update(validation_summary(model, data.images, data.labels))
         record["data-s"] = t1 - t0
         record["compute-s"] = time.perf_counter() - t1
+        record.update(_finetune(msg, node, data))
         return Message(
             RecordDict({"metrics": record, "node": _status(site_name, "ok")}), reply_to=msg
         )

@@ -148,7 +148,19 @@ def final_round(summary: dict) -> dict:
         for site, h in last["hospitals"].items()
         if isinstance(h.get("eval"), dict) and h["eval"].get("auc") is not None
     }
+    # finetune-epochs > 0: each hospital's own fine-tuned copy on its validation part, and the
+    # run's epsilon at the hospital including the fine-tuning.
+    site_auc_finetuned = {
+        site: h["eval"].get("finetuned-auc")
+        for site, h in last["hospitals"].items()
+        if isinstance(h.get("eval"), dict) and h["eval"].get("finetuned-auc") is not None
+    }
     eps = [h.get("epsilon_run") for h in last["hospitals"].values()]
+    eps += [
+        h["eval"].get("finetuned-epsilon-run")
+        for h in last["hospitals"].values()
+        if isinstance(h.get("eval"), dict)
+    ]
     return {
         "round": last["round"],
         "auc": central.get("auc"),
@@ -159,6 +171,7 @@ def final_round(summary: dict) -> dict:
         "ece": central.get("ece"),
         "ece_raw": central.get("ece-raw"),
         "site_auc": site_auc,
+        "site_auc_finetuned": site_auc_finetuned,
         "dice": _dice(central),
         "site_dice": {
             site: h["eval"].get("dice-mean")
@@ -319,6 +332,10 @@ def summarise(runs: list[dict]) -> list[dict]:
         acc_mean, acc_sd = _mean_sd([r["acc"] for r in group])
         ece_mean, _ = _mean_sd([r.get("ece") for r in group])
         worst = [min(_finite(list(r["site_auc"].values())), default=None) for r in group]
+        worst_tuned = [
+            min(_finite(list((r.get("site_auc_finetuned") or {}).values())), default=None)
+            for r in group
+        ]
         best = [max(_finite(list(r["site_auc"].values())), default=None) for r in group]
         gaps = [b - w for b, w in zip(best, worst, strict=True) if b is not None and w is not None]
         classes = sorted({c for r in group for c in r.get("dice") or {}})
@@ -337,6 +354,7 @@ def summarise(runs: list[dict]) -> list[dict]:
                 "acc_sd": acc_sd,
                 "worst_site_auc": _mean_sd(worst)[0],
                 "site_auc_gap": _mean_sd(gaps)[0],
+                "worst_site_auc_finetuned": _mean_sd(worst_tuned)[0],
                 "ece_mean": ece_mean,
                 "wall_s_mean": _mean_sd([r.get("wall_s") for r in group])[0],
                 "peak_rss_mb_max": max(
@@ -376,16 +394,19 @@ def format_table(result: dict) -> str:
             ]
             return [*dice, _fmt(r.get("worst_site_dice"))]
     else:
+        tuned = any(r.get("worst_site_auc_finetuned") is not None for r in rows)
         head = ["AUC", "ACC", "worst-site AUC", "best–worst gap", "ECE"]
+        head += ["worst-site AUC fine-tuned"] if tuned else []
 
         def cells(r: dict) -> list[str]:
-            return [
+            out = [
                 _fmt(r["auc_mean"], r["auc_sd"]),
                 _fmt(r["acc_mean"], r["acc_sd"]),
                 _fmt(r["worst_site_auc"]),
                 _fmt(r["site_auc_gap"]),
                 _fmt(r["ece_mean"]),
             ]
+            return out + ([_fmt(r.get("worst_site_auc_finetuned"))] if tuned else [])
 
     lines = [
         "| setting | ε | seeds | " + " | ".join(head) + " | wall s |",

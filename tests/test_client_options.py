@@ -1,10 +1,10 @@
 """Client-side training options, driven through the real ClientApp functions.
 
-The ClientApp's `train` is called directly with real Flower `Message`/`Context` objects on
-real NIfTI phantom sites (what the SuperNode would hand it), so the options are checked where
-they live: FedBN keeps a site's normalisation parameters across rounds, and Opacus'
-BatchMemoryManager changes memory, not maths.
-"""
+The ClientApp's `train` and `evaluate` are called directly with real Flower `Message`/`Context`
+objects on real NIfTI phantom sites (what the SuperNode would hand it), so the options are
+checked where they live: FedBN keeps a site's normalisation parameters across rounds, Opacus'
+BatchMemoryManager changes memory, not maths, and local fine-tuning after the last round is
+planned into the run's epsilon and leaves its model at the node."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import tomllib
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
 
-from client.app import FEDBN_KEY, train
+from client.app import FEDBN_KEY, evaluate, train
 from client.train import train_dp
 from common.models import build_model
 from common.weights import norm_parameter_names
@@ -52,12 +52,12 @@ def _context(sites: Path, tmp: Path, **overrides) -> Context:
     return Context(run_id=7, node_id=1, node_config=node, state=RecordDict(), run_config=run)
 
 
-def _message(state_dict: dict, round_: int) -> Message:
+def _message(state_dict: dict, round_: int, kind: str = "train", **config) -> Message:
     content = RecordDict(
         {
             "arrays": ArrayRecord(state_dict),
             "config": ConfigRecord(
-                {"server-round": round_, "run-uid": "test-run", "run-name": "opts"}
+                {"server-round": round_, "run-uid": "test-run", "run-name": "opts", **config}
             ),
         }
     )
@@ -71,7 +71,7 @@ def _message(state_dict: dict, round_: int) -> Message:
         group_id=str(round_),
         created_at=time.time(),
         ttl=3600.0,
-        message_type="train",
+        message_type=kind,
     )
     return Message(content, metadata=metadata)
 
@@ -162,3 +162,68 @@ def test_an_unknown_schedule_fails_the_round_with_the_setting_named(sites, tmp_p
     assert node["status"] == "failed"
     assert "learning-rate-schedule" in node["reason"] and "cosine" in node["reason"]
     assert "arrays" not in reply.content.array_records  # no weights from a failed round
+
+
+def _ledger(tmp: Path) -> dict:
+    """The simulated hospital's privacy ledger file, as written."""
+    import json  # noqa: PLC0415
+
+    from client.ledger import LEDGER_FILE  # noqa: PLC0415
+
+    return json.loads(
+        (tmp / "runs" / "opts" / "node-state" / "hospital-1" / LEDGER_FILE).read_text()
+    )
+
+
+@pytest.mark.parametrize("epochs", [0, 2])
+def test_finetuning_is_planned_into_epsilon_and_its_model_stays_at_the_node(
+    sites, tmp_path, epochs
+):
+    """The last round's evaluation fine-tunes the final model with DP, inside the run's plan."""
+    context = _context(sites, tmp_path, **{"finetune-epochs": epochs, "target-epsilon": 4.0})
+    torch.manual_seed(0)
+    start = build_model(2, 1, 2).state_dict()
+    cfg = {"total-rounds": 2}
+    first = train(_message(start, 1, **cfg), context)
+    assert first.content.config_records["node"]["status"] == "ok"
+    plan = _ledger(tmp_path)["runs"]["test-run"]
+    steps_per_round = first.content.metric_records["metrics"]["steps"]
+    # The noise of every round is calibrated for the fine-tuning steps too.
+    assert plan["planned_steps"] == (2 + epochs) * steps_per_round
+    weights = first.content.array_records["arrays"].to_torch_state_dict()
+
+    # Not the last planned round: an ordinary evaluation.
+    early = evaluate(_message(weights, 1, "evaluate", **cfg), context).content
+    assert not any(k.startswith("finetuned-") for k in early.metric_records["metrics"])
+
+    second = train(_message(weights, 2, **cfg), context).content
+    final = second.array_records["arrays"].to_torch_state_dict()
+    eps_after_rounds = second.metric_records["metrics"]["epsilon-run"]
+    reply = evaluate(_message(final, 2, "evaluate", **cfg), context).content
+    metrics = reply.metric_records["metrics"]
+    assert reply.config_records["node"]["status"] == "ok"
+    assert set(reply.array_records) == set()  # weights never leave in an evaluation reply
+    saved = tmp_path / "runs" / "opts" / "node-state" / "hospital-1" / "personalised"
+    if epochs == 0:
+        assert not any(k.startswith("finetuned-") for k in metrics)
+        assert not saved.exists()
+        return
+    assert 0.0 <= metrics["finetuned-auc"] <= 1.0
+    # The fine-tuning steps were spent and recorded, and the run still ends within target.
+    assert eps_after_rounds < metrics["finetuned-epsilon-run"] <= 4.0 * (1 + 1e-6)
+    entries = _ledger(tmp_path)["entries"]
+    assert [e.get("phase") for e in entries] == [None, None, "finetune"]
+    assert entries[-1]["steps"] == epochs * steps_per_round / context.run_config["local-epochs"]
+    personal = torch.load(saved / "test-run-round2.pt", weights_only=True)
+    assert any(not torch.equal(personal[k], final[k]) for k in final)  # it did train
+    # A re-sent last evaluation reuses the saved model and spends nothing more.
+    again = evaluate(_message(final, 2, "evaluate", **cfg), context).content
+    assert len(_ledger(tmp_path)["entries"]) == 3
+    assert again.metric_records["metrics"]["finetuned-auc"] == metrics["finetuned-auc"]
+
+
+def test_a_negative_finetune_epochs_fails_with_the_setting_named(sites, tmp_path):
+    context = _context(sites, tmp_path, **{"finetune-epochs": -1})
+    reply = train(_message(build_model(2, 1, 2).state_dict(), 1), context)
+    node = reply.content.config_records["node"]
+    assert node["status"] == "failed" and "finetune-epochs" in node["reason"]

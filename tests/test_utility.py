@@ -35,7 +35,9 @@ ROW_KEYS = {
 def bench(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench-utility")
     out = root / "utility.json"
-    rc = fedvox(["bench", "utility", "--quick", "--out", str(out), "--workdir", str(root / "work")])
+    # finetune-epochs=1: each hospital also fine-tunes the final model (real Flower run).
+    args = ["--quick", "--out", str(out), "--workdir", str(root / "work")]
+    rc = fedvox(["bench", "utility", *args, "-c", "finetune-epochs=1"])
     assert rc == 0
     return root, json.loads(out.read_text())
 
@@ -70,15 +72,23 @@ def test_fl_rows_come_from_real_runs_with_validation_chosen_thresholds(bench):
         # The aggregates were used, not kept; every hospital evaluated the final model.
         for h in last["hospitals"].values():
             assert "val-hist-pos" not in h["eval"] and "auc" in h["eval"]
+            assert 0.0 <= h["eval"]["finetuned-auc"] <= 1.0  # the site's fine-tuned copy
+        # Fine-tuning happens once, after the last round only.
+        for h in s["rounds"][1]["hospitals"].values():
+            assert "finetuned-auc" not in h["eval"]
         eps = [h["epsilon_run"] for h in last["hospitals"].values()]
         if name.endswith("eps8-seed0"):
             assert s["config"]["dp"] is True
             assert all(0 < e <= 8.0 + 1e-6 for e in eps)
+            tuned = [h["eval"]["finetuned-epsilon-run"] for h in last["hospitals"].values()]
+            assert all(e < t <= 8.0 + 1e-6 for e, t in zip(eps, tuned, strict=True))
         else:
             assert s["config"]["dp"] is False
             # No DP: the node reports epsilon = inf (JSON null), never a finite epsilon.
             assert eps and all(e is None for e in eps)
     dp_row = next(r for r in result["rows"] if r["setting"] == "fl-dp")
+    assert dp_row["worst_site_auc_finetuned"] is not None
+    assert "worst-site AUC fine-tuned" in (root / "utility.md").read_text()
     dp_run = next(s for n, s in summaries.items() if n.endswith("eps8-seed0"))
     assert dp_row["auc_mean"] == pytest.approx(dp_run["rounds"][-1]["central"]["auc"])
 
