@@ -94,6 +94,21 @@ class Node:
             self.state.array_records[FEDBN_KEY] = keep_local(model, norm_parameter_names(model))
 
     @property
+    def run_uid(self) -> str:
+        return str(self.server_config.get("run-uid") or "unnamed-run")
+
+    @property
+    def global_round(self) -> int:
+        """This round's number over the whole run (a resumed run continues the count)."""
+        server = self.server_config
+        return int(server.get("server-round", 1)) + int(server.get("round-offset", 0))
+
+    @property
+    def total_rounds(self) -> int:
+        """The rounds the run's privacy plan and learning-rate schedule are made for."""
+        return int(self.server_config.get("total-rounds", self.run_config["num-server-rounds"]))
+
+    @property
     def image_size(self) -> tuple[int, ...] | None:
         size = self.server_config.get("image-size")
         return tuple(int(s) for s in size) if size else None
@@ -197,7 +212,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 def _train(msg: Message, node: Node) -> Message:
-    run, server = node.run_config, node.server_config
+    run = node.run_config
     t0 = time.perf_counter()
     data = node.load("train")
     t1 = time.perf_counter()  # compute-s: everything after loading (accounting included)
@@ -205,9 +220,7 @@ def _train(msg: Message, node: Node) -> Message:
     n = len(data)
     epochs, batch = int(run["local-epochs"]), int(run["batch-size"])
     accountant = str(run.get("accountant", "rdp"))
-    run_uid = str(server.get("run-uid") or "unnamed-run")
-    global_round = int(server.get("server-round", 1)) + int(server.get("round-offset", 0))
-    total_rounds = int(server.get("total-rounds", run["num-server-rounds"]))
+    run_uid, global_round, total_rounds = node.run_uid, node.global_round, node.total_rounds
 
     ledger = PrivacyLedger.open(node.state_dir, accountant)
     spe = steps_per_epoch(n, batch)
@@ -346,8 +359,8 @@ def _local_training(
         learning_rate = scheduled_learning_rate(
             float(run["learning-rate"]),
             str(run.get("learning-rate-schedule", "constant")),
-            int(server.get("server-round", 1)) + int(server.get("round-offset", 0)),
-            int(server.get("total-rounds", run["num-server-rounds"])),
+            node.global_round,
+            node.total_rounds,
         )
     except ValueError as exc:  # a run-config mistake: its message holds only config values
         raise NodeConfigError(str(exc)) from None
@@ -434,17 +447,15 @@ def _finetune(msg: Message, node: Node, val: SiteDataset) -> dict[str, float]:
     round's noise was calibrated for them), so the run's epsilon still ends at its target; the
     ledger records them like a round. A re-sent last evaluation reuses the saved model.
     """
-    run, server = node.run_config, node.server_config
+    run = node.run_config
     epochs = _finetune_epochs(run)
-    global_round = int(server.get("server-round", 1)) + int(server.get("round-offset", 0))
-    if epochs == 0 or global_round != int(server.get("total-rounds", run["num-server-rounds"])):
+    if epochs == 0 or node.global_round != node.total_rounds:
         return {}
-    run_uid = str(server.get("run-uid") or "unnamed-run")
+    run_uid, global_round = node.run_uid, node.global_round
     path = personalised_model_path(node, run_uid, global_round)
     model = node.global_model(msg, val)
     dp = _flag(run.get("dp", True))
     ledger = PrivacyLedger.open(node.state_dir, str(run.get("accountant", "rdp")))
-    out: dict[str, float] = {}
 
     def refused(reason: str) -> dict[str, float]:
         log.warning("not fine-tuning the final model: %s", reason)
@@ -480,7 +491,7 @@ def _finetune(msg: Message, node: Node, val: SiteDataset) -> dict[str, float]:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(model.state_dict(), path)
     metrics = task_for(val.spec).evaluate(model, val.images, val.labels).metrics
-    out.update({f"finetuned-{k}": float(v) for k, v in metrics.items() if v is not None})
+    out = {f"finetuned-{k}": float(v) for k, v in metrics.items() if v is not None}
     if dp:
         delta = float(ledger.runs[run_uid]["delta"])
         out["finetuned-epsilon-run"] = ledger.epsilon(delta, run_uid)
