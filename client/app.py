@@ -25,7 +25,7 @@ from common.calibration import validation_summary
 from common.data import SiteDataset, load_site
 from common.paths import absolute, default_output_dir, demo_data_dir, list_sites
 from common.privacy import Budget, PrivacyRefusal, calibrate_noise_multiplier, resolve_budget
-from common.tasks import task_for
+from common.tasks import model_options, task_for
 from common.weights import keep_local, load_record, norm_parameter_names, restore_local, to_record
 
 log = logging.getLogger("fedvox.client")
@@ -123,11 +123,16 @@ class Node:
         )
 
     def model(self, data: SiteDataset) -> torch.nn.Module:
-        width = int(self.run_config.get("model-width", 0)) or None
-        depth = int(self.run_config.get("model-depth", 3))
-        return task_for(data.spec).build_model(
-            data.spatial_dims, data.in_channels, data.num_classes, width, depth
-        )
+        try:
+            return task_for(data.spec).build_model(
+                data.spatial_dims,
+                data.in_channels,
+                data.num_classes,
+                image_size=tuple(data.images.shape[2:]),
+                **model_options(self.run_config),
+            )
+        except ValueError as e:  # names the `model` setting and shapes only: safe to send
+            raise NodeConfigError(str(e)) from e
 
 
 def _node(msg: Message, context: Context) -> Node:

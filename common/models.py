@@ -1,4 +1,12 @@
-"""Opacus-ready CNNs for 2D images and 3D volumes.
+"""Opacus-ready classifiers for 2D images and 3D volumes (the `model` run-config key).
+
+* "cnn": conv-GroupNorm-ReLU-maxpool blocks, 2D or 3D.
+* "scatter-cnn" (2D): a fixed wavelet scattering transform (Kymatio) in front of a small
+  CNN. Under DP-SGD every trained weight pays for noise; scattering features are not trained
+  (no privacy cost, nothing to learn from ~1000 cases) and are what a CNN's first layers
+  would learn anyway (Tramer & Boneh, "Differentially private learning needs better
+  features", ICLR 2021). On the PneumoniaMNIST demo at epsilon 8 it lifted held-out AUC
+  from ~0.94 to ~0.95-0.96 (README, issue 6).
 
 GroupNorm instead of BatchNorm: BatchNorm mixes samples within a batch, which
 breaks per-sample gradients (and so DP-SGD); Opacus has a grad sampler for
@@ -46,6 +54,67 @@ class CNN(nn.Module):
         return self.head(self.pool(self.features(x)).flatten(1))
 
 
+class ScatterCNN(nn.Module):
+    """Fixed 2D scattering (J scales, L angles, orders 0-2) -> GroupNorm -> 2 conv blocks -> linear.
+
+    The scattering filters are maths, not weights: they are buffers kept out of `state_dict`,
+    so they never travel in a Flower message or a checkpoint (a fresh model rebuilds them).
+    """
+
+    def __init__(
+        self,
+        image_size: tuple[int, int],
+        in_channels: int,
+        num_classes: int,
+        width: int,
+        scales: int = 2,
+        angles: int = 8,
+    ) -> None:
+        super().__init__()
+        # kymatio.torch would also import its 3D scattering, which needs scipy.special.sph_harm
+        # (removed in SciPy 1.17); the 2D frontend alone does not.
+        from kymatio.scattering2d.frontend.torch_frontend import ScatteringTorch2D
+
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        if min(image_size) < 2**scales:
+            raise ValueError(
+                f'model="scatter-cnn" needs images of at least {2**scales} pixels a side, '
+                f"got {tuple(image_size)}"
+            )
+        self.scattering = ScatteringTorch2D(J=scales, shape=tuple(image_size), L=angles)
+        for name, buffer in list(self.scattering.named_buffers(recurse=False)):
+            delattr(self.scattering, name)
+            self.scattering.register_buffer(name, buffer, persistent=False)
+        # Scattering paths per input channel: 1 low-pass, J*L first order, L^2*J(J-1)/2 second.
+        paths = 1 + scales * angles + angles**2 * scales * (scales - 1) // 2
+        channels = in_channels * paths
+        # Paths differ in scale by orders of magnitude; normalise them in small groups, with no
+        # trained affine (the conv after it can rescale). Per-sample, so DP-safe.
+        self.norm = nn.GroupNorm(
+            channels // 3 if channels % 3 == 0 else channels, channels, affine=False
+        )
+        self.features = nn.Sequential(
+            nn.Conv2d(channels, width, 3, padding=1),
+            _norm(width),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1),
+            _norm(2 * width),
+            nn.ReLU(),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x):  # noqa: D401 - torch convention
+        s = self.scattering(x.contiguous())  # (N, C, paths, H / 2^J, W / 2^J)
+        s = self.norm(s.flatten(1, 2))
+        return self.head(self.pool(self.features(s)).flatten(1))
+
+
+MODELS = ("cnn", "scatter-cnn")
+
+
 def default_width(spatial_dims: int) -> int:
     """32/64/128 channels in 2D; 16/32/64 in 3D, where activations are ~Z times larger."""
     return 32 if spatial_dims == 2 else 16
@@ -57,6 +126,21 @@ def build_model(
     num_classes: int,
     width: int | None = None,
     depth: int = 3,
+    arch: str = "cnn",
+    image_size: tuple[int, ...] | None = None,
 ) -> nn.Module:
-    """The classification model for data of `spatial_dims` (2 or 3) dimensions."""
-    return CNN(spatial_dims, in_channels, num_classes, width or default_width(spatial_dims), depth)
+    """The classification model `arch` for data of `spatial_dims` (2 or 3) dimensions.
+
+    "scatter-cnn" is 2D only, needs `image_size` (the scattering is built for one size) and
+    has a fixed two-block head (`depth` is the "cnn"'s).
+    """
+    if arch == "cnn":
+        width = width or default_width(spatial_dims)
+        return CNN(spatial_dims, in_channels, num_classes, width, depth)
+    if arch == "scatter-cnn":
+        if spatial_dims != 2 or image_size is None or len(image_size) != 2:
+            raise ValueError(
+                f'model="scatter-cnn" is for 2D images; these are {spatial_dims}D (use model="cnn")'
+            )
+        return ScatterCNN(tuple(image_size), in_channels, num_classes, width or 32)
+    raise ValueError(f"model={arch!r} (run config) is not one of {', '.join(MODELS)}")

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from common.metrics import evaluate_model, roc_points
-from common.models import build_model
+from common.models import MODELS, build_model
 from common.unet import build_unet
 
 
@@ -40,8 +40,10 @@ class ClassificationTask:
         num_classes: int,
         width: int | None = None,
         depth: int = 3,
+        arch: str = "cnn",
+        image_size: tuple[int, ...] | None = None,
     ) -> nn.Module:
-        return build_model(spatial_dims, in_channels, num_classes, width, depth)
+        return build_model(spatial_dims, in_channels, num_classes, width, depth, arch, image_size)
 
     def loss_fn(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         return nn.CrossEntropyLoss()
@@ -87,7 +89,13 @@ class SegmentationTask:
         num_classes: int,
         width: int | None = None,
         depth: int = 4,
+        arch: str = "cnn",
+        image_size: tuple[int, ...] | None = None,  # unused: the U-Net takes any size
     ) -> nn.Module:
+        if arch != "cnn":
+            raise ValueError(
+                f'model="{arch}" is a classifier; segmentation uses its U-Net (model="cnn")'
+            )
         return build_unet(spatial_dims, in_channels, num_classes, width, depth)
 
     def loss_fn(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -140,6 +148,19 @@ class SegmentationTask:
         """Mean foreground Dice (None when no foreground class is in the holdout)."""
         value = metrics.get(self.best_metric)
         return float(value) if value is not None and np.isfinite(value) else None
+
+
+def model_options(run_config: dict[str, Any]) -> dict[str, Any]:
+    """`build_model` keywords from the run config (`model`, `model-width`, `model-depth`), as
+    the server, every node and the benchmark's pooled reference must build the same model."""
+    arch = str(run_config.get("model", "cnn"))
+    if arch not in MODELS:
+        raise ValueError(f"model={arch!r} (run config) is not one of {', '.join(MODELS)}")
+    return {
+        "arch": arch,
+        "width": int(run_config.get("model-width", 0)) or None,
+        "depth": int(run_config.get("model-depth", 3)),
+    }
 
 
 TASKS: dict[str, Any] = {

@@ -24,7 +24,7 @@ from common.calibration import SUMMARY_KEYS, calibrated_metrics, choose_calibrat
 from common.data import default_image_size, load_site
 from common.metrics import predict_probs
 from common.paths import absolute, default_output_dir, demo_data_dir
-from common.tasks import task_for
+from common.tasks import model_options, task_for
 from common.weights import fingerprint
 from server.grid import ResponsiveGrid
 from server.run_dir import RunDir, resolve_resume
@@ -91,15 +91,20 @@ def main(grid: Grid, context: Context) -> None:
         "spatial_dims": holdout.spatial_dims,
         "in_channels": holdout.in_channels,
         "num_classes": holdout.num_classes,
-        "width": int(cfg.get("model-width", 0)) or None,
-        "depth": int(cfg.get("model-depth", 3)),
+        **model_options(cfg),
         "image_size": list(holdout.images.shape[2:]),
     }
 
     def new_model() -> torch.nn.Module:
         c = model_config
         return task.build_model(
-            c["spatial_dims"], c["in_channels"], c["num_classes"], c["width"], c["depth"]
+            c["spatial_dims"],
+            c["in_channels"],
+            c["num_classes"],
+            c["width"],
+            c["depth"],
+            c["arch"],
+            tuple(c["image_size"]),
         )
 
     resume = _path(cfg, "resume-from")

@@ -218,7 +218,7 @@ def run_centralised(data_dir: Path, cfg: dict, seed: int, cache_dir: Path) -> di
     from common.data import default_image_size, load_site
     from common.metrics import evaluate_model
     from common.paths import list_sites
-    from common.tasks import task_for
+    from common.tasks import model_options, task_for
 
     t0 = time.monotonic()
 
@@ -239,8 +239,8 @@ def run_centralised(data_dir: Path, cfg: dict, seed: int, cache_dir: Path) -> di
         holdout.spatial_dims,
         holdout.in_channels,
         holdout.num_classes,
-        int(cfg.get("model-width", 0)) or None,
-        int(cfg.get("model-depth", 3)),
+        image_size=tuple(holdout.images.shape[2:]),
+        **model_options(cfg),
     )
     rounds, local_epochs = int(cfg["num-server-rounds"]), int(cfg["local-epochs"])
     epochs = rounds * local_epochs

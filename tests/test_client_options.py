@@ -164,6 +164,25 @@ def test_an_unknown_schedule_fails_the_round_with_the_setting_named(sites, tmp_p
     assert "arrays" not in reply.content.array_records  # no weights from a failed round
 
 
+def test_a_node_builds_the_model_the_run_config_names(sites, tmp_path):
+    """model="scatter-cnn": the node trains the server's ScatterCNN weights, key for key; the
+    fixed scattering filters are neither expected from the server nor sent back."""
+    context = _context(sites, tmp_path, model="scatter-cnn", **{"learning-rate": 0.05})
+    torch.manual_seed(0)
+    start = build_model(2, 1, 2, arch="scatter-cnn", image_size=(28, 28)).state_dict()
+    trained = _round(context, start, 1)
+    assert list(trained) == list(start)
+    assert any(not torch.equal(trained[k], start[k]) for k in start)
+    # A CNN's weights do not fit it: the round fails instead of training something else.
+    wrong = train(_message(build_model(2, 1, 2).state_dict(), 2), context)
+    assert wrong.content.config_records["node"]["status"] == "failed"
+    # An unknown model fails the round with the setting named.
+    context = _context(sites, tmp_path, model="resnet")
+    reply = train(_message(start, 1), context)
+    node = reply.content.config_records["node"]
+    assert node["status"] == "failed" and "model='resnet'" in node["reason"], node
+
+
 def _ledger(tmp: Path) -> dict:
     """The simulated hospital's privacy ledger file, as written."""
     import json  # noqa: PLC0415
