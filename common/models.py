@@ -77,9 +77,10 @@ class ScatterCNN(nn.Module):
 
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-        if min(image_size) < 2**scales:
+        # The scattering subsamples by 2^J and the head pools once more: >= 2^(J+1) a side.
+        if min(image_size) < 2 ** (scales + 1):
             raise ValueError(
-                f'model="scatter-cnn" needs images of at least {2**scales} pixels a side, '
+                f'model="scatter-cnn" needs images of at least {2 ** (scales + 1)} pixels a side, '
                 f"got {tuple(image_size)}"
             )
         self.scattering = ScatteringTorch2D(J=scales, shape=tuple(image_size), L=angles)

@@ -46,8 +46,11 @@ def test_scatter_cnn_weights_hold_no_filters_and_load_into_a_fresh_model():
 def test_model_setting_errors_name_the_setting():
     with pytest.raises(ValueError, match='model="scatter-cnn" is for 2D'):
         build_model(3, 1, 2, arch="scatter-cnn", image_size=(16, 16, 16))
-    with pytest.raises(ValueError, match="at least 4 pixels"):
-        build_model(2, 1, 2, arch="scatter-cnn", image_size=(2, 28))
+    with pytest.raises(ValueError, match="at least 8 pixels"):
+        build_model(2, 1, 2, arch="scatter-cnn", image_size=(7, 28))
+    assert build_model(2, 1, 2, arch="scatter-cnn", image_size=(8, 8))(
+        torch.rand(1, 1, 8, 8)
+    ).shape == (1, 2)
     with pytest.raises(ValueError, match="model='resnet' \\(run config\\) is not one of"):
         model_options({"model": "resnet"})
     with pytest.raises(ValueError, match="segmentation uses its U-Net"):
