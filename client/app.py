@@ -442,7 +442,7 @@ def personalised_model_path(node: Node, run_uid: str, global_round: int) -> Path
     return node.state_dir / "personalised" / f"{run_uid}-round{global_round}.pt"
 
 
-def _finetune(msg: Message, node: Node, val: SiteDataset) -> dict[str, float]:
+def _finetune(model: torch.nn.Module, node: Node, val: SiteDataset) -> dict[str, float]:
     """Local fine-tuning of the run's final global model for this site (finetune-epochs > 0).
 
     Runs once, at the evaluation of the run's last planned round. The fine-tuned model stays
@@ -458,7 +458,6 @@ def _finetune(msg: Message, node: Node, val: SiteDataset) -> dict[str, float]:
         return {}
     run_uid, global_round = node.run_uid, node.global_round
     path = personalised_model_path(node, run_uid, global_round)
-    model = node.global_model(msg, val)
     dp = _flag(run.get("dp", True))
     ledger = PrivacyLedger.open(node.state_dir, str(run.get("accountant", "rdp")))
 
@@ -549,7 +548,8 @@ def evaluate(msg: Message, context: Context) -> Message:
         record.update(validation_summary(model, data.images, data.labels))
         record["data-s"] = t1 - t0
         record["compute-s"] = time.perf_counter() - t1
-        record.update(_finetune(msg, node, data))
+        # Last: it trains `model` (this round's global model, already evaluated) in place.
+        record.update(_finetune(model, node, data))
         return Message(
             RecordDict({"metrics": record, "node": _status(site_name, "ok")}), reply_to=msg
         )

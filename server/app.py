@@ -96,15 +96,12 @@ def main(grid: Grid, context: Context) -> None:
     }
 
     def new_model() -> torch.nn.Module:
-        c = model_config
         return task.build_model(
-            c["spatial_dims"],
-            c["in_channels"],
-            c["num_classes"],
-            c["width"],
-            c["depth"],
-            c["arch"],
-            tuple(c["image_size"]),
+            holdout.spatial_dims,
+            holdout.in_channels,
+            holdout.num_classes,
+            image_size=tuple(holdout.images.shape[2:]),
+            **model_options(cfg),
         )
 
     resume = _path(cfg, "resume-from")
