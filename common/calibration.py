@@ -54,22 +54,6 @@ class Calibration:
             return None
         return float(1.0 / (1.0 + math.exp(-self.threshold_margin)))
 
-    @property
-    def calibrated_threshold(self) -> float | None:
-        """The same decision as a threshold on the temperature-scaled probability."""
-        if self.threshold_margin is None:
-            return None
-        return float(1.0 / (1.0 + math.exp(-self.threshold_margin / self.temperature)))
-
-
-@torch.no_grad()
-def predict_logits(
-    model: torch.nn.Module, images: torch.Tensor, batch_size: int = 256
-) -> torch.Tensor:
-    model.eval()
-    outs = [model(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
-    return torch.cat(outs) if outs else torch.zeros((0, 2))
-
 
 def _nll_at_temperatures(logits: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
     """Summed cross-entropy of the cases at every temperature of `TEMPERATURES`."""
@@ -82,17 +66,15 @@ def _nll_at_temperatures(logits: torch.Tensor, labels: torch.Tensor) -> np.ndarr
     )
 
 
-def validation_summary(
-    model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor
-) -> dict[str, list[float]]:
+def validation_summary(logits: torch.Tensor | None, labels: torch.Tensor) -> dict[str, list[float]]:
     """What a hospital reports about its validation part for calibration: aggregates only.
 
-    Returns {} when the model is not a case-level classifier ((N, K) logits for (N,)
-    labels), e.g. for segmentation, so callers need not know the task.
+    `logits` are the model's (N, K) outputs on the validation cases. Returns {} when there are
+    none or the model is not a case-level classifier (segmentation: `logits` is None), so
+    callers need not know the task.
     """
-    if len(images) == 0 or labels.dim() != 1:
+    if logits is None or len(logits) == 0 or labels.dim() != 1:
         return {}
-    logits = predict_logits(model, images)
     if logits.dim() != 2 or logits.shape[1] < 2:
         return {}
     out = {NLL_GRID: _nll_at_temperatures(logits, labels).tolist()}

@@ -18,7 +18,7 @@ from common.calibration import (
     scale_probs,
     validation_summary,
 )
-from common.metrics import predict_probs
+from common.metrics import predict_logits
 
 
 class Scaled(nn.Module):
@@ -33,6 +33,15 @@ class Scaled(nn.Module):
         return torch.stack([torch.zeros_like(m), m], dim=1)
 
 
+def _summary(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
+    """A hospital's aggregates for `model` on (x, y), as its evaluate reply computes them."""
+    return validation_summary(predict_logits(model, x), y)
+
+
+def predict_probs(model: nn.Module, x: torch.Tensor) -> np.ndarray:
+    return torch.softmax(predict_logits(model, x), 1).numpy()
+
+
 def _data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     # A well-specified problem: P(y=1 | x) = sigmoid(x), x ~ N(0, 2^2).
     g = torch.Generator().manual_seed(seed)
@@ -45,7 +54,7 @@ def test_temperature_scaling_lowers_ece_of_an_overconfident_model():
     model = Scaled(scale=4.0)  # 4x overconfident: the true temperature is 4
     val = _data(4000, seed=0)
     test = _data(4000, seed=1)
-    calib = choose_calibration([validation_summary(model, *val)])
+    calib = choose_calibration([_summary(model, *val)])
     assert calib is not None
     assert calib.temperature == pytest.approx(4.0, rel=0.25)
     probs = predict_probs(model, test[0])
@@ -74,11 +83,11 @@ def test_threshold_comes_from_validation_data_only():
     model = Scaled(scale=1.0)
     x_val = torch.cat([torch.full((50, 1, 1, 1), 3.0), torch.full((50, 1, 1, 1), 5.0)])
     y_val = torch.cat([torch.zeros(50), torch.ones(50)]).long()
-    calib = choose_calibration([validation_summary(model, x_val, y_val)])
+    calib = choose_calibration([_summary(model, x_val, y_val)])
     assert 3.0 < calib.threshold_margin <= 5.0
     # Swap the validation labels: the threshold moves although the model did not change,
     # so it depends on the validation data (and on nothing else, e.g. a test split).
-    flipped = choose_calibration([validation_summary(model, x_val, 1 - y_val)])
+    flipped = choose_calibration([_summary(model, x_val, 1 - y_val)])
     assert flipped.threshold_margin != calib.threshold_margin
     # At 0.5 every case would be called positive; at the chosen threshold none of the
     # negatives are.
@@ -90,8 +99,8 @@ def test_threshold_comes_from_validation_data_only():
 def test_hospital_aggregates_add_up_and_reveal_only_counts():
     model = Scaled(scale=1.5, shift=0.3)
     a, b = _data(300, seed=2), _data(200, seed=3)
-    sa, sb = validation_summary(model, *a), validation_summary(model, *b)
-    pooled = validation_summary(model, torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]]))
+    sa, sb = _summary(model, *a), _summary(model, *b)
+    pooled = _summary(model, torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]]))
     assert set(sa) == {HIST_NEG, HIST_POS, NLL_GRID}
     for key in (HIST_NEG, HIST_POS):
         np.testing.assert_array_equal(np.add(sa[key], sb[key]), pooled[key])
@@ -107,13 +116,14 @@ def test_hospital_aggregates_add_up_and_reveal_only_counts():
 def test_non_classifiers_and_missing_reports_give_no_calibration():
     seg = nn.Conv2d(1, 2, 1)  # (N, K, H, W) output: not a case-level classifier
     x = torch.randn(4, 1, 5, 5)
-    assert validation_summary(seg, x, torch.zeros(4, 5, 5).long()) == {}
+    assert _summary(seg, x, torch.zeros(4, 5, 5).long()) == {}
+    assert validation_summary(None, torch.zeros(4).long()) == {}  # segmentation: no logits
     assert choose_calibration([{}, {"auc": 0.9}]) is None
 
 
 def test_multiclass_gets_temperature_but_no_threshold():
     model = nn.Linear(4, 3)
     x, y = torch.randn(60, 4), torch.randint(0, 3, (60,))
-    calib = choose_calibration([validation_summary(model, x, y)])
+    calib = choose_calibration([_summary(model, x, y)])
     assert isinstance(calib, Calibration) and calib.threshold is None
     assert calib.temperature > 0

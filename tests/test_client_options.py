@@ -16,8 +16,8 @@ import tomllib
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
 
-from client.app import FEDBN_KEY, evaluate, train
-from client.train import train_dp
+from client.app import evaluate, finetune, train
+from client.node import FEDBN_KEY
 from common.models import build_model
 from common.weights import norm_parameter_names
 from simulations.phantoms import make_phantom_sites
@@ -106,7 +106,7 @@ def test_fedbn_keeps_the_sites_norm_parameters_and_takes_the_rest_global(sites, 
             torch.testing.assert_close(value, marked[name])  # what the server sent
 
 
-def test_batch_memory_manager_gives_the_full_batch_update_and_accounting():
+def test_batch_memory_manager_gives_the_full_batch_update_and_accounting(sgd):
     torch.manual_seed(1)
     x, y = torch.randn(64, 1, 28, 28), torch.randint(0, 2, (64,))
     start = build_model(2, 1, 2).state_dict()
@@ -115,16 +115,13 @@ def test_batch_memory_manager_gives_the_full_batch_update_and_accounting():
         model = build_model(2, 1, 2)
         model.load_state_dict(start)
         torch.manual_seed(2)  # the same Poisson batches in both runs
-        out = train_dp(
+        out = sgd(
             model,
             x,
             y,
+            noise_multiplier=0.0,
             epochs=2,
             batch_size=16,
-            learning_rate=0.1,
-            noise_multiplier=0.0,
-            max_grad_norm=1.0,
-            accountant="rdp",
             max_physical_batch=physical,
         )
         results[physical] = (model.state_dict(), out.history)
@@ -198,7 +195,8 @@ def _ledger(tmp: Path) -> dict:
 def test_finetuning_is_planned_into_epsilon_and_its_model_stays_at_the_node(
     sites, tmp_path, epochs
 ):
-    """The last round's evaluation fine-tunes the final model with DP, inside the run's plan."""
+    """After the last round the server sends "train.finetune": each node fine-tunes the final
+    model with DP, inside the run's plan; evaluations never fine-tune."""
     context = _context(sites, tmp_path, **{"finetune-epochs": epochs, "target-epsilon": 4.0})
     torch.manual_seed(0)
     start = build_model(2, 1, 2).state_dict()
@@ -211,22 +209,26 @@ def test_finetuning_is_planned_into_epsilon_and_its_model_stays_at_the_node(
     assert plan["planned_steps"] == (2 + epochs) * steps_per_round
     weights = first.content.array_records["arrays"].to_torch_state_dict()
 
-    # Not the last planned round: an ordinary evaluation.
+    # An evaluation is an evaluation; a fine-tuning message before the last round is refused.
     early = evaluate(_message(weights, 1, "evaluate", **cfg), context).content
     assert not any(k.startswith("finetuned-") for k in early.metric_records["metrics"])
+    too_early = finetune(_message(weights, 1, "train.finetune", **cfg), context).content
+    assert too_early.config_records["node"]["status"] == "refused"
 
     second = train(_message(weights, 2, **cfg), context).content
     final = second.array_records["arrays"].to_torch_state_dict()
     eps_after_rounds = second.metric_records["metrics"]["epsilon-run"]
-    reply = evaluate(_message(final, 2, "evaluate", **cfg), context).content
+    last = evaluate(_message(final, 2, "evaluate", **cfg), context).content
+    assert not any(k.startswith("finetuned-") for k in last.metric_records["metrics"])
+    reply = finetune(_message(final, 2, "train.finetune", **cfg), context).content
     metrics = reply.metric_records["metrics"]
-    assert reply.config_records["node"]["status"] == "ok"
-    assert set(reply.array_records) == set()  # weights never leave in an evaluation reply
+    assert set(reply.array_records) == set()  # the fine-tuned weights never leave
     saved = tmp_path / "runs" / "opts" / "node-state" / "hospital-1" / "personalised"
-    if epochs == 0:
-        assert not any(k.startswith("finetuned-") for k in metrics)
+    if epochs == 0:  # the server sends no such message; a node that gets one refuses it
+        assert reply.config_records["node"]["status"] == "refused"
         assert not saved.exists()
         return
+    assert reply.config_records["node"]["status"] == "ok"
     assert 0.0 <= metrics["finetuned-auc"] <= 1.0
     # The fine-tuning steps were spent and recorded, and the run still ends within target.
     assert eps_after_rounds < metrics["finetuned-epsilon-run"] <= 4.0 * (1 + 1e-6)
@@ -235,8 +237,8 @@ def test_finetuning_is_planned_into_epsilon_and_its_model_stays_at_the_node(
     assert entries[-1]["steps"] == epochs * steps_per_round / context.run_config["local-epochs"]
     personal = torch.load(saved / "test-run-round2.pt", weights_only=True)
     assert any(not torch.equal(personal[k], final[k]) for k in final)  # it did train
-    # A re-sent last evaluation reuses the saved model and spends nothing more.
-    again = evaluate(_message(final, 2, "evaluate", **cfg), context).content
+    # A re-sent fine-tuning message reuses the saved model and spends nothing more.
+    again = finetune(_message(final, 2, "train.finetune", **cfg), context).content
     assert len(_ledger(tmp_path)["entries"]) == 3
     assert again.metric_records["metrics"]["finetuned-auc"] == metrics["finetuned-auc"]
 

@@ -10,7 +10,7 @@ from opacus.accountants import RDPAccountant
 from opacus.validators import ModuleValidator
 
 from client.ledger import LedgerError, PrivacyLedger
-from client.train import steps_per_epoch, train_dp
+from client.train import steps_per_epoch
 from common.models import build_model
 from common.privacy import (
     PrivacyRefusal,
@@ -75,50 +75,30 @@ def test_ledger_survives_a_fresh_process_and_refuses_a_corrupt_file(tmp_path):
 
 
 @pytest.mark.parametrize("dims,shape", [(2, (1, 28, 28)), (3, (1, 16, 16, 16))])
-def test_models_pass_opacus_validation_and_take_dp_steps(dims, shape):
+def test_models_pass_opacus_validation_and_take_dp_steps(dims, shape, sgd):
     torch.manual_seed(0)
     model = build_model(dims, in_channels=1, num_classes=2)
     assert ModuleValidator.validate(model, strict=False) == []
     assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x, y = torch.randn(24, *shape), torch.randint(0, 2, (24,))
-    result = train_dp(
-        model,
-        x,
-        y,
-        epochs=1,
-        batch_size=8,
-        learning_rate=0.1,
-        noise_multiplier=1.0,
-        max_grad_norm=1.0,
-        accountant="rdp",
-    )
+    result = sgd(model, x, y)
     assert result.history == [(1.0, 1 / steps_per_epoch(24, 8), 3)]
     after = model.state_dict()
     assert set(after) == set(before)  # plain keys, no "_module." prefix
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
-def test_empty_poisson_batches_still_count_as_steps():
+def test_empty_poisson_batches_still_count_as_steps(sgd):
     torch.manual_seed(0)
     model = build_model(2, 1, 2, width=4, depth=1)
     x, y = torch.randn(3, 1, 8, 8), torch.randint(0, 2, (3,))
     # q = 1/3 over 3 samples: many of the 30 Poisson batches are empty.
-    result = train_dp(
-        model,
-        x,
-        y,
-        epochs=10,
-        batch_size=1,
-        learning_rate=0.1,
-        noise_multiplier=1.0,
-        max_grad_norm=1.0,
-        accountant="rdp",
-    )
+    result = sgd(model, x, y, epochs=10, batch_size=1)
     assert result.history[0][2] == 30
 
 
-def test_fedprox_proximal_step_pulls_towards_the_global_model():
+def test_fedprox_proximal_step_pulls_towards_the_global_model(sgd):
     x, y = torch.randn(64, 1, 8, 8), torch.randint(0, 2, (64,))
 
     def distance(mu: float) -> float:
@@ -126,16 +106,14 @@ def test_fedprox_proximal_step_pulls_towards_the_global_model():
         model = build_model(2, 1, 2, width=4, depth=1)
         start = [p.detach().clone() for p in model.parameters()]
         torch.manual_seed(1)
-        train_dp(
+        sgd(
             model,
             x,
             y,
+            noise_multiplier=0.0,
             epochs=3,
             batch_size=16,
             learning_rate=0.5,
-            noise_multiplier=0.0,
-            max_grad_norm=1.0,
-            accountant="rdp",
             proximal_mu=mu,
         )
         pairs = zip(model.parameters(), start, strict=True)
@@ -145,7 +123,10 @@ def test_fedprox_proximal_step_pulls_towards_the_global_model():
 
 
 def test_only_simulated_or_explicitly_allowing_nodes_train_without_dp():
-    from client.app import non_dp_allowed
+    from common.config import NodePolicy
+
+    def non_dp_allowed(node_config: dict) -> bool:
+        return NodePolicy.parse(node_config).may_train_without_dp
 
     assert non_dp_allowed({"partition-id": 0, "num-partitions": 2})
     assert not non_dp_allowed({"data-dir": "/d", "state-dir": "/s"})  # a real node: DP only

@@ -13,7 +13,6 @@ import math
 import pytest
 import torch
 
-from client.train import train_dp
 from common.models import build_model
 from simulations.bench_utility import parse_epsilons, parse_overrides, summarise
 from simulations.cli import main as fedvox
@@ -120,37 +119,17 @@ def test_cli_parsing_helpers():
     }
 
 
-def test_non_private_training_leaves_no_privacy_history():
+def test_non_private_training_leaves_no_privacy_history(sgd):
     torch.manual_seed(0)
     model = build_model(2, 1, 2, width=4, depth=1)
     x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 2, (16,))
     before = [p.detach().clone() for p in model.parameters()]
-    result = train_dp(
-        model,
-        x,
-        y,
-        epochs=1,
-        batch_size=8,
-        learning_rate=0.1,
-        noise_multiplier=None,
-        max_grad_norm=1.0,
-        accountant="rdp",
-    )
+    result = sgd(model, x, y, noise_multiplier=None)
     assert result.history == [] and math.isfinite(result.loss)
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     # The same call with DP records its (sigma, q, steps) and works after an eval() too.
     model.eval()
-    dp = train_dp(
-        model,
-        x,
-        y,
-        epochs=1,
-        batch_size=8,
-        learning_rate=0.1,
-        noise_multiplier=1.0,
-        max_grad_norm=1.0,
-        accountant="rdp",
-    )
+    dp = sgd(model, x, y)
     assert [h[0] for h in dp.history] == [1.0]
 
 

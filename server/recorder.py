@@ -1,0 +1,150 @@
+"""After every round: score the global model on the holdout, keep a checkpoint, write it down.
+
+`HoldoutEvaluator` is the one held-out evaluation of fedvox (the server's, every round, and the
+benchmarks' pooled reference): it picks the decision threshold and temperature from the
+hospitals' VALIDATION aggregates (`common.calibration`), predicts the holdout once, and
+measures the result. `RoundRecorder` adds what a round leaves behind: the checkpoint
+(`best` by the task's score), ROC points, the round's entry in summary.json (held-out
+metrics, every hospital's status, epsilon and local validation metrics) and one log line.
+"""
+
+from __future__ import annotations
+
+import time
+from logging import INFO
+from typing import Any
+
+import torch
+from flwr.common.logger import log
+
+from common.calibration import SUMMARY_KEYS, calibrated_metrics, choose_calibration
+from common.data import SiteDataset
+from common.protocol import NodeReply
+from common.tasks import Evaluation, Task
+from common.weights import fingerprint
+from server.run_dir import RunDir
+
+
+class HoldoutEvaluator:
+    def __init__(self, task: Task, holdout: SiteDataset) -> None:
+        self.task = task
+        self.holdout = holdout
+
+    def evaluate(
+        self, model: torch.nn.Module, validation: list[dict[str, Any]]
+    ) -> tuple[dict[str, float | None], Evaluation]:
+        """(held-out metrics, the evaluation) of `model`; `validation` are the hospitals'
+        evaluate metrics for this very model (their calibration aggregates)."""
+        calib = choose_calibration(validation)
+        chosen = {"threshold": calib.threshold} if calib and calib.threshold is not None else {}
+        result = self.task.evaluate(model, self.holdout.images, self.holdout.labels, **chosen)
+        central = {k: result.metrics.get(k) for k in self.task.central_keys if k in result.metrics}
+        if calib is not None and result.logits is not None:
+            central.update(calibrated_metrics(result.probs, self.holdout.labels.numpy(), calib))
+        return central, result
+
+
+class RoundRecorder:
+    def __init__(
+        self, run: RunDir, evaluator: HoldoutEvaluator, model: torch.nn.Module, offset: int
+    ) -> None:
+        self.run = run
+        self.evaluator = evaluator
+        self.model = model  # the server's copy of the global model
+        self.offset = offset  # rounds done before this invocation (resume)
+        self.best_score = run.best_score(evaluator.task.best_metric)
+        self.last_time = time.time()
+
+    def record(
+        self,
+        server_round: int,
+        state_dict: dict[str, torch.Tensor],
+        train: list[NodeReply] = (),
+        evaluate: list[NodeReply] = (),
+    ) -> dict[str, float | None]:
+        """Evaluate, checkpoint and log the global model after `server_round`."""
+        started = time.time()
+        global_round = self.offset + server_round
+        self.model.load_state_dict(state_dict)
+        validation = [r.metrics for r in evaluate if r.ok]
+        central, result = self.evaluator.evaluate(self.model, validation)
+        task = self.evaluator.task
+        score = task.score(result.metrics)
+        is_best = score is not None and score > self.best_score
+        if is_best:
+            self.best_score = score
+            self.run.summary["best"] = {"round": global_round, task.best_metric: score}
+        self.run.save_checkpoint(
+            global_round, self.model.state_dict(), self.run.summary["model"], best=is_best
+        )
+        for name, artifact in result.artifacts.items():
+            self.run.save_artifact(name, global_round, artifact)
+        self.run.summary["rounds"].append(
+            {
+                "round": global_round,
+                "central": central,
+                "weights_sha256": fingerprint(self.model.state_dict()),
+                # Wall clock since the previous round's evaluation ended (round 0: since start).
+                "wall_s": started - self.last_time,
+                "central_eval_s": time.time() - started,
+                "hospitals": hospitals_entry(train, evaluate),
+            }
+        )
+        self.run.write_summary()
+        self.last_time = time.time()
+        self._log(global_round, central)
+        return central
+
+    def add_finetuned(self, replies: list[NodeReply]) -> None:
+        """Each hospital's fine-tuned-copy metrics, beside its last-round evaluation."""
+        hospitals = self.run.summary["rounds"][-1]["hospitals"]
+        for r in replies:
+            entry = hospitals.setdefault(r.site, {}).setdefault("eval", {})
+            if r.ok:
+                entry.update(r.metrics)
+            else:
+                entry.update({"finetune-status": r.status, "finetune-reason": r.reason})
+        self.run.write_summary()
+
+    def _log(self, global_round: int, central: dict[str, float | None]) -> None:
+        hospitals = self.run.summary["rounds"][-1]["hospitals"].values()
+        eps = [h["epsilon_lifetime"] for h in hospitals if h.get("epsilon_lifetime") is not None]
+        shown = "  ".join(
+            f"{k} {v:.4f}" for k, v in central.items() if v is not None and k != "loss"
+        )
+        log(
+            INFO,
+            "fedvox round %d: held-out %s  max hospital epsilon %s",
+            global_round,
+            shown,
+            f"{max(eps):.2f}" if eps else "-",
+        )
+
+
+def hospitals_entry(train: list[NodeReply], evaluate: list[NodeReply]) -> dict[str, dict]:
+    """Per-hospital view of one round: training status, epsilon, local evaluation."""
+    out: dict[str, dict[str, Any]] = {}
+    for r in train:
+        m = r.metrics
+        out.setdefault(r.site, {}).update(
+            {
+                "status": r.status,
+                "reason": r.reason or None,
+                "num_examples": int(m.get("num-examples", 0)),
+                "epsilon_run": m.get("epsilon-run"),
+                "epsilon_lifetime": m.get("epsilon-lifetime"),
+                "delta": m.get("delta"),
+                "train_loss": m.get("train-loss"),
+                "noise_multiplier": m.get("noise-multiplier"),
+                "steps": m.get("steps"),
+                "data_s": m.get("data-s"),
+                "compute_s": m.get("compute-s"),
+            }
+        )
+    for r in evaluate:
+        entry = out.setdefault(r.site, {"status": r.status})
+        if r.ok:  # calibration aggregates are used above, not kept (long lists)
+            entry["eval"] = {k: v for k, v in r.metrics.items() if k not in SUMMARY_KEYS}
+        else:
+            entry["eval"] = {"status": r.status, "reason": r.reason}
+    return out
