@@ -130,10 +130,8 @@ def local_sgd(
 ) -> TrainResult:
     """Train `model` in place: Opacus DP-SGD (Poisson sampling, per-sample clipping, noise).
 
-    FedProx's proximal term mu/2 * ||w - w_global||^2 is applied as a separate,
-    data-independent step after each private update: it does not touch the data, so
-    it needs no clipping or noise and costs no privacy (adding it to the loss would
-    leave it out of Opacus' per-sample gradients anyway).
+    FedProx's proximal term mu/2 * ||w - w_global||^2 is a separate, data-independent step
+    after each private update: it needs no clipping or noise and costs no privacy.
 
     `max_physical_batch` (DP only; 0 = off): a logical (Poisson) batch larger than this is
     split by Opacus' BatchMemoryManager into physical chunks whose clipped gradients are
@@ -148,14 +146,13 @@ def local_sgd(
     optimizer = torch.optim.SGD(model.parameters(), lr=s.learning_rate, momentum=s.momentum)
     global_params = [p.detach().clone() for p in model.parameters()] if s.proximal_mu > 0 else []
     model.train()  # Opacus refuses a module in eval mode (e.g. after an evaluation)
-    if noise_multiplier is None:
-        dp_model, dp_optimizer, dp_loader, engine = model, optimizer, loader, None
-    else:
+    engine = None
+    dp_model, dp_optimizer, dp_loader = model, optimizer, loader
+    if noise_multiplier is not None:
         dp_model, dp_optimizer, dp_loader, engine = make_private(
             model, optimizer, loader, noise_multiplier, s.max_grad_norm, s.accountant
         )
     loss_fn = loss_fn or nn.CrossEntropyLoss()
-    dp_model.train()
     losses: list[float] = []
     with warnings.catch_warnings():
         # Expected with Opacus hooks: image inputs never require gradients.
