@@ -77,21 +77,6 @@ def _conv_weight_per_sample(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) 
     return gw.view(n, *w_shape)
 
 
-def conv_grad_sampler(
-    layer: nn.Module,
-    activations: list[torch.Tensor],
-    backprops: torch.Tensor,
-    skip_weight: bool = False,
-) -> dict[nn.Parameter, torch.Tensor]:
-    x = activations[0]
-    ret = {}
-    if layer.weight.requires_grad and not skip_weight:
-        ret[layer.weight] = _conv_weight_per_sample(layer, x, backprops)
-    if layer.bias is not None and layer.bias.requires_grad:
-        ret[layer.bias] = backprops.flatten(2).sum(2)
-    return ret
-
-
 def _use_ghost(layer: nn.Module, out_shape: torch.Size) -> bool:
     """Book-keeping ("mixed ghost") rule: norms via T x T Gram matrices when that is smaller than a
     per-sample weight gradient (2 T^2 < Cout * Cin/groups * k^d, T = output positions).
@@ -137,20 +122,33 @@ def conv_weight_norm_sample(layer: nn.Conv2d, x: torch.Tensor, g: torch.Tensor) 
     return torch.einsum("nij,nij->n", _unfolded_gram(layer, x), ggt).clamp_(min=0).sqrt_()
 
 
-def linear_grad_sampler(
-    layer: nn.Linear,
-    activations: list[torch.Tensor],
-    backprops: torch.Tensor,
-    skip_weight: bool = False,
-) -> dict[nn.Parameter, torch.Tensor]:
-    x = activations[0]
-    ret = {}
-    if layer.weight.requires_grad and not skip_weight:
-        ret[layer.weight] = torch.einsum("n...i,n...j->nij", backprops, x)
-    if layer.bias is not None and layer.bias.requires_grad:
-        ret[layer.bias] = torch.einsum("n...k->nk", backprops)
-    return ret
+def _sampler(
+    weight: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor],
+    bias: Callable[[torch.Tensor], torch.Tensor],
+) -> Callable[..., dict[nn.Parameter, torch.Tensor]]:
+    """An Opacus-style grad sampler from per-sample weight and bias gradient functions."""
 
+    def sampler(
+        layer: nn.Module,
+        activations: list[torch.Tensor],
+        backprops: torch.Tensor,
+        skip_weight: bool = False,  # the weight's norms come from the ghost path instead
+    ) -> dict[nn.Parameter, torch.Tensor]:
+        ret = {}
+        if layer.weight.requires_grad and not skip_weight:
+            ret[layer.weight] = weight(layer, activations[0], backprops)
+        if layer.bias is not None and layer.bias.requires_grad:
+            ret[layer.bias] = bias(backprops)
+        return ret
+
+    return sampler
+
+
+conv_grad_sampler = _sampler(_conv_weight_per_sample, lambda g: g.flatten(2).sum(2))
+linear_grad_sampler = _sampler(
+    lambda layer, x, g: torch.einsum("n...i,n...j->nij", g, x),
+    lambda g: torch.einsum("n...k->nk", g),
+)
 
 GRAD_SAMPLERS: dict[type, Callable[..., dict[nn.Parameter, torch.Tensor]]] = {
     nn.Conv1d: conv_grad_sampler,

@@ -50,13 +50,7 @@ def final_round(summary: dict) -> dict:
     ]
     return {
         "round": last["round"],
-        "auc": central.get("auc"),
-        "acc": central.get("accuracy"),
-        "sensitivity": central.get("sensitivity"),
-        "specificity": central.get("specificity"),
-        "threshold": central.get("threshold"),
-        "ece": central.get("ece"),
-        "ece_raw": central.get("ece-raw"),
+        **held_out_numbers(central),
         "site_auc": site_auc,
         "site_auc_finetuned": site_auc_finetuned,
         "dice": _dice(central),
@@ -66,6 +60,19 @@ def final_round(summary: dict) -> dict:
             if isinstance(h.get("eval"), dict) and h["eval"].get("dice-mean") is not None
         },
         "max_epsilon_spent": max(_finite(eps), default=None),
+    }
+
+
+def held_out_numbers(central: dict) -> dict:
+    """The held-out metrics a benchmark row keeps, from summary.json's "central"."""
+    return {
+        "auc": central.get("auc"),
+        "acc": central.get("accuracy"),
+        "sensitivity": central.get("sensitivity"),
+        "specificity": central.get("specificity"),
+        "threshold": central.get("threshold"),
+        "ece": central.get("ece"),
+        "ece_raw": central.get("ece-raw"),
     }
 
 

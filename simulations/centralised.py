@@ -21,6 +21,7 @@ from common.data import default_image_size, load_site
 from common.paths import list_sites
 from common.tasks import ModelSpec, build_task_model, task_for
 from server.recorder import HoldoutEvaluator
+from simulations.bench_table import held_out_numbers
 
 
 def run_centralised(data_dir: Path, cfg: RunConfig, seed: int, cache_dir: Path) -> dict:
@@ -50,13 +51,7 @@ def run_centralised(data_dir: Path, cfg: RunConfig, seed: int, cache_dir: Path) 
     central, _ = HoldoutEvaluator(task, holdout).evaluate(model, validation)
     out = {
         "round": cfg.num_server_rounds * cfg.local_epochs,
-        "auc": central.get("auc"),
-        "acc": central.get("accuracy"),
-        "sensitivity": central.get("sensitivity"),
-        "specificity": central.get("specificity"),
-        "threshold": central.get("threshold"),
-        "ece": central.get("ece"),
-        "ece_raw": central.get("ece-raw"),
+        **held_out_numbers(central),
         "site_auc": {n: e.metrics.get("auc") for n, e in site_eval.items()},
         "dice": {k[5:]: float(v) for k, v in central.items() if k.startswith("dice-")},
         "site_dice": {n: e.metrics.get("dice-mean") for n, e in site_eval.items()},

@@ -512,10 +512,6 @@ def _write_sites(root: Path, sizes: dict[str, int]) -> None:
         make_site(root / name, cases, class_names=["normal", "lesion"], modality="MR")
 
 
-HAVE_APPS = (ROOT / "client" / "app.py").exists() and (ROOT / "server" / "app.py").exists()
-
-
-@pytest.mark.skipif(not HAVE_APPS, reason="client/app.py or server/app.py not written yet")
 def test_two_hospitals_two_rounds_over_tls_with_node_auth(federation):
     from client.ledger import LEDGER_FILE
 
