@@ -22,9 +22,9 @@ from client.audit import audit_mod
 from client.ledger import PrivacyLedger
 from client.train import TrainResult, scheduled_learning_rate, steps_per_epoch, train_dp
 from common.calibration import validation_summary
-from common.data import SiteDataset, load_site
 from common.paths import absolute, default_output_dir, demo_data_dir, list_sites
 from common.privacy import Budget, PrivacyRefusal, calibrate_noise_multiplier, resolve_budget
+from common.site import SiteData, load_site
 from common.tasks import model_options, task_for
 from common.weights import keep_local, load_record, norm_parameter_names, restore_local, to_record
 
@@ -80,7 +80,7 @@ class Node:
     def fedbn(self) -> bool:
         return _flag(self.run_config.get("fedbn", False))
 
-    def global_model(self, msg: Message, data: SiteDataset) -> torch.nn.Module:
+    def global_model(self, msg: Message, data: SiteData) -> torch.nn.Module:
         """The model as the server sent it; with fedbn, this site's own norm parameters."""
         model = self.model(data)
         load_record(model, msg.content.array_records["arrays"])
@@ -113,7 +113,7 @@ class Node:
         size = self.server_config.get("image-size")
         return tuple(int(s) for s in size) if size else None
 
-    def load(self, split: str) -> SiteDataset:
+    def load(self, split: str) -> SiteData:
         return load_site(
             self.site,
             split=split,
@@ -122,7 +122,7 @@ class Node:
             log=log.info,
         )
 
-    def model(self, data: SiteDataset) -> torch.nn.Module:
+    def model(self, data: SiteData) -> torch.nn.Module:
         try:
             return task_for(data.spec).build_model(
                 data.spatial_dims,
@@ -356,7 +356,7 @@ def _flag(value) -> bool:
 
 
 def _local_training(
-    msg: Message, node: Node, data: SiteDataset, noise_multiplier: float | None
+    msg: Message, node: Node, data: SiteData, noise_multiplier: float | None
 ) -> tuple[torch.nn.Module, TrainResult]:
     """The global model from `msg`, trained on this site (DP unless noise_multiplier is None)."""
     run, server = node.run_config, node.server_config
@@ -386,7 +386,7 @@ def _local_training(
 def _fit(
     model: torch.nn.Module,
     node: Node,
-    data: SiteDataset,
+    data: SiteData,
     noise_multiplier: float | None,
     *,
     epochs: int,
@@ -442,7 +442,7 @@ def personalised_model_path(node: Node, run_uid: str, global_round: int) -> Path
     return node.state_dir / "personalised" / f"{run_uid}-round{global_round}.pt"
 
 
-def _finetune(model: torch.nn.Module, node: Node, val: SiteDataset) -> dict[str, float]:
+def _finetune(model: torch.nn.Module, node: Node, val: SiteData) -> dict[str, float]:
     """Local fine-tuning of the run's final global model for this site (finetune-epochs > 0).
 
     Runs once, at the evaluation of the run's last planned round. The fine-tuned model stays
@@ -502,7 +502,7 @@ def _finetune(model: torch.nn.Module, node: Node, val: SiteDataset) -> dict[str,
     return out
 
 
-def _train_plain(msg: Message, node: Node, data: SiteDataset) -> Message:
+def _train_plain(msg: Message, node: Node, data: SiteData) -> Message:
     """One round WITHOUT differential privacy (run config dp=false): no ledger entry, and
     the reply says epsilon = inf so nobody mistakes the result for a private one."""
     t1 = time.perf_counter()

@@ -15,7 +15,7 @@ Axis order. MedMNIST stores an image as a C-order array (H, W) or (D, H, W). We 
 array with its axes reversed, the ITK/SimpleITK convention: NIfTI X = W (column), Y = H (row),
 Z = D (slice), with a 1 mm diagonal affine. So `nib.load(f).get_fdata().T` is the npz image
 again, and dataset.json's `image_size` (the model input) is the NIfTI shape (W, H[, D]) — for 3D
-volumes larger than 32³ it is 32³ (`common.data.auto_input_size`).
+volumes larger than 32³ it is 32³ (`common.site.auto_input_size`).
 
 Safety. Everything is written into a hidden sibling temp folder and renamed onto `<out>` only
 when complete, under a file lock (`.<out>.lock` next to `<out>`). So a crash never leaves a
@@ -212,7 +212,7 @@ def write_site(
         w = csv.writer(f)
         w.writerow(["case", "label"] + (["split"] if splits is not None else []))
         w.writerows(rows)
-    from common.data import auto_input_size  # torch-heavy module: only when writing
+    from common.site.spec import auto_input_size  # torch-heavy package: only when writing
 
     meta = {
         "task": "classification",
@@ -220,7 +220,7 @@ def write_site(
         "modality": modality,
         "spatial_dims": images.ndim - 1,
         # the model input: the written size, except 3D volumes larger than 32^3 (trained at
-        # 32^3 unless the run config's image-size says otherwise; see common/data.py)
+        # 32^3 unless the run config's image-size says otherwise; see common/site/spec.py)
         "image_size": list(auto_input_size(images.shape[1:][::-1])),
     }
     (site_dir / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")

@@ -21,9 +21,9 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from common.calibration import SUMMARY_KEYS, calibrated_metrics, choose_calibration
-from common.data import default_image_size, load_site
 from common.metrics import predict_probs
 from common.paths import absolute, default_output_dir, demo_data_dir
+from common.site import default_image_size, load_site
 from common.tasks import model_options, task_for
 from common.weights import fingerprint
 from server.grid import ResponsiveGrid

@@ -215,9 +215,9 @@ def run_centralised(data_dir: Path, cfg: dict, seed: int, cache_dir: Path) -> di
 
     from client.train import scheduled_learning_rate, train_dp
     from common.calibration import calibrated_metrics, choose_calibration, validation_summary
-    from common.data import default_image_size, load_site
     from common.metrics import evaluate_model
     from common.paths import list_sites
+    from common.site import default_image_size, load_site
     from common.tasks import model_options, task_for
 
     t0 = time.monotonic()

@@ -13,7 +13,7 @@ from nifti_factory import write_nifti
 from opacus.validators import ModuleValidator
 
 from client.train import train_dp
-from common.data import DataError, clear_memory_cache, load_site, validate_site
+from common.site import DataError, clear_memory_cache, load_site, validate_site
 from common.tasks import SegmentationTask, task_for
 from simulations.local import LocalFederation
 from simulations.phantoms import PHANTOMS, make_phantom_sites
