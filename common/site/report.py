@@ -38,7 +38,7 @@ class SiteReport:
     site: Path
     spec: DatasetSpec
     reports: list[CaseReport]
-    cases: list[Case]  # the valid ones, sorted by case id
+    cases: list[Case]  # the valid ones, in image file name order
 
     @property
     def n_valid(self) -> int:
