@@ -31,7 +31,6 @@ from client.gate import PrivacyGate
 from client.node import Node, NodeConfigError
 from client.train import LocalTraining, local_sgd
 from common.calibration import validation_summary
-from common.data import SiteDataset
 from common.privacy import PrivacyRefusal
 from common.protocol import (
     EVAL_METRIC_KEYS,
@@ -41,6 +40,7 @@ from common.protocol import (
     TRAIN_METRIC_KEYS,
     reply,
 )
+from common.site import SiteData
 from common.tasks import task_for
 from common.weights import to_record
 
@@ -156,7 +156,7 @@ def _refuse(
 
 
 def _train_without_dp(
-    msg: Message, node: Node, data: SiteDataset, metrics: dict, t1: float
+    msg: Message, node: Node, data: SiteData, metrics: dict, t1: float
 ) -> Message:
     """One round WITHOUT differential privacy (run config dp=false): no ledger entry, and
     the reply says epsilon = inf so nobody mistakes the result for a private one."""
@@ -197,7 +197,7 @@ def _evaluate(msg: Message, node: Node) -> Message:
     return reply(msg, node.site_name, OK, metrics)
 
 
-def _validation_metrics(model: torch.nn.Module, data: SiteDataset) -> dict:
+def _validation_metrics(model: torch.nn.Module, data: SiteData) -> dict:
     """Metrics of `model` on this site's validation part, plus the calibration aggregates
     (case counts per score bin, loss per temperature) the server picks its threshold from."""
     evaluation = task_for(data.spec).evaluate(model, data.images, data.labels)

@@ -18,9 +18,9 @@ from flwr.app import Context, Message, RecordDict
 
 from client.train import LocalTraining, scheduled_learning_rate, steps_per_epoch
 from common.config import ConfigError, NodePolicy, RunConfig
-from common.data import SiteDataset, load_site
 from common.paths import default_output_dir, demo_data_dir, list_sites
 from common.protocol import ARRAYS, RoundPlan
+from common.site import SiteData, load_site
 from common.tasks import ModelSpec, build_task_model
 from common.weights import keep_local, load_record, norm_parameter_names, restore_local
 
@@ -71,7 +71,7 @@ class Node:
         return cls(cfg, policy, plan, site, name, state_dir, context.state)
 
     # -- data and model -------------------------------------------------------------------
-    def load(self, split: str) -> SiteDataset:
+    def load(self, split: str) -> SiteData:
         return load_site(
             self.site,
             split=split,
@@ -80,13 +80,13 @@ class Node:
             log=log.info,
         )
 
-    def build_model(self, data: SiteDataset) -> torch.nn.Module:
+    def build_model(self, data: SiteData) -> torch.nn.Module:
         try:
             return build_task_model(ModelSpec.of(data, self.cfg.model_options))
         except ValueError as e:  # names the `model` setting and shapes only: safe to send
             raise NodeConfigError(str(e)) from e
 
-    def global_model(self, msg: Message, data: SiteDataset) -> torch.nn.Module:
+    def global_model(self, msg: Message, data: SiteData) -> torch.nn.Module:
         """The model as the server sent it; with fedbn, this site's own norm parameters."""
         model = self.build_model(data)
         load_record(model, msg.content.array_records[ARRAYS])

@@ -22,9 +22,9 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import RunConfig
-from common.data import SiteDataset, default_image_size, load_site
 from common.paths import default_output_dir, demo_data_dir
 from common.protocol import RoundPlan
+from common.site import SiteData, default_image_size, load_site
 from common.tasks import ModelSpec, build_task_model, task_for
 from common.weights import fingerprint
 from server.grid import ResponsiveGrid
@@ -75,7 +75,7 @@ class OpenedRun:
     run: RunDir
     plan: RoundPlan
     task: Any
-    holdout: SiteDataset
+    holdout: SiteData
     model: torch.nn.Module
     resumed: bool
 

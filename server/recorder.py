@@ -18,15 +18,15 @@ import torch
 from flwr.common.logger import log
 
 from common.calibration import SUMMARY_KEYS, calibrated_metrics, choose_calibration
-from common.data import SiteDataset
 from common.protocol import NodeReply
+from common.site import SiteData
 from common.tasks import Evaluation, Task
 from common.weights import fingerprint
 from server.run_dir import RunDir
 
 
 class HoldoutEvaluator:
-    def __init__(self, task: Task, holdout: SiteDataset) -> None:
+    def __init__(self, task: Task, holdout: SiteData) -> None:
         self.task = task
         self.holdout = holdout
 

@@ -17,8 +17,8 @@ import torch
 from client.train import LocalTraining, local_sgd, scheduled_learning_rate
 from common.calibration import validation_summary
 from common.config import RunConfig
-from common.data import default_image_size, load_site
 from common.paths import list_sites
+from common.site import default_image_size, load_site
 from common.tasks import ModelSpec, build_task_model, task_for
 from server.recorder import HoldoutEvaluator
 from simulations.bench_table import held_out_numbers

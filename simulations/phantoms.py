@@ -20,14 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common.datasets import (
-    _locked,
-    atomic_output,
-    class_counts,
-    write_hospital,
-    write_manifest,
-    write_site,
-)
+from common.datasets import class_counts, write_hospital, write_site
+from common.prepare_output import atomic_output, locked, write_manifest
 
 
 @dataclass(frozen=True)
@@ -141,13 +135,13 @@ def make_phantom_sites(
         "val_fraction": val_fraction,
     }
     if phantom.task == "segmentation":
-        with _locked(out), atomic_output(out) as tmp:
+        with locked(out), atomic_output(out) as tmp:
             counts = _make_segmentation_sites(
                 phantom, tmp, hospitals, cases_per_site, holdout_cases, rng, size, val_fraction
             )
             write_manifest(tmp, params, counts, ["no-nodule", "nodule"])
         return counts
-    with _locked(out), atomic_output(out) as tmp:
+    with locked(out), atomic_output(out) as tmp:
         for h in range(1, hospitals + 1):
             style = random_style(rng)
             images, labels = phantom.generate(rng, cases_per_site, size, style)

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from common.config import RunConfig
-from common.data import load_site
 from common.models import ScatterCNN, build_model
 from common.privacy import calibrate_noise_multiplier, compute_epsilon
+from common.site import load_site
 from common.tasks import ModelSpec, task_for
 from simulations.phantoms import make_phantom_sites
 

@@ -12,7 +12,7 @@ import torch
 from nifti_factory import write_nifti
 from opacus.validators import ModuleValidator
 
-from common.data import DataError, clear_memory_cache, load_site, validate_site
+from common.site import DataError, clear_memory_cache, load_site, validate_site
 from common.tasks import ModelSpec, SegmentationTask, task_for
 from simulations.local import LocalFederation
 from simulations.phantoms import PHANTOMS, make_phantom_sites
