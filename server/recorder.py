@@ -12,17 +12,21 @@ from __future__ import annotations
 
 import time
 from logging import INFO
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from flwr.common.logger import log
 
 from common.calibration import SUMMARY_KEYS, calibrated_metrics, choose_calibration
+from common.predict import predict_fields
 from common.protocol import NodeReply
 from common.site import SiteData
 from common.tasks import Evaluation, Task
 from common.weights import fingerprint
 from server.run_dir import RunDir
+
+if TYPE_CHECKING:
+    from server.outputs import RunOutputs
 
 
 class HoldoutEvaluator:
@@ -54,6 +58,7 @@ class RoundRecorder:
         self.offset = offset  # rounds done before this invocation (resume)
         self.best_score = run.best_score(evaluator.task.best_metric)
         self.last_time = time.time()
+        self.outputs: RunOutputs | None = None  # progress line, report (set by server/app.py)
 
     def record(
         self,
@@ -74,8 +79,13 @@ class RoundRecorder:
         if is_best:
             self.best_score = score
             self.run.summary["best"] = {"round": global_round, task.best_metric: score}
+        holdout = self.evaluator.holdout
         self.run.save_checkpoint(
-            global_round, self.model.state_dict(), self.run.summary["model"], best=is_best
+            global_round,
+            self.model.state_dict(),
+            self.run.summary["model"],
+            best=is_best,
+            predict=predict_fields(holdout.preprocess, holdout.spec.class_names, central),
         )
         for name, artifact in result.artifacts.items():
             self.run.save_artifact(name, global_round, artifact)
@@ -93,6 +103,8 @@ class RoundRecorder:
         self.run.write_summary()
         self.last_time = time.time()
         self._log(global_round, central)
+        if self.outputs is not None:
+            self.outputs.after_round(global_round, result, self.model)
         return central
 
     def add_finetuned(self, replies: list[NodeReply]) -> None:
