@@ -30,10 +30,18 @@ def gradcam(model: nn.Module, image: torch.Tensor, class_index: int) -> torch.Te
     from monai.visualize import GradCAM
 
     model.eval()
-    cam = GradCAM(nn_module=model, target_layers=target_layer(model))
+    # MONAI's default post-processing maps (min, max) to (1, 0), i.e. it FLIPS the map (its
+    # docstring says so): keep the raw map and scale it to [0, 1] with the peak at 1 here.
+    cam = GradCAM(nn_module=model, target_layers=target_layer(model), postprocessing=_identity)
     with torch.enable_grad():
         heat = cam(image[None].clone().requires_grad_(True), class_idx=class_index)
-    return heat[0].detach().float()
+    heat = heat[0].detach().float()
+    low, high = heat.min(), heat.max()
+    return (heat - low) / (high - low) if high > low else torch.zeros_like(heat)
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
 def foreground_probability(probs: torch.Tensor) -> torch.Tensor:
