@@ -39,6 +39,21 @@ class ConsoleFilter(logging.Filter):
         return not any(src in record.pathname for src in QUIET_SOURCES)
 
 
+# The root handler `logging.basicConfig` in opacus/utils/module_utils.py installs on import.
+OPACUS_ROOT_FORMAT = "%(asctime)s:%(levelname)s:%(message)s"
+
+
+def drop_opacus_root_handler() -> None:
+    """Remove the root handler Opacus put there on import (a library configuring the root
+    logger for the whole process): Flower's records, DEBUG included, are printed twice by it,
+    also after the run (Flower's simulation shutdown)."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        fmt = getattr(handler.formatter, "_fmt", None)
+        if type(handler) is logging.StreamHandler and fmt == OPACUS_ROOT_FORMAT:
+            root.removeHandler(handler)
+
+
 class RunLog:
     """`with RunLog(run_dir):` for the length of a run (restores everything on exit)."""
 
@@ -47,16 +62,17 @@ class RunLog:
         self.flwr = logging.getLogger("flwr")
         self.filter = ConsoleFilter()
         self.file: logging.FileHandler | None = None
-        self._saved: tuple[bool, int] | None = None
+        self._saved_propagate: bool | None = None
 
     def __enter__(self) -> RunLog:
         from flwr.common.logger import console_handler
 
+        drop_opacus_root_handler()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.file = logging.FileHandler(self.path, encoding="utf-8")
         self.file.setLevel(logging.DEBUG)
         self.file.setFormatter(logging.Formatter(FILE_FORMAT))
-        self._saved = (self.flwr.propagate, self.flwr.level)
+        self._saved_propagate = self.flwr.propagate
         self.flwr.propagate = False  # no second copy through a root handler (Opacus')
         self.flwr.addHandler(self.file)
         console_handler.addFilter(self.filter)
@@ -69,6 +85,7 @@ class RunLog:
     def __exit__(self, *exc: object) -> None:
         from flwr.common.logger import console_handler
 
+        drop_opacus_root_handler()  # in case Opacus was first imported during the run
         logging.captureWarnings(False)
         warnings_logger = logging.getLogger("py.warnings")
         warnings_logger.propagate = True
@@ -77,6 +94,5 @@ class RunLog:
             warnings_logger.removeHandler(self.file)
             self.flwr.removeHandler(self.file)
             self.file.close()
-        if self._saved is not None:
-            self.flwr.propagate, level = self._saved
-            self.flwr.setLevel(level)
+        if self._saved_propagate is not None:
+            self.flwr.propagate = self._saved_propagate
