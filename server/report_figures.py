@@ -14,6 +14,7 @@ import numpy as np
 
 DPI = 100
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
+COLOR_NAMES = ["blue", "red", "green", "purple", "orange", "brown", "pink", "cyan"]
 
 
 def _figure(width: float = 6.4, height: float = 3.4):
@@ -132,7 +133,7 @@ def slices_figure(slices: list[dict], class_names: Sequence[str]) -> bytes:
         ax.set_title(str(s["case"]), fontsize=8)
         ax.set_axis_off()
     names = ", ".join(
-        f"{n}: {COLORS[(k - 1) % len(COLORS)]}" for k, n in enumerate(class_names) if k
+        f"{n}: {COLOR_NAMES[(k - 1) % len(COLORS)]}" for k, n in enumerate(class_names) if k
     )
     fig.suptitle(f"dashed = truth, solid = prediction ({names})", fontsize=8)
     return _png(fig)

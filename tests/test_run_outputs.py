@@ -65,7 +65,8 @@ def test_report_and_log_after_each_round(tmp_path, capsys):
             log(logging.INFO, "configure_train: Sampled 2 nodes (out of 2)")
     run = recorder.run.path
     log_text = (run / "server.log").read_text()
-    costs = [line.rsplit(" ", 2)[-2] for line in log_text.splitlines() if "report refreshed" in line]
+    lines = log_text.splitlines()
+    costs = [line.rsplit(" ", 2)[-2] for line in lines if "report refreshed" in line]
     print(f"report refresh costs (s): {costs}")
     assert len(costs) == 2
     assert "fedvox round 1/2 · held-out AUC" in log_text
