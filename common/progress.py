@@ -44,6 +44,7 @@ def track(items: Iterable[T], description: str, total: int | None = None) -> Ite
         return
     if total is None and hasattr(items, "__len__"):
         total = len(items)  # type: ignore[arg-type]
+    from rich.console import Console
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -60,6 +61,7 @@ def track(items: Iterable[T], description: str, total: int | None = None) -> Ite
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         transient=True,  # the bar goes away; the command's own result lines stay
+        console=Console(stderr=True),  # stdout stays the command's output (pipes, CSV, tables)
     )
     task = bar.add_task(description, total=total)
     started, shown = time.monotonic(), False

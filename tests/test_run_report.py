@@ -112,16 +112,18 @@ def test_stream_shows_one_line_per_round_and_nothing_twice(runs):
     assert "Dice" in [line for line in outputs["seg"].splitlines() if "round 2/2" in line][0]
 
 
-def test_predict_on_the_holdout_reproduces_the_servers_auc(runs, tmp_path):
+@pytest.mark.parametrize("checkpoint, index", [("last", -1), ("round-1", 1)])
+def test_predict_on_the_holdout_reproduces_the_servers_auc(runs, tmp_path, checkpoint, index):
     root, _ = runs
     run, holdout = root / "runs" / "cls", root / "blobs" / "holdout"
-    assert fedvox(["predict", "--run", str(run), str(holdout), "--out", str(tmp_path)]) == 0
+    argv = ["predict", "--run", str(run), "--checkpoint", checkpoint, str(holdout)]
+    assert fedvox([*argv, "--out", str(tmp_path)]) == 0
     rows = {r["case"]: r for r in csv.DictReader(open(tmp_path / "predictions.csv"))}
     truth = {r["case"]: int(r["label"]) for r in csv.DictReader(open(holdout / "labels.csv"))}
     y = np.array([truth[c] for c in rows])
     p = np.array([float(r["probability"]) for r in rows.values()])
     pred = np.array([int(r["label"]) for r in rows.values()])
-    central = json.loads((run / "summary.json").read_text())["rounds"][-1]["central"]
+    central = json.loads((run / "summary.json").read_text())["rounds"][index]["central"]
     assert abs(roc_auc_score(y, p) - central["auc"]) <= 0.005
     assert (pred[y == 1] == 1).mean() == pytest.approx(central["sensitivity"])
     assert (pred[y == 0] == 0).mean() == pytest.approx(central["specificity"])
