@@ -122,6 +122,8 @@ class Predictor:
 
     def load_input(self, path: Path, modality: str | None) -> tuple[Any, torch.Tensor]:
         """(nibabel image, preprocessed tensor) or InputError naming the file."""
+        if path.is_dir():
+            raise InputError(f"{path}: a folder without NIfTI files (images/<case>.nii.gz)")
         try:
             img = nib.load(path)
             data = np.asarray(img.dataobj, dtype=np.float32)
@@ -133,6 +135,8 @@ class Predictor:
                 f"{path}: a {dims}D image (shape {tuple(img.shape)}); this model takes "
                 f"{self.spec.spatial_dims}D images"
             )
+        if not np.isfinite(data).all():
+            raise InputError(f"{path}: has NaN or infinite voxel values")
         self._check_modality(path, modality, data)
         return img, build_transform(self.preprocess)(img)
 

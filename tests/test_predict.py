@@ -4,8 +4,9 @@
   own voxels, for files that are neither RAS nor at the model's size (2D and 3D);
 * saliency: a CNN trained to spot one bright blob looks at the blob (Grad-CAM peak inside it)
   for at least 80 % of the positive cases;
-* errors: a file of the wrong dimensionality, an unreadable one and a folder of another
-  modality each get an error naming the file, and the other inputs are still predicted.
+* errors: a file of the wrong dimensionality, an unreadable one, one with NaN voxels, an empty
+  folder and a folder of another modality each get an error naming the file, and the other
+  inputs are still predicted.
 """
 
 from __future__ import annotations
@@ -126,13 +127,21 @@ def test_bad_inputs_are_named_and_the_rest_still_predicted(blob_run, tmp_path, c
     ct_site = tmp_path / "ct-site"
     write_nifti(ct_site / "images" / "scan.nii.gz", images[0])
     (ct_site / "dataset.json").write_text('{"modality": "CT"}')
+    nan = images[0].copy()
+    nan[3, 4] = np.nan
+    holey = write_nifti(tmp_path / "holey.nii.gz", nan)
+    empty = tmp_path / "empty"
+    empty.mkdir()
     argv = ["predict", "--run", str(blob_run), "--checkpoint", "best", "--out", str(tmp_path)]
-    code = fedvox([*argv, str(volume), str(broken), str(good), str(ct_site)])
+    inputs = [volume, broken, good, ct_site, holey, empty]
+    code = fedvox([*argv, *map(str, inputs)])
     err = capsys.readouterr().err
     assert code == 1
     assert f"{volume}: a 3D image" in err and "takes 2D images" in err
     assert f"{broken}: not a readable NIfTI file" in err
     assert f"{ct_site / 'images' / 'scan.nii.gz'}: modality 'CT'" in err
+    assert f"{holey}: has NaN or infinite voxel values" in err
+    assert f"{empty}: a folder without NIfTI files" in err
     rows = list(csv.DictReader(open(tmp_path / "predictions.csv")))
     assert [r["case"] for r in rows] == ["good"]
     assert set(rows[0]) >= {"case", "probability", "label", "class_name"}
