@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.datasets import _locked  # the lock `fedvox prepare` takes on an output folder
-from common.files import atomic_write_json, fsync_dir
+from common.files import atomic_write_text, fsync_dir
 
 MANIFEST = "import.json"
 MANIFEST_VERSION = 1
@@ -260,28 +260,34 @@ class SiteWriter:
             if p.is_symlink() or p.is_file()
         }
         new_hash = {rel: _digest(p) for rel, p in staged.items()}
+        moves = [
+            rel
+            for rel in staged
+            if not (os.path.lexists(self.site / rel) and _digest(self.site / rel) == new_hash[rel])
+        ]  # files with the same bytes are left alone (and keep their mtime)
         old_files = self.manifest.get("files", {})
         keep = {rel: e for rel, e in old_files.items() if os.path.lexists(self.site / rel)}
-        pending = dict(keep)
-        for rel, h in new_hash.items():
-            pending[rel] = {"sha256": [*keep.get(rel, {}).get("sha256", []), h]}
         self.site.mkdir(parents=True, exist_ok=True)
-        self._write_manifest(pending, cases, spec)
-        for rel, src in staged.items():
+        if moves:  # first: both versions of every file about to change count as ours
+            pending = dict(keep)
+            for rel in moves:
+                old = keep.get(rel, {}).get("sha256", [])
+                pending[rel] = {"sha256": [*old, new_hash[rel]]}
+            self._write_manifest(pending, cases, spec)
+        for rel in moves:
             dst = self.site / rel
-            if os.path.lexists(dst):
-                if _digest(dst) == new_hash[rel]:
-                    continue  # same bytes: leave the file (and its mtime) alone
             dst.parent.mkdir(parents=True, exist_ok=True)
-            _fsync_file(src)
-            _move(src, dst)
-        for folder in {self.site / Path(rel).parent for rel in staged}:
+            _fsync_file(staged[rel])
+            _move(staged[rel], dst)
+        for folder in {self.site / Path(rel).parent for rel in moves}:
             fsync_dir(folder)
-        final = dict(keep)
-        for rel, h in new_hash.items():
-            final[rel] = {"sha256": [h]}
-        for rel in final:
-            final[rel]["stat"] = _stat_key(self.site / rel)
+        final = {
+            rel: {
+                "sha256": [new_hash.get(rel) or keep[rel]["sha256"][-1]],
+                "stat": _stat_key(self.site / rel),
+            }
+            for rel in sorted(set(keep) | set(new_hash))
+        }
         self._write_manifest(final, cases, spec)
         return len(cases)
 
@@ -293,7 +299,10 @@ class SiteWriter:
             "cases": cases,
             "files": dict(sorted(files.items())),
         }
-        atomic_write_json(self.site / MANIFEST, manifest)
+        text = json.dumps(manifest, indent=1) + "\n"
+        path = self.site / MANIFEST
+        if not path.exists() or path.read_text(encoding="utf-8") != text:  # idempotent re-run
+            atomic_write_text(path, text)
 
 
 @contextlib.contextmanager
