@@ -58,6 +58,7 @@ class DicomFile:
     samples: int
     frames: int
     pixel_problem: str  # "" when pixel data is present and complete (as far as headers tell)
+    burned_in: bool  # BurnedInAnnotation YES: identifying text drawn into the pixels
     has_pixels: bool
     spacing: tuple[float, ...] | None
     geometry: list[tuple[tuple[float, ...] | None, tuple[float, ...] | None]]  # (IPP, IOP)/frame
@@ -150,6 +151,7 @@ def read_file(path: Path, rel: str) -> DicomFile:
         samples=int(ds.get("SamplesPerPixel", 1) or 1),
         frames=frames,
         pixel_problem=_pixel_problem(ds, frames) if has_pixels else "",
+        burned_in=str(ds.get("BurnedInAnnotation", "")).strip().upper() == "YES",
         has_pixels=has_pixels,
         spacing=_spacing(ds),
         geometry=_frame_geometry(ds, frames) if has_pixels else [],
@@ -200,6 +202,8 @@ def series_problem(files: list[DicomFile], modalities: tuple[str, ...]) -> str:
         return f"localiser / scout (ImageType {sorted(types)[0]})"
     if any(f.image_type[:1] == ("DERIVED",) for f in files):
         return f"derived image (ImageType {sorted(types)[0]}), e.g. a reformat or projection"
+    if any(f.burned_in for f in files):
+        return "burned-in annotation (BurnedInAnnotation YES: text in the pixels may identify)"
     if any(f.samples != 1 for f in files):
         return f"colour images ({first.samples} samples per pixel) are not supported"
     if len({(f.rows, f.cols) for f in files}) > 1:

@@ -138,6 +138,7 @@ def write_radiograph(
     description: str = "Chest PA",
     transfer_syntax: str | None = None,
     name: str = "xray.dcm",
+    extra: dict | None = None,
 ) -> Written:
     """One 2D projection image; `transfer_syntax`: compress it (RLE natively, JPEG 2000 with
     pylibjpeg-openjpeg)."""
@@ -149,6 +150,8 @@ def write_radiograph(
     ds.InstanceNumber, ds.SeriesDescription = 1, description
     ds.ImageType = ["ORIGINAL", "PRIMARY"]
     ds.ImagerPixelSpacing = [0.2, 0.2]
+    for key, value in (extra or {}).items():
+        setattr(ds, key, value)
     _pixels(ds, pixels, bits_stored=12)
     if transfer_syntax is not None:
         ds.compress(transfer_syntax, np.asarray(pixels, dtype=np.uint16))

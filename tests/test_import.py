@@ -232,6 +232,12 @@ def test_radiographs_and_compressed_transfer_syntaxes(tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0, out
     assert out.count("ok   case") == 3 and "64x48x1 ->" not in out and "48x64x1 ->" in out
+    # a radiograph with text drawn into its pixels is never imported
+    extra = {"BurnedInAnnotation": "YES"}
+    write_radiograph(src / "d", pixels, description="Chest AP portable", extra=extra)
+    code = fedvox(argv + ["--class-names", "normal,abnormal"])
+    line = _line(capsys.readouterr().out, '"Chest AP portable"')
+    assert code == 1 and "SKIP" in line and "burned-in annotation" in line
     images = sorted((tmp_path / "site" / "images").iterdir())
     arrays = [nib.load(p).get_fdata()[..., 0] for p in images]
     for a in arrays:  # dcm2niix's voxel order: columns along x, rows along y bottom-up
