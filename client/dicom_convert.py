@@ -38,8 +38,8 @@ class ConversionFailed(Exception):
     """dcm2niix could not turn the series into one 2D/3D volume; the message says why."""
 
 
-def converter() -> str:
-    """Path of the dcm2niix binary (from the `dcm2niix` wheel), checked to run here."""
+def converter() -> tuple[str, str]:
+    """(path, version) of the dcm2niix binary from the `dcm2niix` wheel, checked to run here."""
     try:
         import dcm2niix
     except ImportError:
@@ -49,17 +49,13 @@ def converter() -> str:
     binary = str(dcm2niix.bin)
     try:
         out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=60)
-    except OSError as e:
+    except (OSError, subprocess.TimeoutExpired) as e:
         raise ImportInputError(f"the dcm2niix binary {binary} does not run here: {e}") from None
-    if "version" not in (out.stdout + out.stderr).lower():
-        raise ImportInputError(f"the dcm2niix binary {binary} does not run here: {out.stderr}")
-    return binary
-
-
-def converter_version(binary: str) -> str:
-    out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=60)
     words = (out.stdout + out.stderr).split()
-    return next((w for w in words if w.startswith("v1.")), "unknown")
+    version = next((w for w in words if w.startswith("v1.")), "")
+    if not version:
+        raise ImportInputError(f"the dcm2niix binary {binary} does not run here: {out.stderr}")
+    return binary, version
 
 
 def _first_error(output: str) -> str:

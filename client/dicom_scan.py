@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,7 +121,9 @@ def _pixel_problem(ds: pydicom.Dataset, frames: int) -> str:
 def read_file(path: Path, rel: str) -> DicomFile:
     """The header facts of one file, or FileProblem naming why it cannot be used."""
     try:
-        ds = pydicom.dcmread(path)
+        with warnings.catch_warnings():  # pydicom's warnings quote values (UIDs, names)
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(path)
     except InvalidDicomError:
         raise FileProblem("not a DICOM file (no DICOM preamble/'DICM' prefix)") from None
     except Exception as e:  # corrupt: pydicom raises many types on broken element headers

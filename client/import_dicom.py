@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from client import dicom_scan
-from client.dicom_convert import ConversionFailed, convert_series, converter, converter_version
+from client.dicom_convert import ConversionFailed, convert_series, converter
 from client.import_site import ImportInputError, ImportReport, SiteWriter, StagedCase, open_site
 from client.import_state import case_id, check_state_dir, load_salt, update_mapping
 
@@ -240,7 +240,7 @@ def _spec(modalities, shapes: list[tuple], class_names, image_size, report) -> d
     }
 
 
-def _check_inputs(src, site, state_dir, labels, series_description) -> tuple:
+def _check_inputs(src, site, state_dir, labels, series_description, class_names) -> tuple:
     """Every setting checked before any work: -> (src, site, state dir, labels, regex)."""
     src, site = Path(src).expanduser().resolve(), Path(site).expanduser().resolve()
     if not src.is_dir():
@@ -251,6 +251,11 @@ def _check_inputs(src, site, state_dir, labels, series_description) -> tuple:
         raise ImportInputError(f"--labels {labels} does not exist or is not a file")
     state_dir = check_state_dir(state_dir, site)
     label_rows = read_labels(labels) if labels is not None else None
+    top = max((r.label for r in label_rows[1].values()), default=-1) if label_rows else -1
+    if class_names and top >= len(class_names):
+        raise ImportInputError(
+            f"--class-names names {len(class_names)} classes but --labels {labels} has label {top}"
+        )
     try:
         description = re.compile(series_description, re.I) if series_description else None
     except re.error as e:
@@ -297,14 +302,12 @@ def import_dicom(
 ) -> ImportReport:
     """Import a DICOM export into `site`; bad settings raise ImportInputError before any work."""
     src, site, state_dir, label_rows, description = _check_inputs(
-        src, site, state_dir, labels, series_description
+        src, site, state_dir, labels, series_description, class_names
     )
-    binary = converter()
+    binary, version = converter()
     salt = load_salt(state_dir)
     files, problems = dicom_scan.scan_tree(src)
-    report = ImportReport(
-        f"fedvox import dicom {src} -> {site} (dcm2niix {converter_version(binary)})"
-    )
+    report = ImportReport(f"fedvox import dicom {src} -> {site} (dcm2niix {version})")
     for rel, p in problems:
         if p.ignore:
             report.notes.append(f"file {rel}: {p.reason}")
@@ -312,6 +315,11 @@ def import_dicom(
             report.skip(f"file {rel}", p.reason)
     studies = _group(files, salt)
     modalities = _modalities(studies, tuple(modalities))
+    dims = 2 if modalities[0] in dicom_scan.MODALITIES_2D else 3
+    if image_size is not None and len(image_size) != dims:
+        raise ImportInputError(
+            f"--image-size {image_size}: the {'/'.join(modalities)} images are {dims}D"
+        )
     chosen = _select(studies, modalities, description, label_rows)
     with open_site(site, TOOL) as writer:
         written = _convert_all(binary, chosen, writer)

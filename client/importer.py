@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
             from client.import_nnunet import import_nnunet
 
             report = import_nnunet(args.dataset, args.out, copy=args.copy)
-    except ImportInputError as e:
+    except (ImportInputError, OSError) as e:  # OSError: e.g. no permission to write --out
         print(f"fedvox import {args.source}: error: {e}", file=sys.stderr)
         return 2
     print(report.format())

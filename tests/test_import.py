@@ -349,7 +349,11 @@ def test_bad_inputs_name_the_folder_or_setting(export, tmp_path, capsys):
         ([str(root), "--out", str(root / "site")], "inside the DICOM folder"),
         ([str(root), "--out", out], "several modalities: CT (7 series), DX (1 series); choose"),
         ([str(root), "--out", out, "--labels", str(tmp_path / "none.csv")], "--labels"),
-    ]
+        ([str(root), "--out", out, "--labels", str(export[2]), "--class-names", "normal"],
+         "--class-names names 1 classes but --labels"),
+        ([str(root), "--out", out, "--modality", "CT", "--image-size", "64", "64"],
+         "--image-size [64, 64]: the CT images are 3D"),
+    ]  # fmt: skip
     for argv, message in cases:
         if "--state-dir" not in argv:
             argv += ["--state-dir", str(tmp_path / "state")]
