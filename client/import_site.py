@@ -239,7 +239,7 @@ class SiteWriter:
 
     def _stage_tables(self, cases: dict[str, dict], spec: dict) -> None:
         labelled = {c: v for c, v in cases.items() if v["label"] is not None}
-        if labelled:
+        if labelled or os.path.lexists(self.site / "labels.csv"):
             buf = io.StringIO()
             w = csv.writer(buf, lineterminator="\n")
             with_split = any(v["split"] for v in labelled.values())

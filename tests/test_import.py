@@ -381,3 +381,29 @@ def test_bad_inputs_name_the_folder_or_setting(export, tmp_path, capsys):
     )
     assert "0 case(s) imported, 2 skipped" in capsys.readouterr().out
     assert not (tmp_path / "s").exists()
+
+
+def test_an_import_killed_halfway_is_completed_by_the_next(export, tmp_path, capsys, monkeypatch):
+    import client.import_site as import_site
+
+    _import(export, tmp_path, "--modality", "CT", capsys=capsys)
+    real_move, moved = import_site._move, []
+
+    def crash_on_second(src, dst):  # fault injection: the process dies after one file
+        if moved:
+            raise OSError("simulated crash")
+        moved.append(dst)
+        real_move(src, dst)
+
+    monkeypatch.setattr(import_site, "_move", crash_on_second)
+    code, out = _import(
+        export, tmp_path, "--modality", "CT", "--series-description", "thorax|lung", capsys=capsys
+    )
+    assert code == 2 and "simulated crash" in out and len(moved) == 1
+    monkeypatch.setattr(import_site, "_move", real_move)
+    code, out = _import(
+        export, tmp_path, "--modality", "CT", "--series-description", "thorax|lung", capsys=capsys
+    )
+    assert code == 1 and "2 case(s) in the site" in out, out
+    assert validate_site(tmp_path / "site").n_valid == 2
+    assert not list(tmp_path.glob(".site.import-*"))  # no staging folder left behind
