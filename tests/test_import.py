@@ -407,3 +407,51 @@ def test_an_import_killed_halfway_is_completed_by_the_next(export, tmp_path, cap
     assert code == 1 and "2 case(s) in the site" in out, out
     assert validate_site(tmp_path / "site").n_valid == 2
     assert not list(tmp_path.glob(".site.import-*"))  # no staging folder left behind
+
+
+def _edit_positions(files, change) -> None:
+    """Rewrite ImagePositionPatient / ImageOrientationPatient of real files with pydicom."""
+    import pydicom
+
+    for path in files:
+        ds = pydicom.dcmread(path)
+        change(ds)
+        ds.save_as(path, enforce_file_format=True)
+
+
+@pytest.mark.parametrize(
+    "kind, reason",
+    [
+        ("orientation", "inconsistent orientation within the series"),
+        ("spacing", "inconsistent slice spacing (1.5 to 3.5 mm)"),
+        ("duplicate", "1 slice(s) share a position with another: several volumes"),
+        ("tilt", "slices are not stacked along their normal (gantry tilt or shear)"),
+    ],
+)
+def test_stack_checks_name_orientation_spacing_position_and_tilt(tmp_path, kind, reason):
+    from client.dicom_scan import read_file, series_problem
+
+    w = write_volume(tmp_path / "s", slices=8, slice_step=2.5, **OBLIQUE)
+    normal = np.cross(w.row_dir, w.col_dir)
+    assert series_problem([read_file(p, p.name) for p in w.files], ("CT",)) == ""  # as written
+
+    def change(ds):
+        k = int(ds.InstanceNumber) - 1
+        pos = np.array(ds.ImagePositionPatient, float)
+        if kind == "orientation" and k == 4:
+            ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+        elif kind == "spacing" and k == 4:
+            pos = pos - 1.0 * normal  # gaps 1.5 and 3.5 around slice 5
+        elif kind == "duplicate" and k == 4:
+            pos = w.positions[3]
+        elif kind == "tilt":
+            pos = pos + k * 0.6 * w.col_dir  # each slice shifted along the gantry's tilt
+        ds.ImagePositionPatient = [round(float(v), 6) for v in pos]
+
+    _edit_positions(w.files, change)
+    files = [read_file(p, p.name) for p in w.files]
+    assert series_problem(files, ("CT",)).startswith(reason)
+    _edit_positions(
+        w.files, lambda ds: setattr(ds, "ImagePositionPatient", ds.ImagePositionPatient)
+    )
+    assert series_problem([read_file(p, p.name) for p in w.files], ("CT",)) != ""  # still bad
