@@ -36,6 +36,20 @@ BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
 DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
 
 
+def _rot(axis: str, degrees: float) -> np.ndarray:
+    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
+    i, j = {"x": (1, 2), "y": (0, 2), "z": (0, 1)}[axis]
+    r = np.eye(3)
+    r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
+    return r
+
+
+# An oblique, nearly sagittal plane for write_volume: the sagittal frame (rows along +y,
+# columns along -z) rotated 20 degrees about x, then 15 degrees about z.
+_R = _rot("z", 15) @ _rot("x", 20)
+OBLIQUE = {"row_dir": _R @ [0.0, 1.0, 0.0], "col_dir": _R @ [0.0, 0.0, -1.0]}
+
+
 @dataclass
 class Written:
     study_uid: str
