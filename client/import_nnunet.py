@@ -32,7 +32,7 @@ import nibabel as nib
 import numpy as np
 
 from client.import_site import ImportInputError, ImportReport, StagedCase, open_site
-from common.data import AFFINE_TOLERANCE
+from common.site.checks import AFFINE_TOLERANCE
 from common.transforms import effective_shape
 
 TOOL = "fedvox import nnunet"

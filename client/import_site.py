@@ -34,8 +34,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.datasets import _locked  # the lock `fedvox prepare` takes on an output folder
 from common.files import atomic_write_text, fsync_dir
+from common.prepare_output import locked  # the lock `fedvox prepare` takes on a folder
 
 MANIFEST = "import.json"
 MANIFEST_VERSION = 1
@@ -313,7 +313,7 @@ def open_site(site: Path, tool: str) -> Iterator[SiteWriter]:
     whatever happens.
     """
     site = Path(site).expanduser().resolve()
-    with _locked(site):
+    with locked(site):
         manifest = _read_owned_manifest(site, tool)
         for stale in site.parent.glob(f".{site.name}.import-*"):
             shutil.rmtree(stale, ignore_errors=True)  # a killed import's; we hold the lock

@@ -26,7 +26,7 @@ from dicom_factory import (
     write_volume,
 )
 
-from common.data import validate_site
+from common.site import validate_site
 from simulations.cli import main as fedvox
 
 

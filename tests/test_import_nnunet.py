@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from common.data import validate_site
+from common.site import validate_site
 from simulations.cli import main as fedvox
 
 AFFINE = np.array([[1.5, 0, 0, -20], [0, 1.5, 0, 10], [0, 0, 2.0, -30], [0, 0, 0, 1]])

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from dicom_factory import OBLIQUE, write_radiograph, write_volume
 
-from common.data import validate_site
+from common.site import validate_site
 from simulations.cli import main as fedvox
 
 

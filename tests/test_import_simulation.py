@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from dicom_factory import write_radiograph
 
-from common.data import validate_site
+from common.site import validate_site
 from simulations.cli import main as fedvox
 
 
