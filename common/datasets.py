@@ -15,12 +15,14 @@ volumes larger than 32³ it is 32³ (`common.site.auto_input_size`).
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import importlib.metadata
 import json
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
 import nibabel as nib
 import numpy as np
@@ -35,6 +37,8 @@ from common.prepare_output import (
     write_manifest,
 )
 from common.progress import track
+
+T = TypeVar("T")
 
 
 def _find_vendored(name: str) -> Path:
@@ -249,6 +253,19 @@ def load_npz(source: Path) -> dict[str, np.ndarray]:
     return out
 
 
+def _locked_on_out(prepare: Callable[..., T]) -> Callable[..., T]:
+    """Run `prepare(source, out, ...)` under the lock of `out` (several processes may prepare
+    the same folder at once, e.g. every simulated hospital on a run's first message)."""
+
+    @functools.wraps(prepare)
+    def under_lock(source: Path, out: Path, *args: Any, **kwargs: Any) -> T:
+        with locked(Path(out)):
+            return prepare(source, out, *args, **kwargs)
+
+    return under_lock
+
+
+@_locked_on_out
 def prepare_from_npz(
     source: Path,
     out: Path,
@@ -263,33 +280,6 @@ def prepare_from_npz(
 ) -> dict[str, list[int]]:
     """Write <out>/hospital-1..K (train+val pooled, partitioned, local val part) and
     <out>/holdout (the test split). Returns {site: per-class counts}."""
-    with locked(Path(out)):
-        return _prepare_from_npz_locked(
-            source,
-            out,
-            hospitals,
-            partition,
-            alpha,
-            seed,
-            val_fraction,
-            class_names,
-            modality,
-            min_per_hospital,
-        )
-
-
-def _prepare_from_npz_locked(
-    source: Path,
-    out: Path,
-    hospitals: int,
-    partition: str = "dirichlet",
-    alpha: float = 0.5,
-    seed: int = 0,
-    val_fraction: float = 0.15,
-    class_names: list[str] | None = None,
-    modality: str | None = None,
-    min_per_hospital: int = 10,
-) -> dict[str, list[int]]:
     source, out = Path(source), Path(out)
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
@@ -362,5 +352,6 @@ def ensure_demo_data(out: Path, hospitals: int = 5, alpha: float = 0.5, seed: in
             }
             if all(params.get(k) == v for k, v in wanted.items()) and is_complete(out, manifest):
                 return out
-        _prepare_from_npz_locked(DEFAULT_SOURCE, out, hospitals, "dirichlet", alpha, seed)
+        # Already under the lock: the undecorated function (the lock is not re-entrant).
+        prepare_from_npz.__wrapped__(DEFAULT_SOURCE, out, hospitals, "dirichlet", alpha, seed)
     return out

@@ -40,9 +40,7 @@ from opacus.grad_sample.gsm_base import AbstractGradSampleHooks
 from opacus.optimizers.optimizer import DPOptimizer, _check_processed_flag, _mark_as_processed
 from torch import nn
 
-from common.per_sample_grads import FUNCTIONS, conv_grad_sampler
-
-_conv_backward = torch.ops.aten.convolution_backward
+from common.per_sample_grads import FUNCTIONS, conv_backward, conv_grad_sampler
 
 __all__ = ["FastDPOptimizer", "FastGradSampleHooks", "conv_grad_sampler", "make_private"]
 
@@ -177,19 +175,10 @@ class FastDPOptimizer(DPOptimizer):
                     n = x.shape[0]
                     c = (clip[start : start + n] * scale).to(g.dtype)
                     start += n
-                    grad += _conv_backward(
-                        g * c.view(-1, *([1] * (g.dim() - 1))),
-                        x,
-                        p.detach(),
-                        None,
-                        layer.stride,
-                        layer.padding,
-                        layer.dilation,
-                        False,
-                        [0] * (x.dim() - 2),
-                        layer.groups,
-                        [False, True, False],
-                    )[1]
+                    scaled = g * c.view(-1, *([1] * (g.dim() - 1)))
+                    grad += conv_backward(
+                        layer, scaled, x, p.detach(), groups=layer.groups, wanted="weight"
+                    )
                 del p._fast_dp_ghost
             else:
                 grad = torch.einsum("i,i...", clip.to(p.dtype), gs.to(p.dtype))

@@ -21,6 +21,23 @@ from torch import nn
 _conv_backward = torch.ops.aten.convolution_backward
 
 
+def conv_backward(
+    layer: nn.Module,
+    g: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    groups: int,
+    wanted: str,
+) -> torch.Tensor:
+    """One gradient ("input" or "weight") of `layer`'s convolution, by the native kernel."""
+    mask = [wanted == "input", wanted == "weight", False]
+    grads = _conv_backward(
+        g, x, weight, None, layer.stride, layer.padding, layer.dilation, False,
+        [0] * (x.dim() - 2), groups, mask,
+    )  # fmt: skip
+    return grads[0] if wanted == "input" else grads[1]
+
+
 def _conv_weight_per_sample(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """(n, *weight.shape) per-sample weight gradients of a conv layer."""
     n, cin = x.shape[:2]
@@ -60,20 +77,15 @@ def _conv_weight_per_sample(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) 
         return torch.bmm(g.reshape(n, cout, -1), a.transpose(1, 2)).view(n, *w_shape)
     # General case: the weight gradient of a grouped convolution whose groups are the samples
     # runs the same fast conv kernel as the batch weight gradient, without any im2col buffer.
-    gw = _conv_backward(
+    gw = conv_backward(
+        layer,
         g.reshape(1, n * cout, *g.shape[2:]),
         x.reshape(1, n * cin, *x.shape[2:]),
         # Only the weight's shape matters for the weight gradient (a small copy).
         layer.weight.detach().repeat(n, *([1] * (d + 1))),
-        None,
-        layer.stride,
-        layer.padding,
-        layer.dilation,
-        False,
-        [0] * d,
-        n * layer.groups,
-        [False, True, False],
-    )[1]
+        groups=n * layer.groups,
+        wanted="weight",
+    )
     return gw.view(n, *w_shape)
 
 
@@ -231,20 +243,7 @@ class _Conv(torch.autograd.Function):
         layer = ctx.layer
         gx = None
         if ctx.needs_input_grad[0] and x.shape[0] > 0:
-            d = x.dim() - 2
-            gx = _conv_backward(
-                g,
-                x,
-                weight,
-                None,
-                layer.stride,
-                layer.padding,
-                layer.dilation,
-                False,
-                [0] * d,
-                layer.groups,
-                [True, False, False],
-            )[0]
+            gx = conv_backward(layer, g, x, weight, groups=layer.groups, wanted="input")
         elif ctx.needs_input_grad[0]:
             gx = torch.zeros_like(x)
         _record(ctx.hooks, layer, [x], g)
