@@ -24,6 +24,7 @@ from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
 from common import fast_dp
+from common.config import NodePolicy, RunConfig
 
 # (noise_multiplier, sample_rate, steps): the unit Opacus' accountants compose.
 HistoryEntry = tuple[float, float, int]
@@ -39,45 +40,60 @@ class PrivacyRefusal(Exception):
 
 @dataclass(frozen=True)
 class Budget:
-    """The budget a node trains under in one run."""
+    """What a node spends under in one run: the server's proposal within the node's policy."""
 
-    epsilon_run: float  # target for this run: min(server proposal, node's own limit)
-    epsilon_lifetime: float  # the dataset's lifetime limit at this node
+    epsilon_run: float  # this run's target
+    epsilon_lifetime: float  # the dataset's lifetime limit at this node (inf: none set)
     delta: float
+    accountant: str  # rdp | prv
+    max_releases: int  # validation releases allowed in this run
 
 
 def resolve_budget(
-    server_epsilon: float,
-    server_delta: float,
-    node_max_epsilon: float | None,
-    node_delta: float | None,
-    num_examples: int,
+    cfg: RunConfig, policy: NodePolicy, num_examples: int, total_rounds: int
 ) -> Budget:
-    """Combine the server's proposal with the hospital's own limits (which can only tighten it).
+    """The run's budget at a node, or PrivacyRefusal naming the rule the proposal breaks.
 
-    Without a node `max-epsilon` the lifetime limit is the run's epsilon: by default a
-    dataset serves one run's worth of privacy, and a hospital that wants several runs
-    declares its lifetime budget explicitly.
+    The node's policy wins: a deployed node without a complete policy refuses every run; a
+    proposal looser than the policy (a higher epsilon, a larger delta) is refused, not
+    trimmed, so the operator sees what the hospital allows. Simulated hospitals without a
+    policy file take the run's values, no lifetime limit, and an evaluation allowance of
+    every planned release (documented in docs/privacy.md).
     """
-    if not server_epsilon > 0 or math.isinf(server_epsilon):
+    if not policy.simulated and policy.missing():
         raise PrivacyRefusal(
-            f"target-epsilon must be a positive finite number, got {server_epsilon}"
+            "this hospital's node config does not state its privacy policy (missing: "
+            f"{', '.join(policy.missing())}); it refuses every run until it does"
         )
-    if node_max_epsilon is not None and not node_max_epsilon > 0:
-        raise PrivacyRefusal(f"node max-epsilon must be positive, got {node_max_epsilon}")
-    epsilon_run = min(server_epsilon, node_max_epsilon or server_epsilon)
-    delta = min(server_delta, node_delta) if node_delta else server_delta
-    if not 0 < delta < 1:
-        raise PrivacyRefusal(f"delta must be in (0, 1), got {delta}")
+    if policy.max_epsilon is not None and cfg.target_epsilon > policy.max_epsilon:
+        raise PrivacyRefusal(
+            f"target-epsilon {cfg.target_epsilon:g} is above this hospital's max-epsilon "
+            f"{policy.max_epsilon:g}"
+        )
+    if policy.delta is not None and cfg.target_delta > policy.delta:
+        raise PrivacyRefusal(
+            f"target-delta {cfg.target_delta:g} is looser than this hospital's delta "
+            f"{policy.delta:g}"
+        )
     if num_examples < 1:
         raise PrivacyRefusal("no training examples at this node")
-    if delta >= 1.0 / num_examples:
+    if cfg.target_delta >= 1.0 / num_examples:
         # delta is the probability of a total privacy failure; at >= 1/N one record may leak.
+        # (No N in the message: the exact count of cases stays at the node.)
         raise PrivacyRefusal(
-            f"delta={delta:g} is not below 1/N = 1/{num_examples} for this node's data; "
-            f"use delta <= {1.0 / (10 * num_examples):.1e}"
+            f"target-delta {cfg.target_delta:g} is not below 1/N for this hospital's data; "
+            "use a delta at most 1/(10 N)"
         )
-    return Budget(epsilon_run, node_max_epsilon or epsilon_run, delta)
+    releases = cfg.planned_releases(total_rounds)
+    allowance = releases if policy.max_evaluations is None else policy.max_evaluations
+    if releases > allowance:
+        raise PrivacyRefusal(
+            f"the run plans {releases} validation releases; this hospital allows "
+            f"{allowance} per run (node config max-evaluations)"
+        )
+    lifetime = policy.max_epsilon if policy.max_epsilon is not None else math.inf
+    accountant = policy.accountant or cfg.accountant
+    return Budget(cfg.target_epsilon, lifetime, cfg.target_delta, accountant, allowance)
 
 
 def calibrate_noise_multiplier(
@@ -86,8 +102,12 @@ def calibrate_noise_multiplier(
     sample_rate: float,
     steps: int,
     accountant: str = DEFAULT_ACCOUNTANT,
+    fixed: list[HistoryEntry] | tuple = (),
 ) -> float:
-    """The noise multiplier that spends exactly `epsilon` over `steps` DP-SGD steps."""
+    """The noise multiplier that spends exactly `epsilon` over `steps` DP-SGD steps, after
+    the `fixed` releases (e.g. the run's planned validation releases) are accounted."""
+    if fixed:
+        return _calibrate_with(epsilon, delta, sample_rate, steps, accountant, list(fixed))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_RDP_ORDER_WARNING)
         sigma = get_noise_multiplier(
@@ -99,6 +119,37 @@ def calibrate_noise_multiplier(
             epsilon_tolerance=0.005,
         )
     return float(sigma)
+
+
+def _calibrate_with(
+    epsilon: float,
+    delta: float,
+    q: float,
+    steps: int,
+    accountant: str,
+    fixed: list[HistoryEntry],
+    tolerance: float = 0.005,
+) -> float:
+    """Bisection for sigma: epsilon(steps at sigma + fixed) in [epsilon - tolerance, epsilon]."""
+
+    def eps(sigma: float) -> float:
+        return compute_epsilon([(sigma, q, steps), *fixed], delta, accountant)
+
+    if compute_epsilon(fixed, delta, accountant) >= epsilon:
+        raise PrivacyRefusal(
+            f"the run's planned validation releases alone would spend epsilon {epsilon:g}"
+        )
+    low, high = 0.0, 10.0
+    while eps(high) > epsilon:
+        low, high = high, high * 2
+        if high > 1e6:
+            raise PrivacyRefusal(f"no noise level reaches epsilon {epsilon:g} for this run")
+    while True:
+        mid = (low + high) / 2
+        value = eps(mid)
+        if epsilon - tolerance <= value <= epsilon or high - low < 1e-6:
+            return high if value > epsilon else mid
+        low, high = (mid, high) if value > epsilon else (low, mid)
 
 
 def compute_epsilon(

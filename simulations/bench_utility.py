@@ -25,17 +25,13 @@ import json
 import math
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 
 from common.config import ConfigError, RunConfig
 from common.files import atomic_write_text
 from simulations.bench import machine_info
 from simulations.bench_table import final_round, format_table, merged_runs, summarise
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = PROJECT_DIR / "simulations" / "results" / "utility.json"
