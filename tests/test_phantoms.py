@@ -136,6 +136,7 @@ def test_cli_phantom(tmp_path, capsys):
 
 def test_output_passes_the_reader_validation(sites_2d):
     from common import site as data
+
     for site in ["hospital-1", "holdout"]:
         report = data.validate_site(sites_2d / site)
         assert report.exit_code == 0, report.format(only_bad=True)
