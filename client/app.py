@@ -31,7 +31,14 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from client.audit import audit_mod
-from client.gate import EVAL_RELEASE, EVALUATE, FINETUNE, FINETUNE_EVALUATE, TRAIN, PrivacyGate
+from client.gate import (
+    EVALUATE,
+    FINETUNE,
+    FINETUNE_EVALUATE,
+    TRAIN,
+    PrivacyGate,
+    release_entry,
+)
 from client.node import Node, NodeConfigError, RunRefused
 from client.train import LocalTraining, local_sgd
 from common.files import atomic_write
@@ -39,7 +46,7 @@ from common.privacy import PrivacyRefusal
 from common.protocol import FAILED, OK, REFUSED, reply
 from common.site import SiteData
 from common.tasks import task_for
-from common.validation import release
+from common.validation import EVAL_NOISE, release
 from common.weights import fingerprint, to_record, unwrap
 
 log = logging.getLogger("fedvox.client")
@@ -111,7 +118,7 @@ def _train(msg: Message, node: Node) -> Message:
     t0 = time.perf_counter()
     data = node.load("train")
     t1 = time.perf_counter()  # compute-s: everything after loading (accounting included)
-    metrics = {"num-examples": len(data), "data-s": t1 - t0, "refused": 0.0}
+    metrics = {"data-s": t1 - t0, "refused": 0.0}
     if not node.cfg.dp:
         return _train_without_dp(msg, node, data, metrics, t1)
     gate = None
@@ -140,6 +147,7 @@ def _train(msg: Message, node: Node) -> Message:
         return _refuse(msg, node, str(exc), gate)
     metrics.update(
         {
+            "num-examples": float(plan["num_examples_released"]),  # the noisy, planned count
             "epsilon-run": spent.epsilon_run,
             "epsilon-lifetime": spent.epsilon_lifetime,
             "delta": gate.budget.delta,
@@ -170,6 +178,7 @@ def _train_without_dp(
     node.remember(model)
     metrics.update(
         {
+            "num-examples": len(data),  # dp=false: nothing here is private anyway
             "epsilon-run": math.inf,
             "epsilon-lifetime": math.inf,
             "compute-s": time.perf_counter() - t1,
@@ -200,20 +209,25 @@ def _release_about(
 ) -> Message:
     """One DP release of counts about `model` on the validation part, through the gate."""
 
-    def compute() -> tuple[dict, list, str]:
+    def compute(noise: float) -> tuple[dict, str]:
         evaluation = task_for(val.spec).evaluate(model, val.images, val.labels)
-        counts = release(evaluation.logits, val.labels, evaluation.per_case)
-        digest = hashlib.sha256(json.dumps(counts, sort_keys=True).encode()).hexdigest()
-        return counts, [EVAL_RELEASE], digest
+        counts = release(evaluation.logits, val.labels, evaluation.per_case, noise=noise)
+        return counts, hashlib.sha256(json.dumps(counts, sort_keys=True).encode()).hexdigest()
 
-    if not node.cfg.dp:  # the epsilon = inf reference run: the same noisy counts, no ledger
-        counts, _, _ = compute()
+    if not node.cfg.dp:  # the epsilon = inf reference run: noisy counts too, no ledger
+        counts, _ = compute(EVAL_NOISE)
         metrics.update({**counts, "epsilon-run": math.inf, "epsilon-lifetime": math.inf})
     else:
         gate = None
         try:
-            gate, _ = _open_gate(node, len(node.load("train")))
-            spent = gate.spend(node.plan.global_round, phase, EVAL_RELEASE, compute)
+            gate, plan = _open_gate(node, len(node.load("train")))
+            entry = release_entry(plan)
+
+            def spend() -> tuple[dict, list, str]:
+                counts, digest = compute(entry[0])
+                return counts, [entry], digest
+
+            spent = gate.spend(node.plan.global_round, phase, entry, spend)
         except PrivacyRefusal as exc:
             return _refuse(msg, node, str(exc), gate)
         metrics.update(spent.result)

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from client.ledger import PrivacyLedger
 from common.config import NodePolicy, RunConfig
 from common.privacy import (
@@ -31,13 +33,17 @@ from common.privacy import (
     HistoryEntry,
     PrivacyRefusal,
     calibrate_noise_multiplier,
+    release_noise,
     resolve_budget,
 )
-from common.validation import EVAL_NOISE
 
 SLACK = 1 + 1e-6  # the calibration search lands within tolerance of the target
 EVALUATE, FINETUNE, FINETUNE_EVALUATE, TRAIN = "evaluate", "finetune", "finetune-evaluate", "train"
-EVAL_RELEASE: HistoryEntry = (EVAL_NOISE, 1.0, 1)  # one Gaussian release of unit sensitivity
+# A validation release is the Gaussian mechanism on counts of sensitivity 1: (noise, q=1, 1 step)
+# in the accountant's terms. Its noise comes from the run's plan (`release_noise`), as does the
+# training-set size the node reports (the FedAvg weight): the count plus Gaussian noise of
+# COUNT_FACTOR times that, drawn once per run.
+COUNT_FACTOR = 3.0
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,15 @@ class Release:
     epsilon_run: float
     epsilon_lifetime: float
     repeated: bool = False  # an earlier release of the same request, sent again
+
+
+def release_entry(plan: dict[str, Any]) -> HistoryEntry:
+    """One validation release of the run, in the accountant's terms."""
+    return (float(plan["release_noise"]), 1.0, 1)
+
+
+def _noisy_count(n: int, noise: float) -> int:
+    return max(1, int(round(n + np.random.default_rng().normal(0.0, noise))))
 
 
 class PrivacyGate:
@@ -77,7 +92,9 @@ class PrivacyGate:
         with self.ledger.transaction():
             plan = self.ledger.runs.get(self.run_uid)
             if plan is None:
-                releases = [EVAL_RELEASE] * self.budget.max_releases
+                b = self.budget
+                noise = release_noise(b.epsilon_run, b.max_releases)
+                releases = ((noise, 1.0, b.max_releases), (COUNT_FACTOR * noise, 1.0, 1))
                 sigma = calibrate_noise_multiplier(
                     self.budget.epsilon_run,
                     self.budget.delta,
@@ -91,11 +108,17 @@ class PrivacyGate:
                     noise_multiplier=sigma,
                     sample_rate=sample_rate,
                     planned_steps=planned_steps,
-                    planned_releases=len(releases),
+                    planned_releases=b.max_releases + 1,
+                    release_noise=noise,
                     num_examples=num_examples,
+                    num_examples_released=_noisy_count(num_examples, COUNT_FACTOR * noise),
                     epsilon=self.budget.epsilon_run,
                     delta=self.budget.delta,
                 )
+                # Released once, with the run's first message: on the ledger from the start.
+                count = (COUNT_FACTOR * noise, 1.0, 1)
+                entry = self.ledger.reserve(self.run_uid, 0, "count", count)
+                self.ledger.release(entry["id"], [count], "", None)
         if int(plan["num_examples"]) != num_examples:
             raise PrivacyRefusal(
                 "the training set changed during the run; its privacy calibration no longer "

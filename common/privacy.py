@@ -14,13 +14,16 @@ clipping, noise, Poisson sampling) is Opacus'.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from opacus import PrivacyEngine
-from opacus.accountants import create_accountant
+from opacus.accountants import RDPAccountant, create_accountant
+from opacus.accountants.analysis import rdp as privacy_analysis
 from opacus.accountants.utils import get_noise_multiplier
 
 from common import fast_dp
@@ -96,13 +99,14 @@ def resolve_budget(
     return Budget(cfg.target_epsilon, lifetime, cfg.target_delta, accountant, allowance)
 
 
+@functools.lru_cache(maxsize=256)  # a pure function; a simulation asks the same many times
 def calibrate_noise_multiplier(
     epsilon: float,
     delta: float,
     sample_rate: float,
     steps: int,
     accountant: str = DEFAULT_ACCOUNTANT,
-    fixed: list[HistoryEntry] | tuple = (),
+    fixed: tuple[HistoryEntry, ...] = (),
 ) -> float:
     """The noise multiplier that spends exactly `epsilon` over `steps` DP-SGD steps, after
     the `fixed` releases (e.g. the run's planned validation releases) are accounted."""
@@ -139,17 +143,40 @@ def _calibrate_with(
         raise PrivacyRefusal(
             f"the run's planned validation releases alone would spend epsilon {epsilon:g}"
         )
-    low, high = 0.0, 10.0
-    while eps(high) > epsilon:
-        low, high = high, high * 2
+    # The noise without the fixed releases is a lower bound; bracket upwards from it.
+    # Secant steps on (sigma, epsilon), kept inside a bracket that always holds the answer.
+    low = calibrate_noise_multiplier(epsilon, delta, q, steps, accountant)
+    e_low, high = eps(low), low * 1.03
+    e_high = eps(high)
+    while e_high > epsilon:
+        low, e_low, high = high, e_high, high * 1.25
+        e_high = eps(high)
         if high > 1e6:
             raise PrivacyRefusal(f"no noise level reaches epsilon {epsilon:g} for this run")
-    while True:
-        mid = (low + high) / 2
-        value = eps(mid)
-        if epsilon - tolerance <= value <= epsilon or high - low < 1e-6:
-            return high if value > epsilon else mid
-        low, high = (mid, high) if value > epsilon else (low, mid)
+    for _ in range(60):
+        if epsilon - tolerance <= e_high <= epsilon or high - low < 1e-6 * high:
+            return high
+        guess = low + (e_low - epsilon) * (high - low) / (e_low - e_high)
+        mid = min(max(guess, low + 0.05 * (high - low)), high - 0.05 * (high - low))
+        e_mid = eps(mid)
+        if e_mid > epsilon:
+            low, e_low = mid, e_mid
+        else:
+            high, e_high = mid, e_mid
+    return high
+
+
+def release_noise(epsilon: float, releases: int) -> float:
+    """The Gaussian noise (std per count, sensitivity 1) of each of a run's validation releases.
+
+    8 at epsilon 8 for one release, growing as 1/epsilon and with the square root of the
+    number of releases: all of them together then behave like one release at noise
+    8 x 8 / epsilon, and a curious server's best membership attack on them reaches AUC
+    Phi(epsilon / (64 sqrt 2)) at most (0.535 at epsilon 8). Measured: planned into the run
+    with the training-set count (released once at 3x this noise), they cost the DP-SGD noise
+    under 1 % more at epsilon 1 to 20 (docs/privacy.md).
+    """
+    return max(1.0, 8.0 * (8.0 / epsilon) * math.sqrt(max(1, releases)))
 
 
 def compute_epsilon(
@@ -159,11 +186,32 @@ def compute_epsilon(
     history = [(float(s), float(q), int(n)) for s, q, n in history if int(n) > 0]
     if not history:
         return 0.0
-    acc = create_accountant(mechanism=accountant)
-    acc.history = _merge(history)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_RDP_ORDER_WARNING)
-        return float(acc.get_epsilon(delta=delta))
+        if accountant == "rdp":
+            # Opacus' RDPAccountant.get_privacy_spent, with each (sigma, q)'s per-step RDP
+            # curve computed once: composition is a sum, linear in the steps. A node asks
+            # several times per message for histories that differ only in their step counts.
+            rdp = sum(n * _rdp_per_step(s, q) for s, q, n in _merge(history))
+            eps, _ = privacy_analysis.get_privacy_spent(
+                orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta
+            )
+            return float(eps)
+        return _epsilon_of(tuple(_merge(history)), delta, accountant)
+
+
+@functools.lru_cache(maxsize=1024)
+def _rdp_per_step(sigma: float, q: float) -> np.ndarray:
+    return privacy_analysis.compute_rdp(
+        q=q, noise_multiplier=sigma, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _epsilon_of(history: tuple[HistoryEntry, ...], delta: float, accountant: str) -> float:
+    acc = create_accountant(mechanism=accountant)
+    acc.history = list(history)
+    return float(acc.get_epsilon(delta=delta))
 
 
 def _merge(history: list[HistoryEntry]) -> list[HistoryEntry]:

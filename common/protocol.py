@@ -34,8 +34,9 @@ MANIFEST: dict[str, tuple[str, str]] = {
     "val-confusion": (DP, "validation (label, prediction) counts, Gaussian noise"),
     "val-dice-sum": (DP, "per class, the validation cases' summed Dice, Gaussian noise"),
     "val-dice-count": (DP, "per class, validation cases that have it, Gaussian noise"),
-    "num-examples": (COARSE, "training cases, rounded to a multiple of 10 (the FedAvg weight)"),
+    "num-examples": (DP, "training cases + Gaussian noise (once per run), rounded to 10s"),
     "noise-multiplier": (COARSE, "the run's DP-SGD noise multiplier, 3 significant digits"),
+    # Timing: the server sees when a reply arrives anyway; these only split it into parts.
     "data-s": (COARSE, "seconds spent loading data, rounded to 0.1 s"),
     "compute-s": (COARSE, "seconds spent computing, rounded to 0.1 s"),
     "epsilon-run": (PUBLIC, "the run's epsilon at this node after this message (its ledger)"),

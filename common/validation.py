@@ -5,7 +5,8 @@ counts. With weights of its choosing, a curious server could read a single patie
 out of such numbers. Now a node sends one *release* per evaluated model: counts with Gaussian
 noise, each case changing one count by at most 1 (L2 sensitivity 1), so the release is the
 Gaussian mechanism with noise multiplier `EVAL_NOISE`, charged to the node's ledger like a
-DP-SGD step (`(EVAL_NOISE, 1.0, 1)` in the accountant's history):
+DP-SGD step (`(noise, 1.0, 1)` in the accountant's history; the noise comes from the run's
+privacy plan, `common.privacy.release_noise`; EVAL_NOISE is the default):
 
 - binary classification: cases per (class, logit-margin bin), 24 bins of width 1 over
   [-12, 12] (`val-hist-neg`, `val-hist-pos`);
@@ -28,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-EVAL_NOISE = 5.0  # noise std per count: attack AUC on one release <= Phi(1 / (5 sqrt 2)) = 0.56
+EVAL_NOISE = 8.0  # noise std per count: attack AUC on one release <= Phi(1 / (8 sqrt 2)) = 0.535
 MARGIN_EDGES = np.linspace(-12.0, 12.0, 25)  # 24 bins of width 1; beyond +-12 in the end bins
 HIST_NEG, HIST_POS = "val-hist-neg", "val-hist-pos"
 CONFUSION = "val-confusion"
@@ -41,14 +42,16 @@ def release(
     labels: torch.Tensor,
     dice: np.ndarray | None = None,
     rng: np.random.Generator | None = None,
+    noise: float = EVAL_NOISE,
 ) -> dict[str, list[float]]:
-    """The noisy counts a hospital sends about its validation cases (see module docstring).
+    """The noisy counts a hospital sends about its validation cases (see module docstring);
+    `noise` is the std per count (a DP run's plan sets it from its epsilon).
 
     Classification: `logits` (N, K) and `labels` (N,). Segmentation: `dice` (N, K-1), each
     case's Dice per foreground class, NaN where the case lacks the class.
     """
     rng = rng or np.random.default_rng()  # fresh OS entropy: the noise must not be guessable
-    noisy = _noisy_counts(rng)
+    noisy = _noisy_counts(rng, noise)
     if dice is not None:
         present = np.isfinite(dice)
         sums, counts = np.where(present, dice, 0.0).sum(0), present.sum(0).astype(float)
@@ -70,9 +73,9 @@ def release(
     return {CONFUSION: noisy(confusion.ravel(), 1.0)}
 
 
-def _noisy_counts(rng: np.random.Generator):
+def _noisy_counts(rng: np.random.Generator, noise: float):
     def noisy(values: np.ndarray, sensitivity: float) -> list[float]:
-        return (values + rng.normal(0.0, EVAL_NOISE * sensitivity, values.shape)).tolist()
+        return (values + rng.normal(0.0, noise * sensitivity, values.shape)).tolist()
 
     return noisy
 

@@ -8,13 +8,12 @@ planned into the run's epsilon and leaves its model at the node."""
 
 from __future__ import annotations
 
-import time
-import tomllib
 from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.app import Context
+from node_messages import context, message
 
 from client.app import evaluate, finetune, train
 from client.node import FEDBN_KEY
@@ -28,9 +27,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:Optimal order is the"),
 ]
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULTS = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-
 
 @pytest.fixture(scope="module")
 def sites(tmp_path_factory) -> Path:
@@ -40,46 +36,21 @@ def sites(tmp_path_factory) -> Path:
 
 
 def _context(sites: Path, tmp: Path, **overrides) -> Context:
-    run = {
-        **DEFAULTS,
-        "data-dir": str(sites),
-        "output-dir": str(tmp / "runs"),
-        "state-dir": str(tmp / "state"),
-        "batch-size": 16,
-        "local-epochs": 1,
-        "augmentation": False,
-        **overrides,
-    }
-    node = {"partition-id": 0, "num-partitions": 1}
-    return Context(run_id=7, node_id=1, node_config=node, state=RecordDict(), run_config=run)
-
-
-def _message(state_dict: dict, round_: int, kind: str = "train", **config) -> Message:
-    content = RecordDict(
+    return context(
         {
-            "arrays": ArrayRecord(state_dict),
-            "config": ConfigRecord(
-                {"server-round": round_, "run-uid": "test-run", "run-name": "opts", **config}
-            ),
+            "data-dir": str(sites),
+            "output-dir": str(tmp / "runs"),
+            "state-dir": str(tmp / "state"),
+            "batch-size": 16,
+            "local-epochs": 1,
+            "augmentation": False,
+            **overrides,
         }
     )
-    # What a SuperNode hands the ClientApp: a message with its delivery metadata set.
-    metadata = Metadata(
-        run_id=7,
-        message_id=f"m{round_}",
-        src_node_id=0,
-        dst_node_id=1,
-        reply_to_message_id="",
-        group_id=str(round_),
-        created_at=time.time(),
-        ttl=3600.0,
-        message_type=kind,
-    )
-    return Message(content, metadata=metadata)
 
 
 def _round(context: Context, state_dict: dict, round_: int) -> dict[str, torch.Tensor]:
-    reply = train(_message(state_dict, round_), context)
+    reply = train(message(state_dict, round_), context)
     assert reply.content.config_records["node"]["status"] == "ok", reply.content
     return reply.content.array_records["arrays"].to_torch_state_dict()
 
@@ -156,7 +127,7 @@ def test_cosine_schedule_starts_at_the_base_rate_and_decays_every_round():
 
 def test_an_unknown_schedule_is_refused_with_the_setting_named(sites, tmp_path):
     context = _context(sites, tmp_path, **{"learning-rate-schedule": "linear"})
-    reply = train(_message(build_model(2, 1, 2).state_dict(), 1), context)
+    reply = train(message(build_model(2, 1, 2).state_dict(), 1), context)
     node = reply.content.config_records["node"]
     assert node["status"] == "refused"  # a run config the node cannot accept
     assert "learning-rate-schedule" in node["reason"] and "cosine" in node["reason"]
@@ -173,11 +144,11 @@ def test_a_node_builds_the_model_the_run_config_names(sites, tmp_path):
     assert list(trained) == list(start)
     assert any(not torch.equal(trained[k], start[k]) for k in start)
     # A CNN's weights do not fit it: the round fails instead of training something else.
-    wrong = train(_message(build_model(2, 1, 2).state_dict(), 2), context)
+    wrong = train(message(build_model(2, 1, 2).state_dict(), 2), context)
     assert wrong.content.config_records["node"]["status"] == "failed"
     # An unknown model fails the round with the setting named.
     context = _context(sites, tmp_path, model="resnet")
-    reply = train(_message(start, 1), context)
+    reply = train(message(start, 1), context)
     node = reply.content.config_records["node"]
     assert node["status"] == "refused" and "model='resnet'" in node["reason"], node
 
@@ -202,27 +173,28 @@ def test_finetuning_is_planned_into_epsilon_and_its_model_stays_at_the_node(
     torch.manual_seed(0)
     start = build_model(2, 1, 2).state_dict()
     cfg = {"total-rounds": 2}
-    first = train(_message(start, 1, **cfg), context)
+    first = train(message(start, 1, **cfg), context)
     assert first.content.config_records["node"]["status"] == "ok"
     plan = _ledger(tmp_path)["runs"]["test-run"]
-    steps_per_round = _ledger(tmp_path)["entries"][0]["steps"]
+    entries = _ledger(tmp_path)["entries"]
+    steps_per_round = next(e["steps"] for e in entries if e["phase"] == "train")
     # The noise of every round is calibrated for the fine-tuning steps and every planned
-    # validation release too (2 evaluations + 1 of the fine-tuned model).
+    # validation release too (2 evaluations + 1 of the fine-tuned model + the count).
     assert plan["planned_steps"] == (2 + epochs) * steps_per_round
-    assert plan["planned_releases"] == 2 + (1 if epochs else 0)
+    assert plan["planned_releases"] == 2 + (1 if epochs else 0) + 1
     weights = first.content.array_records["arrays"].to_torch_state_dict()
 
     # An evaluation is an evaluation; a fine-tuning message before the last round is refused.
-    early = evaluate(_message(weights, 1, "evaluate", **cfg), context).content
+    early = evaluate(message(weights, 1, "evaluate", **cfg), context).content
     assert early.config_records["node"]["status"] == "ok"
-    too_early = finetune(_message(weights, 1, "train.finetune", **cfg), context).content
+    too_early = finetune(message(weights, 1, "train.finetune", **cfg), context).content
     assert too_early.config_records["node"]["status"] == "refused"
 
-    second = train(_message(weights, 2, **cfg), context).content
+    second = train(message(weights, 2, **cfg), context).content
     final = second.array_records["arrays"].to_torch_state_dict()
-    last = evaluate(_message(final, 2, "evaluate", **cfg), context).content
+    last = evaluate(message(final, 2, "evaluate", **cfg), context).content
     eps_after_rounds = last.metric_records["metrics"]["epsilon-run"]
-    reply = finetune(_message(final, 2, "train.finetune", **cfg), context).content
+    reply = finetune(message(final, 2, "train.finetune", **cfg), context).content
     metrics = dict(reply.metric_records["metrics"])
     assert set(reply.array_records) == set()  # the fine-tuned weights never leave
     saved = tmp_path / "state" / "hospital-1" / "personalised"
@@ -236,20 +208,21 @@ def test_finetuning_is_planned_into_epsilon_and_its_model_stays_at_the_node(
     # The fine-tuning steps were spent and recorded, and the run still ends within target.
     assert eps_after_rounds < metrics["epsilon-run"] <= 4.0 * (1 + 1e-6)
     entries = _ledger(tmp_path)["entries"]
-    phases = ["train", "evaluate", "train", "evaluate", "finetune", "finetune-evaluate"]
+    # The run's released training-set count first, then every round's releases.
+    phases = ["count", "train", "evaluate", "train", "evaluate", "finetune", "finetune-evaluate"]
     assert [e["phase"] for e in entries] == phases
     assert all(e["status"] == "released" for e in entries)
-    assert entries[4]["steps"] == epochs * steps_per_round / context.run_config["local-epochs"]
+    assert entries[5]["steps"] == epochs * steps_per_round / context.run_config["local-epochs"]
     personal = torch.load(saved / "test-run-round2.pt", weights_only=True)
     assert any(not torch.equal(personal[k], final[k]) for k in final)  # it did train
     # A re-sent fine-tuning message gets the same release back and spends nothing more.
-    again = finetune(_message(final, 2, "train.finetune", **cfg), context).content
-    assert len(_ledger(tmp_path)["entries"]) == 6
+    again = finetune(message(final, 2, "train.finetune", **cfg), context).content
+    assert len(_ledger(tmp_path)["entries"]) == 7
     assert dict(again.metric_records["metrics"])["val-hist-pos"] == metrics["val-hist-pos"]
 
 
 def test_a_negative_finetune_epochs_is_refused_with_the_setting_named(sites, tmp_path):
     context = _context(sites, tmp_path, **{"finetune-epochs": -1})
-    reply = train(_message(build_model(2, 1, 2).state_dict(), 1), context)
+    reply = train(message(build_model(2, 1, 2).state_dict(), 1), context)
     node = reply.content.config_records["node"]
     assert node["status"] == "refused" and "finetune-epochs" in node["reason"]

@@ -114,6 +114,7 @@ def test_reported_epsilon_equals_independent_recomputation_from_ledger(fed, firs
     for site in ("hospital-1", "hospital-2"):
         entries = _ledger(fed, site)["entries"]
         assert [(e["round"], e["phase"]) for e in entries] == [
+            (0, "count"),  # the noisy training-set size, released once per run
             (1, "train"),
             (1, "evaluate"),
             (2, "train"),
@@ -121,7 +122,7 @@ def test_reported_epsilon_equals_independent_recomputation_from_ledger(fed, firs
         ]
         assert all(e["status"] == "released" for e in entries)
         acc = RDPAccountant()  # Opacus' own accountant, fed straight from the file
-        for e in entries[:3]:  # what was spent when round 2's update left the node
+        for e in entries[:4]:  # what was spent when round 2's update left the node
             acc.history.append((e["noise_multiplier"], e["sample_rate"], e["steps"]))
         reported = first_run["rounds"][-1]["hospitals"][site]["epsilon_lifetime"]
         assert reported == pytest.approx(acc.get_epsilon(DELTA), rel=1e-9)
