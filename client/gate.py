@@ -121,8 +121,7 @@ class PrivacyGate:
                 self.ledger.release(entry["id"], [count], "", None)
         if int(plan["num_examples"]) != num_examples:
             raise PrivacyRefusal(
-                "the training set changed during the run; its privacy calibration no longer "
-                "holds"
+                "the training set changed during the run; its privacy calibration no longer holds"
             )
         return plan
 

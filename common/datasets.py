@@ -34,6 +34,7 @@ from common.prepare_output import (
     read_manifest,
     write_manifest,
 )
+from common.progress import track
 
 
 def _find_vendored(name: str) -> Path:
@@ -99,7 +100,8 @@ def write_site(
     (site_dir / "images").mkdir(parents=True, exist_ok=True)
     affine = np.eye(4)
     rows = []
-    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+    pairs = enumerate(zip(images, labels, strict=True))
+    for i, (image, label) in track(pairs, f"writing {site_dir.name}", total=len(labels)):
         case = f"{prefix}-{i + 1:06d}"
         nifti = nib.Nifti1Image(np.ascontiguousarray(image.T), affine)
         nifti.header.set_xyzt_units("mm")

@@ -28,6 +28,7 @@ from common.site import SiteData, default_image_size, load_site
 from common.tasks import ModelSpec, build_task_model, task_for
 from common.weights import fingerprint
 from server.grid import ResponsiveGrid
+from server.outputs import RunOutputs
 from server.recorder import HoldoutEvaluator, RoundRecorder
 from server.rounds import finetune_round, run_rounds
 from server.run_dir import RunDir
@@ -44,31 +45,34 @@ def main(grid: Grid, context: Context) -> None:
     recorder = RoundRecorder(
         run, HoldoutEvaluator(opened.task, opened.holdout), opened.model, plan.round_offset
     )
+    outputs = RunOutputs(run, opened.holdout, run.last_round + cfg.num_server_rounds)
+    recorder.outputs = outputs
     arrays = ArrayRecord(opened.model.state_dict())
-    try:
-        if not opened.resumed:  # round 0 = the initial model (a resumed run has it already)
-            recorder.record(0, opened.model.state_dict())
-        grid = ResponsiveGrid(grid)
-        arrays = run_rounds(
-            grid,
-            build_strategy(cfg),
-            arrays,
-            plan,
-            cfg.num_server_rounds,
-            cfg.round_timeout,
-            recorder,
-            evaluate_after=lambda r: cfg.evaluates_in(r, plan.total_rounds),
-        )
-        if cfg.finetune_epochs and run.last_round >= plan.total_rounds:
-            last = replace(plan, server_round=cfg.num_server_rounds)
-            recorder.add_finetuned(finetune_round(grid, arrays, last, cfg.round_timeout))
-    except BaseException as exc:
-        run.end("failed", str(exc))
-        raise
-    run.end("finished")
-    if run.last_round == plan.round_offset:
-        log(WARNING, "fedvox: no round completed")
-    log(INFO, "fedvox: outputs in %s (summary.json, checkpoints/best.pt, roc/)", run.path)
+    with outputs:  # one line per round, server.log; report.html + model card after each round
+        try:
+            if not opened.resumed:  # round 0 = the initial model (a resumed run has it already)
+                recorder.record(0, opened.model.state_dict())
+            grid = ResponsiveGrid(grid)
+            arrays = run_rounds(
+                grid,
+                build_strategy(cfg),
+                arrays,
+                plan,
+                cfg.num_server_rounds,
+                cfg.round_timeout,
+                recorder,
+                evaluate_after=lambda r: cfg.evaluates_in(r, plan.total_rounds),
+            )
+            if cfg.finetune_epochs and run.last_round >= plan.total_rounds:
+                last = replace(plan, server_round=cfg.num_server_rounds)
+                recorder.add_finetuned(finetune_round(grid, arrays, last, cfg.round_timeout))
+        except BaseException as exc:
+            run.end("failed", str(exc))
+            raise
+        run.end("finished")
+        if run.last_round == plan.round_offset:
+            log(WARNING, "fedvox: no round completed")
+        log(INFO, "fedvox: outputs in %s (summary.json, checkpoints/best.pt, roc/)", run.path)
 
 
 @dataclass

@@ -12,18 +12,22 @@ from __future__ import annotations
 
 import time
 from logging import INFO
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from flwr.common.logger import log
 
 from common.calibration import Calibration, calibrated_metrics, choose_calibration
+from common.predict import predict_fields
 from common.protocol import NodeReply
 from common.site import SiteData
 from common.tasks import Evaluation, Task
 from common.validation import local_metrics
 from common.weights import fingerprint
 from server.run_dir import RunDir
+
+if TYPE_CHECKING:
+    from server.outputs import RunOutputs
 
 
 class HoldoutEvaluator:
@@ -56,6 +60,7 @@ class RoundRecorder:
         self.best_score = run.best_score(evaluator.task.best_metric)
         self.last_time = time.time()
         self.threshold_margin: float | None = None  # the last calibration's
+        self.outputs: RunOutputs | None = None  # progress line, report (set by server/app.py)
 
     def record(
         self,
@@ -77,8 +82,13 @@ class RoundRecorder:
         if is_best:
             self.best_score = score
             self.run.summary["best"] = {"round": global_round, task.best_metric: score}
+        holdout = self.evaluator.holdout
         self.run.save_checkpoint(
-            global_round, self.model.state_dict(), self.run.summary["model"], best=is_best
+            global_round,
+            self.model.state_dict(),
+            self.run.summary["model"],
+            best=is_best,
+            predict=predict_fields(holdout.preprocess, holdout.spec.class_names, central),
         )
         for name, artifact in result.artifacts.items():
             self.run.save_artifact(name, global_round, artifact)
@@ -96,6 +106,8 @@ class RoundRecorder:
         self.run.write_summary()
         self.last_time = time.time()
         self._log(global_round, central)
+        if self.outputs is not None:
+            self.outputs.after_round(global_round, result, self.model)
         return central
 
     def add_finetuned(self, replies: list[NodeReply]) -> None:

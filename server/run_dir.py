@@ -93,10 +93,18 @@ class RunDir:
         atomic_write_json(self.path / SUMMARY, self.summary)
 
     def save_checkpoint(
-        self, round_: int, state_dict: dict[str, torch.Tensor], model: dict, best: bool
+        self,
+        round_: int,
+        state_dict: dict[str, torch.Tensor],
+        model: dict,
+        best: bool,
+        predict: dict | None = None,
     ) -> None:
-        """round-NNN.pt, and the same payload as last.pt (and best.pt when it is the best)."""
+        """round-NNN.pt, and the same payload as last.pt (and best.pt when it is the best).
+        `predict`: what `fedvox predict` needs besides the weights (common.predict)."""
         payload = {"round": round_, "model": model, "state_dict": state_dict}
+        if predict is not None:
+            payload["predict"] = predict
         for name in [f"round-{round_:03d}", "last"] + (["best"] if best else []):
             atomic_write(self.checkpoints / f"{name}.pt", lambda f: torch.save(payload, f))
 

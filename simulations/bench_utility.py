@@ -30,6 +30,7 @@ from pathlib import Path
 
 from common.config import ConfigError, RunConfig
 from common.files import atomic_write_text
+from common.progress import track
 from simulations.bench import machine_info
 from simulations.bench_table import final_round, format_table, merged_runs, summarise
 
@@ -235,12 +236,12 @@ def _federations(bench, work: Path, data_dir: Path, hospitals: int, epsilons, se
     base = {**bench.overrides, "data-dir": str(data_dir), "output-dir": str(work / "runs")}
     stamp = time.strftime("%Y%m%d-%H%M%S")
     with LocalFederation(work / "sim") as fed:
-        for epsilon in epsilons:
-            for seed in seeds:
-                name = f"{stamp}-eps{epsilon:g}-seed{seed}"
-                res = run_federation(fed, base, epsilon, seed, hospitals, name)
-                setting = "fl" if math.isinf(epsilon) else "fl-dp"
-                bench.record(setting, None if math.isinf(epsilon) else epsilon, seed, res)
+        runs = [(epsilon, seed) for epsilon in epsilons for seed in seeds]
+        for epsilon, seed in track(runs, "federations"):
+            name = f"{stamp}-eps{epsilon:g}-seed{seed}"
+            res = run_federation(fed, base, epsilon, seed, hospitals, name)
+            setting = "fl" if math.isinf(epsilon) else "fl-dp"
+            bench.record(setting, None if math.isinf(epsilon) else epsilon, seed, res)
 
 
 class _Bench:

@@ -22,6 +22,7 @@ import numpy as np
 
 from common.datasets import class_counts, write_hospital, write_site
 from common.prepare_output import atomic_output, locked, write_manifest
+from common.progress import track
 
 
 @dataclass(frozen=True)
@@ -361,7 +362,7 @@ def _make_segmentation_sites(
         (f"hospital-{h}", random_scanner(rng), cases_per_site) for h in range(1, hospitals + 1)
     ]
     for name, style, n in [*sites, ("holdout", HOLDOUT_SCANNER, holdout_cases)]:
-        cases = [phantom.generate(rng, matrix, style) for _ in range(n)]
+        cases = [phantom.generate(rng, matrix, style) for _ in track(range(n), f"drawing {name}")]
         splits = None
         if name != "holdout":
             n_val = max(1, int(round(val_fraction * n)))

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import nibabel as nib
 
+from common.progress import track
 from common.site.cache import RecordCache, size_token
 from common.site.checks import (
     case_problems,
@@ -92,7 +93,7 @@ def read_records(
     records: dict[str, dict] = {}
     headers: dict[str, nib.spatialimages.SpatialImage] = {}
     folder, mask_folder = str(index.image_folder), str(index.mask_folder)
-    for name, stat in index.images.items():
+    for name, stat in track(index.images.items(), f"reading {index.site.name}"):
         path = os.path.join(folder, name)
         mask_key = index.mask_key(name)
         rec = cache.find(name, stat, path, mask_key, mask_folder)
@@ -143,7 +144,7 @@ def check_and_decode(
     (case id, file name) pairs."""
     reports: list[CaseReport] = []
     valid: list[tuple[str, str]] = []
-    for name, rec in records.items():
+    for name, rec in track(records.items(), f"checking {ctx.index.site.name}"):
         cid, rel = case_id(name), f"images/{name}"
         problem = ctx.problems.get(cid, "") if cid else ""
         reason = reason_before_decoding(rec, problem, ctx.site_dims)
