@@ -46,7 +46,7 @@ from common.privacy import PrivacyRefusal
 from common.protocol import FAILED, OK, REFUSED, reply
 from common.site import SiteData
 from common.tasks import task_for
-from common.validation import EVAL_NOISE, release
+from common.validation import release
 from common.weights import fingerprint, to_record, unwrap
 
 log = logging.getLogger("fedvox.client")
@@ -214,8 +214,8 @@ def _release_about(
         counts = release(evaluation.logits, val.labels, evaluation.per_case, noise=noise)
         return counts, hashlib.sha256(json.dumps(counts, sort_keys=True).encode()).hexdigest()
 
-    if not node.cfg.dp:  # the epsilon = inf reference run: noisy counts too, no ledger
-        counts, _ = compute(EVAL_NOISE)
+    if not node.cfg.dp:  # the epsilon = inf reference run: nothing private, no noise either
+        counts, _ = compute(0.0)
         metrics.update({**counts, "epsilon-run": math.inf, "epsilon-lifetime": math.inf})
     else:
         gate = None

@@ -99,15 +99,21 @@ def histogram_auc(neg: np.ndarray, pos: np.ndarray) -> float:
     return float(np.clip(auc, 0.0, 1.0))
 
 
-def local_metrics(release_: dict[str, Any], threshold_margin: float | None) -> dict[str, float]:
-    """A hospital's validation metrics, computed by the server from its release alone."""
+def local_metrics(
+    release_: dict[str, Any], threshold_margin: float | None, class_names: tuple[str, ...] = ()
+) -> dict[str, float]:
+    """A hospital's validation metrics, computed by the server from its release alone
+    (`class_names`: segmentation's, background first, to name `dice-<class>`)."""
     if DICE_SUM in release_:
         sums = np.asarray(release_[DICE_SUM], float)
         counts = np.asarray(release_[DICE_COUNT], float)
         with np.errstate(all="ignore"):
             dice = np.clip(np.where(counts >= 1, sums / counts, np.nan), 0.0, 1.0)
+        names = class_names[1:] if len(class_names) == len(dice) + 1 else range(1, len(dice) + 1)
+        out = {f"dice-{n}": float(v) for n, v in zip(names, dice, strict=True)}
         finite = dice[np.isfinite(dice)]
-        return {"dice-mean": float(finite.mean()) if len(finite) else math.nan}
+        out["dice-mean"] = float(finite.mean()) if len(finite) else math.nan
+        return out
     if CONFUSION in release_:
         c = np.asarray(release_[CONFUSION], float)
         k = int(round(math.sqrt(len(c))))

@@ -100,7 +100,9 @@ class RoundRecorder:
                 # Wall clock since the previous round's evaluation ended (round 0: since start).
                 "wall_s": started - self.last_time,
                 "central_eval_s": time.time() - started,
-                "hospitals": hospitals_entry(train, evaluate, self.threshold_margin),
+                "hospitals": hospitals_entry(
+                    train, evaluate, self.threshold_margin, self._class_names
+                ),
             }
         )
         self.run.write_summary()
@@ -116,12 +118,16 @@ class RoundRecorder:
         for r in replies:
             entry = hospitals.setdefault(r.site, {}).setdefault("eval", {})
             if r.ok:
-                tuned = local_metrics(r.metrics, self.threshold_margin)
+                tuned = local_metrics(r.metrics, self.threshold_margin, self._class_names)
                 entry.update({f"finetuned-{k}": v for k, v in tuned.items()})
                 entry["finetuned-epsilon-run"] = r.metrics.get("epsilon-run")
             else:
                 entry.update({"finetune-status": r.status, "finetune-reason": r.reason})
         self.run.write_summary()
+
+    @property
+    def _class_names(self) -> tuple[str, ...]:
+        return tuple(self.evaluator.holdout.spec.class_names)
 
     def _log(self, global_round: int, central: dict[str, float | None]) -> None:
         hospitals = self.run.summary["rounds"][-1]["hospitals"].values()
@@ -139,7 +145,10 @@ class RoundRecorder:
 
 
 def hospitals_entry(
-    train: list[NodeReply], evaluate: list[NodeReply], threshold_margin: float | None = None
+    train: list[NodeReply],
+    evaluate: list[NodeReply],
+    threshold_margin: float | None = None,
+    class_names: tuple[str, ...] = (),
 ) -> dict[str, dict]:
     """Per-hospital view of one round: training status and epsilon; local validation metrics
     computed here from the hospital's DP release (at the round's pooled threshold)."""
@@ -163,8 +172,10 @@ def hospitals_entry(
         entry = out.setdefault(r.site, {"status": r.status})
         if r.ok:
             entry["eval"] = {
-                **local_metrics(r.metrics, threshold_margin),
+                **local_metrics(r.metrics, threshold_margin, class_names),
                 "epsilon_run": r.metrics.get("epsilon-run"),
+                "data-s": r.metrics.get("data-s"),
+                "compute-s": r.metrics.get("compute-s"),
             }
         else:
             entry["eval"] = {"status": r.status, "reason": r.reason}

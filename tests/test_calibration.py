@@ -128,7 +128,7 @@ def test_threshold_comes_from_validation_releases_only():
 
 def test_local_metrics_from_one_release_track_the_exact_ones():
     model = Scaled(scale=1.5, shift=0.3)
-    x, y = _data(600, seed=4)
+    x, y = _data(3000, seed=4)
     probs = predict_probs(model, x)
     exact = classification_metrics(probs, y.numpy(), threshold=0.5)
     local = local_metrics(_release(model, x, y), threshold_margin=0.0)

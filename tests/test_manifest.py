@@ -91,6 +91,12 @@ def test_every_message_type_sends_only_manifest_keys_and_no_path_or_case_id(site
     assert _check(broken, forbidden + ["no-such-site"]) == "failed"
 
 
+def test_docs_publish_the_manifest_for_hospitals():
+    text = (Path(__file__).resolve().parents[1] / "docs" / "privacy.md").read_text()
+    for key, (treatment, _) in MANIFEST.items():
+        assert f"| `{key}` | {treatment} |" in text, key
+
+
 def _trial_sites(root: Path, split: str) -> tuple[Path, Path, torch.Tensor]:
     """Two data folders that differ in one case of `split` (the target), and its image."""
     out, inside = root / f"out-{split}", root / f"in-{split}"
