@@ -1,21 +1,25 @@
 """The hospital node: a Flower ClientApp that trains with DP-SGD on local NIfTI data.
 
-Three actions, each a Flower handler below:
+Three actions, each a Flower handler below, and each through the privacy gate
+(`client/gate.py`) before anything derived from local data leaves:
 
 - `train`: the global model from the message, trained on this site's training cases
-  (`client.train.local_sgd`) after the privacy gate granted the steps (`client.gate`); the
-  ledger is on disk before the weights leave;
-- `evaluate`: the global model on this site's validation cases; metrics plus calibration
-  aggregates (never a per-case score);
-- `finetune` (message type "train.finetune", sent once after the last round): a private,
-  DP-trained copy of the final model for this site; the copy stays here, its metrics leave.
+  (`client.train.local_sgd`) with the run's noise; the release is on the ledger before the
+  weights leave;
+- `evaluate`: one differentially private release of counts about this site's validation cases
+  (`common.validation`); the server computes local metrics and the threshold from it;
+- `finetune` (message type "train.finetune", sent once after the last round): a DP-trained
+  copy of the final model for this site; the copy stays here, a release about it leaves.
 
-Only weights and aggregate metrics leave this node. Anything that could carry a path, a file
-name or a case id (data errors, tracebacks) is logged locally and replaced by a generic reason.
+What may leave is listed, key by key, in `common.protocol.MANIFEST`. Anything that could carry
+a path, a file name or a case id (data errors, tracebacks) is logged locally and replaced by a
+generic reason.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import time
@@ -27,22 +31,23 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from client.audit import audit_mod
-from client.gate import PrivacyGate
-from client.node import Node, NodeConfigError
-from client.train import LocalTraining, local_sgd
-from common.calibration import validation_summary
-from common.privacy import PrivacyRefusal
-from common.protocol import (
-    EVAL_METRIC_KEYS,
-    FAILED,
-    OK,
-    REFUSED,
-    TRAIN_METRIC_KEYS,
-    reply,
+from client.gate import (
+    EVALUATE,
+    FINETUNE,
+    FINETUNE_EVALUATE,
+    TRAIN,
+    PrivacyGate,
+    release_entry,
 )
+from client.node import Node, NodeConfigError, RunRefused
+from client.train import LocalTraining, local_sgd
+from common.files import atomic_write
+from common.privacy import PrivacyRefusal
+from common.protocol import FAILED, OK, REFUSED, reply
 from common.site import SiteData
 from common.tasks import task_for
-from common.weights import to_record
+from common.validation import release
+from common.weights import fingerprint, to_record, unwrap
 
 log = logging.getLogger("fedvox.client")
 
@@ -52,31 +57,29 @@ app = ClientApp(mods=[audit_mod])
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    return _answer(msg, context, TRAIN_METRIC_KEYS, _train)
+    return _answer(msg, context, _train)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    return _answer(msg, context, EVAL_METRIC_KEYS, _evaluate)
+    return _answer(msg, context, _evaluate)
 
 
 @app.train("finetune")
 def finetune(msg: Message, context: Context) -> Message:
-    return _answer(msg, context, EVAL_METRIC_KEYS, _finetune)
+    return _answer(msg, context, _finetune)
 
 
-def _answer(
-    msg: Message,
-    context: Context,
-    keys: tuple[str, ...],
-    action: Callable[[Message, Node], Message],
-) -> Message:
+def _answer(msg: Message, context: Context, action: Callable[[Message, Node], Message]) -> Message:
     """Run `action`; every failure becomes a clean reply whose reason names no file."""
     site_name = str(context.node_config.get("site-name", "")) or "unknown-site"
     try:
         node = Node.from_message(msg, context)
         site_name = node.site_name
         return action(msg, node)
+    except RunRefused as exc:
+        log.warning("refusing the run: %s", exc)
+        return reply(msg, site_name, REFUSED, {"refused": 1.0}, str(exc))
     except Exception as exc:  # noqa: BLE001 - every failure becomes a clean reply
         log.error("fedvox node failed:\n%s", traceback.format_exc())  # full error stays here
         reason = (
@@ -84,7 +87,28 @@ def _answer(
             if isinstance(exc, NodeConfigError)
             else f"{type(exc).__name__} (details in the node's log)"
         )
-        return reply(msg, site_name, FAILED, dict.fromkeys(keys, 0.0), reason)
+        return reply(msg, site_name, FAILED, {}, reason)
+
+
+def _open_gate(node: Node, num_train: int) -> tuple[PrivacyGate, dict]:
+    """The run's gate at this node and its plan (calibrated once, on the first message)."""
+    gate = PrivacyGate.open(
+        node.state_dir, node.plan.run_uid, node.cfg, node.policy, num_train, node.plan.total_rounds
+    )
+    steps = node.steps(num_train)
+    return gate, gate.plan(num_train, steps.sample_rate, steps.planned)
+
+
+def _refuse(msg: Message, node: Node, reason: str, gate: PrivacyGate | None) -> Message:
+    """A refusal is an answer, not an error: the round goes on with the other hospitals."""
+    log.warning("refusing: %s", reason)
+    metrics = {"refused": 1.0}
+    if gate is not None:
+        eps_run, eps_life = gate.spent()
+        metrics.update(
+            {"epsilon-run": eps_run, "epsilon-lifetime": eps_life, "delta": gate.budget.delta}
+        )
+    return reply(msg, node.site_name, REFUSED, metrics, reason)
 
 
 # -- train --------------------------------------------------------------------------------
@@ -94,65 +118,44 @@ def _train(msg: Message, node: Node) -> Message:
     t0 = time.perf_counter()
     data = node.load("train")
     t1 = time.perf_counter()  # compute-s: everything after loading (accounting included)
-    metrics = dict.fromkeys(TRAIN_METRIC_KEYS, 0.0)
-    metrics.update({"num-examples": len(data), "data-s": t1 - t0})
+    metrics = {"data-s": t1 - t0, "refused": 0.0}
     if not node.cfg.dp:
         return _train_without_dp(msg, node, data, metrics, t1)
+    gate = None
     try:
-        gate = _open_gate(node, len(data))
+        gate, plan = _open_gate(node, len(data))
+        sigma, q = float(plan["noise_multiplier"]), float(plan["sample_rate"])
+        model = node.global_model(msg, data)
+        path = node.release_path(TRAIN)
+
+        def compute() -> tuple[dict, list, str]:
+            result = local_sgd(
+                model, data.images, data.labels, node.round_training(), sigma,
+                task_for(data.spec).loss_fn(),
+            )  # fmt: skip
+            node.remember(model)
+            state = unwrap(model).state_dict()
+            # Kept until the next round, so a lost reply can be sent again at no cost.
+            atomic_write(path, lambda f: torch.save(state, f))
+            return {}, result.history, fingerprint(state)
+
+        planned = (sigma, q, node.steps(len(data)).per_round)
+        spent = gate.spend(node.plan.global_round, TRAIN, planned, compute)
+        if spent.repeated:  # this round was released before: the very same update again
+            model.load_state_dict(node.load_release(path, spent.digest))
     except PrivacyRefusal as exc:
-        return _refuse(msg, node, str(exc), metrics, None)
-    steps = node.steps(len(data))
-    try:
-        plan = gate.plan(len(data), steps.sample_rate, steps.planned)
-        grant = gate.grant(plan, steps.per_round)
-    except PrivacyRefusal as exc:
-        return _refuse(msg, node, str(exc), metrics, gate)
-    model = node.global_model(msg, data)
-    result = local_sgd(
-        model,
-        data.images,
-        data.labels,
-        node.round_training(),
-        grant.noise_multiplier,
-        task_for(data.spec).loss_fn(),
-    )
-    node.remember(model)
-    # The ledger is on disk before the weights leave the node.
-    eps_run, eps_life = gate.spend(grant, node.plan.global_round, result.history)
+        return _refuse(msg, node, str(exc), gate)
     metrics.update(
         {
-            "train-loss": result.loss,
-            "epsilon-run": eps_run,
-            "epsilon-lifetime": eps_life,
+            "num-examples": float(plan["num_examples_released"]),  # the noisy, planned count
+            "epsilon-run": spent.epsilon_run,
+            "epsilon-lifetime": spent.epsilon_lifetime,
             "delta": gate.budget.delta,
-            "noise-multiplier": grant.noise_multiplier,
-            "sample-rate": grant.sample_rate,
-            "steps": float(sum(s for _, _, s in result.history)),
+            "noise-multiplier": sigma,
             "compute-s": time.perf_counter() - t1,
         }
     )
     return reply(msg, node.site_name, OK, metrics, arrays=to_record(model))
-
-
-def _refuse(
-    msg: Message, node: Node, reason: str, metrics: dict, gate: PrivacyGate | None
-) -> Message:
-    """A refusal is an answer, not an error: the round goes on with the other hospitals."""
-    log.warning("refusing to train: %s", reason)
-    if gate is not None:
-        delta = gate.budget.delta
-        eps_run, eps_life = gate.spent()
-    else:  # the budget itself was unusable: report what the ledger holds at the run's delta
-        from client.ledger import PrivacyLedger
-
-        delta = node.cfg.target_delta
-        ledger = PrivacyLedger.open(node.state_dir, node.cfg.accountant)
-        eps_run, eps_life = ledger.epsilon(delta, node.plan.run_uid), ledger.epsilon(delta)
-    metrics = {**metrics, "num-examples": 0.0, "data-s": 0.0}
-    metrics.update({"refused": 1.0, "delta": delta, "epsilon-run": eps_run})
-    metrics["epsilon-lifetime"] = eps_life
-    return reply(msg, node.site_name, REFUSED, metrics, reason)
 
 
 def _train_without_dp(
@@ -167,15 +170,15 @@ def _train_without_dp(
             "the server asked for training without DP (dp=false); this hospital trains "
             "only with DP (node config allow-non-dp is not set)"
         )
-        return _refuse(msg, node, reason, metrics, None)
+        return _refuse(msg, node, reason, None)
     model = node.global_model(msg, data)
-    result = local_sgd(
+    local_sgd(
         model, data.images, data.labels, node.round_training(), None, task_for(data.spec).loss_fn()
     )
     node.remember(model)
     metrics.update(
         {
-            "train-loss": result.loss,
+            "num-examples": len(data),  # dp=false: nothing here is private anyway
             "epsilon-run": math.inf,
             "epsilon-lifetime": math.inf,
             "compute-s": time.perf_counter() - t1,
@@ -189,22 +192,54 @@ def _train_without_dp(
 
 def _evaluate(msg: Message, node: Node) -> Message:
     t0 = time.perf_counter()
-    data = node.load("val")
+    val = node.load("val")
     t1 = time.perf_counter()
-    model = node.global_model(msg, data)
-    metrics = _validation_metrics(model, data)
-    metrics.update({"data-s": t1 - t0, "compute-s": time.perf_counter() - t1})
+    model = node.global_model(msg, val)
+    return _release_about(msg, node, model, val, EVALUATE, {"data-s": t1 - t0}, t1)
+
+
+def _release_about(
+    msg: Message,
+    node: Node,
+    model: torch.nn.Module,
+    val: SiteData,
+    phase: str,
+    metrics: dict,
+    t1: float,
+) -> Message:
+    """One DP release of counts about `model` on the validation part, through the gate."""
+
+    def compute(noise: float) -> tuple[dict, str]:
+        evaluation = task_for(val.spec).evaluate(model, val.images, val.labels)
+        counts = release(evaluation.logits, val.labels, evaluation.per_case, noise=noise)
+        return counts, hashlib.sha256(json.dumps(counts, sort_keys=True).encode()).hexdigest()
+
+    if not node.cfg.dp:  # the epsilon = inf reference run: nothing private, no noise either
+        counts, _ = compute(0.0)
+        metrics.update({**counts, "epsilon-run": math.inf, "epsilon-lifetime": math.inf})
+    else:
+        gate = None
+        try:
+            gate, plan = _open_gate(node, len(node.load("train")))
+            entry = release_entry(plan)
+
+            def spend() -> tuple[dict, list, str]:
+                counts, digest = compute(entry[0])
+                return counts, [entry], digest
+
+            spent = gate.spend(node.plan.global_round, phase, entry, spend)
+        except PrivacyRefusal as exc:
+            return _refuse(msg, node, str(exc), gate)
+        metrics.update(spent.result)
+        metrics.update(
+            {
+                "epsilon-run": spent.epsilon_run,
+                "epsilon-lifetime": spent.epsilon_lifetime,
+                "delta": gate.budget.delta,
+            }
+        )
+    metrics["compute-s"] = time.perf_counter() - t1
     return reply(msg, node.site_name, OK, metrics)
-
-
-def _validation_metrics(model: torch.nn.Module, data: SiteData) -> dict:
-    """Metrics of `model` on this site's validation part, plus the calibration aggregates
-    (case counts per score bin, loss per temperature) the server picks its threshold from."""
-    evaluation = task_for(data.spec).evaluate(model, data.images, data.labels)
-    metrics = {k: float(v) for k, v in evaluation.metrics.items() if v is not None}
-    metrics["num-examples"] = len(data)
-    metrics.update(validation_summary(evaluation.logits, data.labels))
-    return metrics
 
 
 # -- fine-tune ----------------------------------------------------------------------------
@@ -216,63 +251,47 @@ def _finetune(msg: Message, node: Node) -> Message:
     Under DP it trains with the run's noise multiplier; its steps were part of the run's
     privacy plan from round 1 (each round's noise was calibrated for them), so the run's
     epsilon still ends at its target. The fine-tuned model stays on the node
-    (`Node.personalised_model_path`); only its metrics on the validation part leave, prefixed
-    "finetuned-". A re-sent message reuses the saved model and spends nothing more.
+    (`Node.personalised_model_path`); one validation release about it leaves. A re-sent
+    message reuses the saved model and the earlier release: it spends nothing more.
     """
-    val = node.load("val")
+    t0 = time.perf_counter()
+    if node.cfg.finetune_epochs == 0:
+        return _refuse(msg, node, "finetune-epochs is 0 in this run's config", None)
+    if node.plan.global_round != node.plan.total_rounds:
+        reason = "fine-tuning comes once, after the run's last planned round"
+        return _refuse(msg, node, reason, None)
+    data, val = node.load("train"), node.load("val")
+    t1 = time.perf_counter()
     model = node.global_model(msg, val)
-    path = node.personalised_model_path()
     try:
-        if node.cfg.finetune_epochs == 0:
-            raise PrivacyRefusal("finetune-epochs is 0 in this run's config")
-        if node.plan.global_round != node.plan.total_rounds:
-            raise PrivacyRefusal("fine-tuning comes once, after the run's last planned round")
-        if path.is_file():
-            model.load_state_dict(torch.load(path, weights_only=True))
-        else:
-            _finetune_and_save(node, model)
+        _finetune_model(node, model, data)
     except PrivacyRefusal as exc:
-        log.warning("not fine-tuning the final model: %s", exc)
-        return reply(msg, node.site_name, REFUSED, {"finetune-refused": 1.0}, str(exc))
-    metrics = _validation_metrics(model, val)
-    out = {f"finetuned-{k}": v for k, v in metrics.items()}
-    if node.cfg.dp:
-        gate = _open_gate(node, len(node.load("train")))
-        out["finetuned-epsilon-run"] = gate.spent()[0]
-    return reply(msg, node.site_name, OK, out)
+        return _refuse(msg, node, str(exc), None)
+    metrics = {"data-s": t1 - t0}
+    return _release_about(msg, node, model, val, FINETUNE_EVALUATE, metrics, t1)
 
 
-def _finetune_and_save(node: Node, model: torch.nn.Module) -> None:
+def _finetune_model(node: Node, model: torch.nn.Module, data: SiteData) -> None:
     """Train `model` in place for finetune-epochs (DP through the gate) and keep it here."""
-    data = node.load("train")
     settings = LocalTraining.from_config(node.cfg, epochs=node.cfg.finetune_epochs)
-    if node.cfg.dp:
-        gate = _open_gate(node, len(data))
-        plan = gate.existing_plan(len(data))
-        grant = gate.grant(plan, node.steps(len(data)).per_epoch * node.cfg.finetune_epochs)
-        result = local_sgd(
-            model, data.images, data.labels, settings, grant.noise_multiplier,
-            task_for(data.spec).loss_fn(),
-        )  # fmt: skip
-        # On disk before anything about the fine-tuned model leaves the node.
-        gate.spend(grant, node.plan.global_round, result.history, phase="finetune")
-    elif not node.policy.may_train_without_dp:
-        raise PrivacyRefusal("this hospital trains only with DP (allow-non-dp is not set)")
-    else:
-        local_sgd(model, data.images, data.labels, settings, None, task_for(data.spec).loss_fn())
     path = node.personalised_model_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), path)
+    loss_fn = task_for(data.spec).loss_fn()
+    if not node.cfg.dp:
+        if not node.policy.may_train_without_dp:
+            raise PrivacyRefusal("this hospital trains only with DP (allow-non-dp is not set)")
+        local_sgd(model, data.images, data.labels, settings, None, loss_fn)
+        atomic_write(path, lambda f: torch.save(model.state_dict(), f))
+        return
+    gate, plan = _open_gate(node, len(data))
+    sigma, q = float(plan["noise_multiplier"]), float(plan["sample_rate"])
 
+    def compute() -> tuple[dict, list, str]:
+        result = local_sgd(model, data.images, data.labels, settings, sigma, loss_fn)
+        state = unwrap(model).state_dict()
+        atomic_write(path, lambda f: torch.save(state, f))  # never sent anywhere
+        return {}, result.history, fingerprint(state)
 
-def _open_gate(node: Node, num_examples: int) -> PrivacyGate:
-    return PrivacyGate.open(
-        node.state_dir,
-        node.plan.run_uid,
-        accountant=node.cfg.accountant,
-        server_epsilon=node.cfg.target_epsilon,
-        server_delta=node.cfg.target_delta,
-        node_max_epsilon=node.policy.max_epsilon,
-        node_delta=node.policy.delta,
-        num_examples=num_examples,
-    )
+    planned = (sigma, q, node.steps(len(data)).per_epoch * node.cfg.finetune_epochs)
+    spent = gate.spend(node.plan.global_round, FINETUNE, planned, compute)
+    if spent.repeated:
+        model.load_state_dict(node.load_release(path, spent.digest))

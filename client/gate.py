@@ -1,44 +1,69 @@
-"""The privacy gate: every use of a hospital's training data asks here first.
+"""The privacy gate: every use of a hospital's data that leaves the node goes through here.
 
-One place decides whether a node may spend privacy on a run, and records what it spent:
+Training, evaluation and fine-tuning all ask the gate, and the gate alone writes the ledger:
 
-1. `PrivacyGate.open` combines the server's proposal with the node's own policy into the
-   run's budget (`common.privacy.resolve_budget`: the node can only tighten it) and opens the
-   node's ledger;
-2. `plan` calibrates the noise multiplier ONCE per run, for every step the run may take
-   (rounds x local epochs, plus local fine-tuning), and writes it to the ledger: every later
-   round trains with the same sigma, so the run ends at its epsilon;
-3. `grant(steps)` projects the run's and the dataset's lifetime epsilon after those steps and
-   raises `PrivacyRefusal` (with the rule that says no) when either would pass its limit;
-4. `spend` records the steps the accountant really took, on disk before the update leaves.
+1. `PrivacyGate.open` resolves the run's budget: the server's proposal within the node's
+   policy (`common.privacy.resolve_budget`; the node wins, a looser proposal is refused);
+2. `plan` calibrates the training noise ONCE per run, for every DP-SGD step the run may take
+   (rounds x local epochs, plus fine-tuning) and every validation release it plans, and writes
+   that plan to the ledger: the run ends at its epsilon whatever order things happen in;
+3. `spend(phase, planned, compute)` is one release: under the ledger's lock it projects the
+   run's and the dataset's epsilon with `planned` added, refuses (PrivacyRefusal) if either
+   passes its limit, writes a reservation, releases the lock, runs `compute` (the DP
+   computation), and records the release (its hash, the accountant's own history) before
+   anything leaves. A crash in between leaves a reservation that is given back later: nothing
+   was released.
+4. A repeated request for the same round and phase gets the same release back (`released`),
+   at no new privacy cost: it was already paid for and already public.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from client.ledger import PrivacyLedger
+from common.config import NodePolicy, RunConfig
 from common.privacy import (
     Budget,
     HistoryEntry,
     PrivacyRefusal,
     calibrate_noise_multiplier,
+    release_noise,
     resolve_budget,
 )
 
 SLACK = 1 + 1e-6  # the calibration search lands within tolerance of the target
+EVALUATE, FINETUNE, FINETUNE_EVALUATE, TRAIN = "evaluate", "finetune", "finetune-evaluate", "train"
+# A validation release is the Gaussian mechanism on counts of sensitivity 1: (noise, q=1, 1 step)
+# in the accountant's terms. Its noise comes from the run's plan (`release_noise`), as does the
+# training-set size the node reports (the FedAvg weight): the count plus Gaussian noise of
+# COUNT_FACTOR times that, drawn once per run.
+COUNT_FACTOR = 3.0
 
 
 @dataclass(frozen=True)
-class Grant:
-    """Permission to take `steps` DP-SGD steps at (noise_multiplier, sample_rate)."""
+class Release:
+    """What one spend produced: the result to send and the epsilons after it."""
 
-    noise_multiplier: float
-    sample_rate: float
-    steps: int
-    epsilon_run: float  # projected after the steps
+    result: dict[str, Any]
+    digest: str  # sha256 of what left the node (weights or the release itself)
+    epsilon_run: float
     epsilon_lifetime: float
+    repeated: bool = False  # an earlier release of the same request, sent again
+
+
+def release_entry(plan: dict[str, Any]) -> HistoryEntry:
+    """One validation release of the run, in the accountant's terms."""
+    return (float(plan["release_noise"]), 1.0, 1)
+
+
+def _noisy_count(n: int, noise: float) -> int:
+    return max(1, int(round(n + np.random.default_rng().normal(0.0, noise))))
 
 
 class PrivacyGate:
@@ -50,65 +75,97 @@ class PrivacyGate:
     @classmethod
     def open(
         cls,
-        state_dir: Any,
+        state_dir: Path,
         run_uid: str,
-        *,
-        accountant: str,
-        server_epsilon: float,
-        server_delta: float,
-        node_max_epsilon: float | None,
-        node_delta: float | None,
+        cfg: RunConfig,
+        policy: NodePolicy,
         num_examples: int,
+        total_rounds: int,
     ) -> PrivacyGate:
-        """The gate for one run at one node; PrivacyRefusal if the budget itself is unusable."""
-        budget = resolve_budget(
-            server_epsilon, server_delta, node_max_epsilon, node_delta, num_examples
-        )
-        return cls(PrivacyLedger.open(state_dir, accountant), budget, run_uid)
+        """The gate for one run at one node; PrivacyRefusal if the proposal is not allowed."""
+        budget = resolve_budget(cfg, policy, num_examples, total_rounds)
+        return cls(PrivacyLedger.open(state_dir, budget.accountant), budget, run_uid)
 
     # -- the run's plan -------------------------------------------------------------------
     def plan(self, num_examples: int, sample_rate: float, planned_steps: int) -> dict[str, Any]:
-        """The run's calibration: made once (first round), reused by every later message."""
-        plan = self.ledger.runs.get(self.run_uid)
-        if plan is None:
-            sigma = calibrate_noise_multiplier(
-                self.budget.epsilon_run,
-                self.budget.delta,
-                sample_rate,
-                planned_steps,
-                self.ledger.accountant,
-            )
-            plan = self.ledger.plan_run(
-                self.run_uid,
-                noise_multiplier=sigma,
-                sample_rate=sample_rate,
-                planned_steps=planned_steps,
-                num_examples=num_examples,
-                epsilon=self.budget.epsilon_run,
-                delta=self.budget.delta,
-            )
+        """The run's calibration: made once, reused by every later message of the run."""
+        with self.ledger.transaction():
+            plan = self.ledger.runs.get(self.run_uid)
+            if plan is None:
+                b = self.budget
+                noise = release_noise(b.epsilon_run, b.max_releases)
+                releases = ((noise, 1.0, b.max_releases), (COUNT_FACTOR * noise, 1.0, 1))
+                sigma = calibrate_noise_multiplier(
+                    self.budget.epsilon_run,
+                    self.budget.delta,
+                    sample_rate,
+                    planned_steps,
+                    self.budget.accountant,
+                    fixed=releases,
+                )
+                plan = self.ledger.plan_run(
+                    self.run_uid,
+                    noise_multiplier=sigma,
+                    sample_rate=sample_rate,
+                    planned_steps=planned_steps,
+                    planned_releases=b.max_releases + 1,
+                    release_noise=noise,
+                    num_examples=num_examples,
+                    num_examples_released=_noisy_count(num_examples, COUNT_FACTOR * noise),
+                    epsilon=self.budget.epsilon_run,
+                    delta=self.budget.delta,
+                )
+                # Released once, with the run's first message: on the ledger from the start.
+                count = (COUNT_FACTOR * noise, 1.0, 1)
+                entry = self.ledger.reserve(self.run_uid, 0, "count", count)
+                self.ledger.release(entry["id"], [count], "", None)
         if int(plan["num_examples"]) != num_examples:
             raise PrivacyRefusal(
-                f"the training set changed during the run ({plan['num_examples']} -> "
-                f"{num_examples} cases); its privacy calibration no longer holds"
+                "the training set changed during the run; its privacy calibration no longer holds"
             )
-        return plan
-
-    def existing_plan(self, num_examples: int) -> dict[str, Any]:
-        """The plan an earlier round made (fine-tuning never starts a plan of its own)."""
-        plan = self.ledger.runs.get(self.run_uid)
-        if plan is None or int(plan["num_examples"]) != num_examples:
-            raise PrivacyRefusal("this node has no privacy plan for this run's training set")
         return plan
 
     # -- spending -------------------------------------------------------------------------
-    def grant(self, plan: dict[str, Any], steps: int) -> Grant:
-        """Permission for `steps` more steps under `plan`, or PrivacyRefusal saying why not."""
-        sigma, q = float(plan["noise_multiplier"]), float(plan["sample_rate"])
-        extra = [(sigma, q, steps)]
+    def spend(
+        self,
+        round_: int,
+        phase: str,
+        planned: HistoryEntry,
+        compute: Callable[[], tuple[dict[str, Any], list[HistoryEntry], str]],
+    ) -> Release:
+        """Reserve `planned`; run `compute` -> (result, history, hash of what leaves); record.
+
+        `result` is small and JSON (metrics): the ledger keeps it, so a request already
+        released for (run, round, phase) gets that very release again, at no new cost.
+        """
+        with self.ledger.transaction() as ledger:
+            done = ledger.find(self.run_uid, round_, phase)
+            if done is not None:
+                return Release(
+                    done.get("result", {}), done["update_sha256"], *self.spent(), repeated=True
+                )
+            self._check(planned, phase)
+            entry = ledger.reserve(self.run_uid, round_, phase, planned)
+        try:
+            result, history, digest = compute()
+        except BaseException:
+            with self.ledger.transaction() as ledger:
+                ledger.abandon(entry["id"])  # nothing left the node
+            raise
+        with self.ledger.transaction() as ledger:
+            ledger.release(entry["id"], history or [planned], digest, result)
+        return Release(result, digest, *self.spent())
+
+    def _check(self, planned: HistoryEntry, phase: str) -> None:
+        if phase in (EVALUATE, FINETUNE_EVALUATE):
+            used = self.ledger.count(self.run_uid, (EVALUATE, FINETUNE_EVALUATE))
+            if used >= self.budget.max_releases:
+                raise PrivacyRefusal(
+                    f"this run's validation releases ({self.budget.max_releases}) are spent"
+                )
         delta = self.budget.delta
-        run = self.ledger.epsilon(delta, self.run_uid, extra=extra)
-        life = self.ledger.epsilon(delta, extra=extra)
+        run = self.ledger.epsilon(delta, self.run_uid, extra=[planned])
+        life = self.ledger.epsilon(delta, extra=[planned])
         if life > self.budget.epsilon_lifetime * SLACK:
             raise PrivacyRefusal(
                 f"this would raise the dataset's lifetime epsilon to {life:.2f}, past the "
@@ -119,17 +176,6 @@ class PrivacyGate:
                 f"this would raise the run's epsilon to {run:.2f}, past its target "
                 f"{self.budget.epsilon_run:g}"
             )
-        return Grant(sigma, q, steps, run, life)
-
-    def spend(
-        self, grant: Grant, round_: int, history: list[HistoryEntry], phase: str | None = None
-    ) -> tuple[float, float]:
-        """Record what the accountant took; returns (run epsilon, lifetime epsilon) after it."""
-        extra = {"phase": phase} if phase else {}
-        self.ledger.record(self.run_uid, round_, history, **extra)
-        if history == [(grant.noise_multiplier, grant.sample_rate, grant.steps)]:
-            return grant.epsilon_run, grant.epsilon_lifetime  # what was projected
-        return self.spent()
 
     def spent(self) -> tuple[float, float]:
         """(run epsilon, lifetime epsilon) the ledger holds now."""

@@ -8,7 +8,10 @@ folder and which state dir (ledger, audit log, caches). In simulation node i ser
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import tomllib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
@@ -18,11 +21,18 @@ from flwr.app import Context, Message, RecordDict
 
 from client.train import LocalTraining, scheduled_learning_rate, steps_per_epoch
 from common.config import ConfigError, NodePolicy, RunConfig
-from common.paths import default_output_dir, demo_data_dir, list_sites
+from common.paths import demo_data_dir, fedvox_home, list_sites
+from common.privacy import PrivacyRefusal
 from common.protocol import ARRAYS, RoundPlan
 from common.site import SiteData, load_site
 from common.tasks import ModelSpec, build_task_model
-from common.weights import keep_local, load_record, norm_parameter_names, restore_local
+from common.weights import (
+    fingerprint,
+    keep_local,
+    load_record,
+    norm_parameter_names,
+    restore_local,
+)
 
 log = logging.getLogger("fedvox.client")
 
@@ -42,6 +52,10 @@ class NodeConfigError(ConfigError):
     """A configuration mistake whose message holds only config values: safe to send."""
 
 
+class RunRefused(ConfigError):
+    """The server's run config is not one this node accepts (the reply says refused)."""
+
+
 @dataclass
 class Node:
     cfg: RunConfig
@@ -55,15 +69,20 @@ class Node:
     @classmethod
     def from_message(cls, msg: Message, context: Context) -> Node:
         try:
-            cfg = RunConfig.parse(context.run_config)
             policy = NodePolicy.parse(context.node_config)
         except ConfigError as exc:
             raise NodeConfigError(str(exc)) from None
+        try:
+            cfg = RunConfig.parse(context.run_config)
+        except ConfigError as exc:  # the server's config: this node refuses such a run
+            raise RunRefused(str(exc)) from None
         plan = RoundPlan.from_message(msg)
         if plan.total_rounds == 0:  # a message from an older server: plan for this invocation
             plan = replace(plan, total_rounds=cfg.planned_rounds)
-        site, state_dir = _site_and_state(cfg, policy, plan)
+        site, state_dir = _site_and_state(cfg, policy)
         state_dir.mkdir(parents=True, exist_ok=True)
+        if policy.simulated:  # a simulated hospital's own policy, if it wrote one
+            policy = _simulated_policy(policy, state_dir)
         # A real node's folder name could say more than it should: only simulated hospitals
         # are named after theirs.
         default_name = site.name if policy.simulated else f"node-{context.node_id}"
@@ -119,14 +138,38 @@ class Node:
         planned = self.plan.total_rounds * per_round + self.cfg.finetune_epochs * per_epoch
         return Steps(1.0 / per_epoch, per_epoch, per_round, planned)
 
+    def release_path(self, phase: str) -> Path:
+        """Where this round's released update is kept (a lost reply is sent again from it)."""
+        name = f"{self.plan.run_uid}-round{self.plan.global_round:03d}-{phase}.pt"
+        return self.state_dir / "releases" / name
+
+    def load_release(self, path: Path, digest: str) -> dict[str, torch.Tensor]:
+        """A kept update, checked against the hash the ledger recorded when it left."""
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError, ValueError):
+            state = None
+        if state is None or fingerprint(state) != digest:
+            raise PrivacyRefusal(
+                "this round's update was released before and is no longer kept here; "
+                "training it again would spend epsilon twice"
+            )
+        return state
+
     def personalised_model_path(self) -> Path:
         """Where this node keeps its fine-tuned copy of the run's final model (never sent)."""
         name = f"{self.plan.run_uid}-round{self.plan.global_round}.pt"
         return self.state_dir / "personalised" / name
 
 
-def _site_and_state(cfg: RunConfig, policy: NodePolicy, plan: RoundPlan) -> tuple[Path, Path]:
-    """(hospital folder, state dir) of this node."""
+def _site_and_state(cfg: RunConfig, policy: NodePolicy) -> tuple[Path, Path]:
+    """(hospital folder, state dir) of this node.
+
+    The state dir (ledger, audit log, caches) belongs to the dataset, never to a run's output
+    folder: a resumed run, or a second run at the same time, finds the same ledger. In
+    simulation it is `<state-dir>/<site>` when the run sets one, else a folder under
+    `$FEDVOX_HOME/node-state` named after the site's content.
+    """
     if not policy.simulated:  # Deployment Engine: the hospital's own node config
         for key, value in (("data-dir", policy.data_dir), ("state-dir", policy.state_dir)):
             if not value:
@@ -134,7 +177,7 @@ def _site_and_state(cfg: RunConfig, policy: NodePolicy, plan: RoundPlan) -> tupl
                     f"node config '{key}' is not set (flower-supernode --node-config)"
                 )
             if not Path(value).expanduser().is_absolute():
-                raise NodeConfigError(f"node config {key}={value!r}: give an absolute path")
+                raise NodeConfigError(f"node config '{key}' must be an absolute path")
         return Path(policy.data_dir).expanduser(), Path(policy.state_dir).expanduser()
     data_dir = cfg.path("data-dir") or demo_data_dir(cfg.demo_hospitals, cfg.demo_alpha, cfg.seed)
     sites = list_sites(data_dir)
@@ -145,7 +188,38 @@ def _site_and_state(cfg: RunConfig, policy: NodePolicy, plan: RoundPlan) -> tupl
             f'--federation-config "num-supernodes={len(sites)}"'
         )
     site = sites[int(policy.partition_id)]
-    if cfg.state_dir:  # persistent ledgers across simulated runs
+    if cfg.state_dir:
         return site, Path(cfg.state_dir).expanduser() / site.name
-    out = cfg.path("output-dir") or default_output_dir()  # one ledger per run, with its outputs
-    return site, out / plan.run_name / "node-state" / site.name
+    return site, fedvox_home() / "node-state" / f"{site.name}-{site_key(site)}"
+
+
+def site_key(site: Path) -> str:
+    """A short fingerprint of a site's content (its labels, its dataset.json, its files'
+    names and sizes): the same data has the same key wherever it is served from."""
+    h = hashlib.sha256()
+    for name in ("labels.csv", "dataset.json"):
+        path = site / name
+        h.update(path.read_bytes() if path.is_file() else b"-")
+    for sub in ("images", "masks"):
+        folder = site / sub
+        if folder.is_dir():
+            for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+                h.update(f"{sub}/{entry.name}:{entry.stat().st_size};".encode())
+    return h.hexdigest()[:12]
+
+
+POLICY_FILE = "node.toml"
+
+
+def _simulated_policy(policy: NodePolicy, state_dir: Path) -> NodePolicy:
+    """A simulated hospital's policy: `node.toml` in its state dir (the same keys as a
+    deployed node's config), else the documented simulation defaults."""
+    path = state_dir / POLICY_FILE
+    if not path.is_file():
+        return policy
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise NodeConfigError(f"this hospital's {POLICY_FILE} is unreadable ({exc})") from None
+    keys = ("partition-id", "num-partitions")
+    return NodePolicy.parse({**raw, **{k: getattr(policy, k.replace("-", "_")) for k in keys}})

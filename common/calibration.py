@@ -5,12 +5,11 @@ with label-skewed hospitals and DP noise the global model often scores every cas
 0.5 (accuracy = the pneumonia prevalence). Both are fixed on VALIDATION data, never on
 the test split:
 
-- each hospital sums what its local validation part says into aggregates that reveal no
-  case: counts of cases per (label, score bin) and the total validation loss at a fixed
-  grid of temperatures (`validation_summary`, sent as MetricRecord lists);
-- the server adds the hospitals' aggregates and picks the temperature with the lowest
-  validation NLL (temperature scaling, Guo et al. 2017) and the decision threshold that
-  maximises Youden's J = sensitivity + specificity - 1 on the pooled histogram
+- each hospital releases noisy counts of its validation cases per (label, margin bin): a
+  differentially private release charged to its ledger (`common.validation`);
+- the server adds the hospitals' releases and picks the temperature with the lowest
+  validation NLL over the bins (temperature scaling, Guo et al. 2017) and the decision
+  threshold that maximises Youden's J = sensitivity + specificity - 1 on the pooled histogram
   (`choose_calibration`). Youden's J ignores the class balance, so a threshold chosen
   where 74% of cases are pneumonia still holds on a test split with 62%;
 - the server reports held-out accuracy/sensitivity/specificity at that threshold and the
@@ -19,8 +18,7 @@ the test split:
 
 Scores are the class-1 logit margin m = logit_1 - logit_0 (binary tasks): temperature
 scaling divides it by T, so a threshold on m is the same decision before and after
-scaling, p = sigmoid(m / T). Multi-class models get temperature scaling and ECE but keep
-argmax decisions.
+scaling, p = sigmoid(m / T). Multi-class models keep argmax decisions and T = 1.
 """
 
 from __future__ import annotations
@@ -32,13 +30,10 @@ import numpy as np
 import torch
 from monai.metrics import CalibrationErrorMetric
 
-# Fixed on both sides so hospitals' aggregates add up: margin bins of width 0.25 over
-# [-12, 12] (margins beyond fall into the end bins) and 41 log-spaced temperatures 1/8..8.
-MARGIN_EDGES = np.linspace(-12.0, 12.0, 97)
+from common.validation import MARGIN_EDGES, histograms
+
+# Temperatures tried: 41 log-spaced values 1/8..8.
 TEMPERATURES = np.geomspace(0.125, 8.0, 41)
-# MetricRecord keys a hospital's evaluate reply carries (lists of floats).
-HIST_NEG, HIST_POS, NLL_GRID = "val-hist-neg", "val-hist-pos", "val-nll-grid"
-SUMMARY_KEYS = (HIST_NEG, HIST_POS, NLL_GRID)
 
 
 @dataclass(frozen=True)
@@ -55,57 +50,31 @@ class Calibration:
         return float(1.0 / (1.0 + math.exp(-self.threshold_margin)))
 
 
-def _nll_at_temperatures(logits: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
-    """Summed cross-entropy of the cases at every temperature of `TEMPERATURES`."""
-    logits, labels = logits.double(), labels.long()
-    return np.array(
-        [
-            float(torch.nn.functional.cross_entropy(logits / t, labels, reduction="sum"))
-            for t in TEMPERATURES
-        ]
-    )
+def choose_calibration(releases: list[dict]) -> Calibration | None:
+    """Temperature and (binary) threshold from the hospitals' validation releases.
 
-
-def validation_summary(logits: torch.Tensor | None, labels: torch.Tensor) -> dict[str, list[float]]:
-    """What a hospital reports about its validation part for calibration: aggregates only.
-
-    `logits` are the model's (N, K) outputs on the validation cases. Returns {} when there are
-    none or the model is not a case-level classifier (segmentation: `logits` is None), so
-    callers need not know the task.
+    `releases` are hospitals' evaluate metrics (dicts); those without histograms are
+    ignored. None when no hospital released any.
     """
-    if logits is None or len(logits) == 0 or labels.dim() != 1:
-        return {}
-    if logits.dim() != 2 or logits.shape[1] < 2:
-        return {}
-    out = {NLL_GRID: _nll_at_temperatures(logits, labels).tolist()}
-    if logits.shape[1] == 2:
-        margin = (logits[:, 1] - logits[:, 0]).double().numpy()
-        y = labels.numpy()
-        for key, cls in ((HIST_NEG, 0), (HIST_POS, 1)):
-            counts, _ = np.histogram(np.clip(margin[y == cls], -12.0, 12.0), MARGIN_EDGES)
-            out[key] = counts.astype(float).tolist()
-    return out
-
-
-def choose_calibration(summaries: list[dict]) -> Calibration | None:
-    """Temperature and (binary) threshold from the hospitals' validation aggregates.
-
-    `summaries` are hospitals' evaluate MetricRecords (dicts); those without the keys are
-    ignored. None when no hospital reported any.
-    """
-    grids = [np.asarray(s[NLL_GRID], float) for s in summaries if NLL_GRID in s]
-    grids = [g for g in grids if g.shape == TEMPERATURES.shape and np.isfinite(g).all()]
-    if not grids:
+    pair = histograms(releases)
+    if pair is None:
         return None
-    nll = np.sum(grids, axis=0)
+    neg, pos = pair
+    num_cases = int(round(float(neg.sum() + pos.sum())))
+    if num_cases < 1:
+        return None
+    nll = histogram_nll(np.clip(neg, 0, None), np.clip(pos, 0, None))
     temperature = float(TEMPERATURES[int(np.argmin(nll))])
-    neg = sum(np.asarray(s[HIST_NEG], float) for s in summaries if HIST_NEG in s)
-    pos = sum(np.asarray(s[HIST_POS], float) for s in summaries if HIST_POS in s)
-    threshold = None
-    num_cases = int(round(float(np.sum(neg) + np.sum(pos)))) if np.ndim(neg) else 0
-    if np.ndim(neg) and np.ndim(pos) and neg.sum() > 0 and pos.sum() > 0:
-        threshold = youden_threshold(neg, pos)
+    threshold = youden_threshold(neg, pos) if neg.sum() >= 1 and pos.sum() >= 1 else None
     return Calibration(temperature, threshold, num_cases)
+
+
+def histogram_nll(neg: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """Validation NLL at every temperature, each case at its margin bin's centre."""
+    centres = (MARGIN_EDGES[:-1] + MARGIN_EDGES[1:]) / 2
+    m = centres[None, :] / TEMPERATURES[:, None]
+    # -log sigmoid(-m) for negatives, -log sigmoid(m) for positives
+    return (np.logaddexp(0, m) * neg).sum(1) + (np.logaddexp(0, -m) * pos).sum(1)
 
 
 def youden_threshold(hist_neg: np.ndarray, hist_pos: np.ndarray) -> float:

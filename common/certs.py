@@ -154,7 +154,7 @@ def init_ca(out: Path, hosts: list[str], days: int = 825) -> dict[str, Path]:
     paths = {k: out / k for k in (CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY)}
     _check_free(list(paths.values()))
     _san(hosts)  # validate before generating anything
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     ca_key, srv_key = (
         ec.generate_private_key(ec.SECP384R1()),
         ec.generate_private_key(ec.SECP384R1()),

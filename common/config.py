@@ -29,6 +29,7 @@ STRATEGIES = (
 )
 ACCOUNTANTS = ("rdp", "prv")  # Opacus' approximate "gdp" under-reports epsilon: never offered
 SCHEDULES = ("constant", "cosine")
+LOCAL_EVALUATION = ("last", "every")  # rounds in which hospitals release validation counts
 MODELS = ("cnn", "scatter-cnn")
 
 
@@ -50,6 +51,7 @@ class RunConfig:
     max_physical_batch: int = 0
     fedbn: bool = False
     finetune_epochs: int = 0
+    local_evaluation: str = "last"
     # -- aggregation
     strategy: str = "fedavg"
     proximal_mu: float = 0.01
@@ -115,6 +117,7 @@ class RunConfig:
         _choice(self, "strategy", STRATEGIES)
         _choice(self, "accountant", ACCOUNTANTS)
         _choice(self, "learning_rate_schedule", SCHEDULES)
+        _choice(self, "local_evaluation", LOCAL_EVALUATION)
         _choice(self, "model", MODELS)
         if not (self.target_epsilon > 0 and math.isfinite(self.target_epsilon)):
             raise ConfigError(
@@ -157,6 +160,16 @@ class RunConfig:
         value = getattr(self, key.replace("-", "_"))
         return Path(value).expanduser() if value else None
 
+    def evaluates_in(self, global_round: int, total_rounds: int) -> bool:
+        """Do hospitals evaluate (and spend a DP release) after this round?"""
+        return self.local_evaluation == "every" or global_round >= total_rounds
+
+    def planned_releases(self, total_rounds: int) -> int:
+        """Validation releases a hospital makes in a run: its evaluations (+ the fine-tuned
+        model's). Every one is planned into the run's epsilon from round 1."""
+        evaluations = total_rounds if self.local_evaluation == "every" else 1
+        return evaluations + (1 if self.finetune_epochs else 0)
+
     @property
     def model_options(self) -> dict[str, Any]:
         """`build_model` keywords: server, nodes and the pooled reference build one model."""
@@ -167,15 +180,21 @@ class RunConfig:
 class NodePolicy:
     """What a hospital's own node config says (flower-supernode --node-config).
 
-    In simulation the node config holds only Flower's `partition-id`/`num-partitions`; the
-    simulated hospital then serves `<data-dir>/hospital-<partition-id + 1>`.
+    The privacy keys are the node's, not the server's: the run config can only tighten
+    them. A deployed node must state all of `POLICY_KEYS` or it refuses every run. In
+    simulation the node config holds only Flower's `partition-id`/`num-partitions`; the
+    simulated hospital serves `<data-dir>/hospital-<partition-id + 1>` and takes its policy from
+    `node.toml` in its state dir when there is one, else the documented defaults
+    (`common.privacy.resolve_budget`).
     """
 
     data_dir: str = ""
     state_dir: str = ""
     site_name: str = ""
+    accountant: str = ""  # rdp | prv: the node, not the server, picks how epsilon is counted
     max_epsilon: float | None = None  # the dataset's lifetime limit; tightens every run
     delta: float | None = None
+    max_evaluations: int | None = None  # validation releases per run
     allow_non_dp: bool = False
     partition_id: int | None = None  # simulation only
     num_partitions: int | None = None
@@ -196,7 +215,18 @@ class NodePolicy:
                 raise ConfigError(f"node config {_dashed(key)}={value}: expected a positive number")
         if policy.delta is not None and policy.delta >= 1:
             raise ConfigError(f"node config delta={policy.delta}: expected a value below 1")
+        if policy.accountant and policy.accountant not in ACCOUNTANTS:
+            raise ConfigError(
+                f"node config accountant={policy.accountant!r}: expected one of "
+                f"{', '.join(ACCOUNTANTS)}"
+            )
+        if policy.max_evaluations is not None and policy.max_evaluations < 0:
+            raise ConfigError("node config max-evaluations: expected a whole number >= 0")
         return policy
+
+    def missing(self) -> list[str]:
+        """Policy keys a deployed node has not set (it then refuses every run)."""
+        return [k for k in POLICY_KEYS if getattr(self, k.replace("-", "_")) in (None, "")]
 
     @property
     def simulated(self) -> bool:
@@ -206,6 +236,9 @@ class NodePolicy:
     def may_train_without_dp(self) -> bool:
         """Simulated hospitals (the benchmarks' epsilon = inf reference) or an explicit opt-in."""
         return self.simulated or self.allow_non_dp
+
+
+POLICY_KEYS = ("accountant", "max-epsilon", "delta", "max-evaluations")
 
 
 # -- parsing helpers ------------------------------------------------------------------------

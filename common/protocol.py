@@ -20,30 +20,43 @@ OK, REFUSED, FAILED = "ok", "refused", "failed"
 # Message types. Fine-tuning is its own action, sent once after the last round.
 TRAIN, EVALUATE, FINETUNE = "train", "evaluate", "train.finetune"
 
-# Every training reply carries these keys (Flower aggregates only replies with equal keys).
-TRAIN_METRIC_KEYS = (
-    "num-examples",
-    "train-loss",
-    "epsilon-run",
-    "epsilon-lifetime",
-    "delta",
-    "refused",
-    "noise-multiplier",
-    "sample-rate",
-    "steps",
-    "data-s",
-    "compute-s",
-)
-EVAL_METRIC_KEYS = (
-    "num-examples",
-    "loss",
-    "auc",
-    "accuracy",
-    "sensitivity",
-    "specificity",
-    "data-s",
-    "compute-s",
-)
+# The outbound manifest: every key a node may send, with its treatment. "dp": computed from
+# clipped, noised statistics and charged to the node's ledger; "coarse": rounded as stated;
+# "public": the node's policy and accounting, config echoes, status. `reply` refuses any other
+# key and applies the rounding, so nothing leaves a node that is not listed here.
+# docs/privacy.md publishes this table; tests/test_manifest.py drives every message through
+# the real ClientApp against it.
+DP, COARSE, PUBLIC = "dp", "coarse", "public"
+MANIFEST: dict[str, tuple[str, str]] = {
+    ARRAYS: (DP, "the locally trained model weights (DP-SGD, the run's noise multiplier)"),
+    "val-hist-neg": (DP, "validation cases of class 0 per logit-margin bin, Gaussian noise"),
+    "val-hist-pos": (DP, "validation cases of class 1 per logit-margin bin, Gaussian noise"),
+    "val-confusion": (DP, "validation (label, prediction) counts, Gaussian noise"),
+    "val-dice-sum": (DP, "per class, the validation cases' summed Dice, Gaussian noise"),
+    "val-dice-count": (DP, "per class, validation cases that have it, Gaussian noise"),
+    "num-examples": (DP, "training cases + Gaussian noise (once per run), rounded to 10s"),
+    "noise-multiplier": (COARSE, "the run's DP-SGD noise multiplier, 3 significant digits"),
+    # Timing: the server sees when a reply arrives anyway; these only split it into parts.
+    "data-s": (COARSE, "seconds spent loading data, rounded to 0.1 s"),
+    "compute-s": (COARSE, "seconds spent computing, rounded to 0.1 s"),
+    "epsilon-run": (PUBLIC, "the run's epsilon at this node after this message (its ledger)"),
+    "epsilon-lifetime": (PUBLIC, "the dataset's epsilon over all runs (its ledger)"),
+    "delta": (PUBLIC, "the delta every epsilon above is stated at"),
+    "refused": (PUBLIC, "1 when the node refused to train this round"),
+    "site": (PUBLIC, "the node's name: node config site-name (or the simulated folder name)"),
+    "status": (PUBLIC, "ok | refused | failed"),
+    "reason": (PUBLIC, "why not ok: fixed texts and config values, never a path or a count"),
+}
+_ROUNDING = {
+    "num-examples": lambda v: float(max(10, 10 * round(v / 10))) if v > 0 else 0.0,
+    "noise-multiplier": lambda v: float(f"{v:.3g}"),
+    "data-s": lambda v: round(v, 1),
+    "compute-s": lambda v: round(v, 1),
+}
+
+
+class ManifestError(ValueError):
+    """A node was about to send a key the outbound manifest does not list (a bug)."""
 
 
 @dataclass(frozen=True)
@@ -97,11 +110,15 @@ def reply(
     msg: Message,
     site: str,
     status: str,
-    metrics: dict[str, float],
+    metrics: dict[str, Any],
     reason: str = "",
     arrays: ArrayRecord | None = None,
 ) -> Message:
-    """A node's answer to `msg` (weights only with status ok)."""
+    """A node's answer to `msg` (weights only with status ok), as the manifest allows."""
+    unlisted = sorted(set(metrics) - set(MANIFEST))
+    if unlisted:
+        raise ManifestError(f"not in the outbound manifest: {', '.join(unlisted)}")
+    metrics = {k: _ROUNDING[k](v) if k in _ROUNDING else v for k, v in metrics.items()}
     content = RecordDict(
         {
             METRICS: MetricRecord(metrics),

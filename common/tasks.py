@@ -64,6 +64,7 @@ class Evaluation:
     metrics: dict[str, float]  # what summary.json's "central" / a hospital's "eval" holds
     artifacts: dict[str, Any]  # saved beside the summary (e.g. ROC points), never sent
     logits: torch.Tensor | None = None  # classification: (N, K), predicted once
+    per_case: np.ndarray | None = None  # segmentation: (N, K-1) Dice, NaN = class absent
 
     @property
     def probs(self) -> np.ndarray:
@@ -170,7 +171,7 @@ class SegmentationTask:
         finite = [v for v in per_class if np.isfinite(v)]
         metrics["dice-mean"] = float(np.mean(finite)) if finite else float("nan")
         metrics["loss"] = loss_sum / max(1, len(images))
-        return Evaluation(metrics, {})
+        return Evaluation(metrics, {}, per_case=scores)
 
     def score(self, metrics: dict[str, float]) -> float | None:
         """Mean foreground Dice (None when no foreground class is in the holdout)."""

@@ -61,6 +61,7 @@ def main(grid: Grid, context: Context) -> None:
                 cfg.num_server_rounds,
                 cfg.round_timeout,
                 recorder,
+                evaluate_after=lambda r: cfg.evaluates_in(r, plan.total_rounds),
             )
             if cfg.finetune_epochs and run.last_round >= plan.total_rounds:
                 last = replace(plan, server_round=cfg.num_server_rounds)

@@ -17,11 +17,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from flwr.common.logger import log
 
-from common.calibration import SUMMARY_KEYS, calibrated_metrics, choose_calibration
+from common.calibration import Calibration, calibrated_metrics, choose_calibration
 from common.predict import predict_fields
 from common.protocol import NodeReply
 from common.site import SiteData
 from common.tasks import Evaluation, Task
+from common.validation import local_metrics
 from common.weights import fingerprint
 from server.run_dir import RunDir
 
@@ -36,16 +37,16 @@ class HoldoutEvaluator:
 
     def evaluate(
         self, model: torch.nn.Module, validation: list[dict[str, Any]]
-    ) -> tuple[dict[str, float | None], Evaluation]:
-        """(held-out metrics, the evaluation) of `model`; `validation` are the hospitals'
-        evaluate metrics for this very model (their calibration aggregates)."""
+    ) -> tuple[dict[str, float | None], Evaluation, Calibration | None]:
+        """(held-out metrics, the evaluation, the calibration) of `model`; `validation` are
+        the hospitals' releases about this very model (noisy validation histograms)."""
         calib = choose_calibration(validation)
         chosen = {"threshold": calib.threshold} if calib and calib.threshold is not None else {}
         result = self.task.evaluate(model, self.holdout.images, self.holdout.labels, **chosen)
         central = {k: result.metrics.get(k) for k in self.task.central_keys if k in result.metrics}
         if calib is not None and result.logits is not None:
             central.update(calibrated_metrics(result.probs, self.holdout.labels.numpy(), calib))
-        return central, result
+        return central, result, calib
 
 
 class RoundRecorder:
@@ -58,6 +59,7 @@ class RoundRecorder:
         self.offset = offset  # rounds done before this invocation (resume)
         self.best_score = run.best_score(evaluator.task.best_metric)
         self.last_time = time.time()
+        self.threshold_margin: float | None = None  # the last calibration's
         self.outputs: RunOutputs | None = None  # progress line, report (set by server/app.py)
 
     def record(
@@ -72,7 +74,8 @@ class RoundRecorder:
         global_round = self.offset + server_round
         self.model.load_state_dict(state_dict)
         validation = [r.metrics for r in evaluate if r.ok]
-        central, result = self.evaluator.evaluate(self.model, validation)
+        central, result, calib = self.evaluator.evaluate(self.model, validation)
+        self.threshold_margin = calib.threshold_margin if calib else None
         task = self.evaluator.task
         score = task.score(result.metrics)
         is_best = score is not None and score > self.best_score
@@ -97,7 +100,9 @@ class RoundRecorder:
                 # Wall clock since the previous round's evaluation ended (round 0: since start).
                 "wall_s": started - self.last_time,
                 "central_eval_s": time.time() - started,
-                "hospitals": hospitals_entry(train, evaluate),
+                "hospitals": hospitals_entry(
+                    train, evaluate, self.threshold_margin, self._class_names
+                ),
             }
         )
         self.run.write_summary()
@@ -113,10 +118,16 @@ class RoundRecorder:
         for r in replies:
             entry = hospitals.setdefault(r.site, {}).setdefault("eval", {})
             if r.ok:
-                entry.update(r.metrics)
+                tuned = local_metrics(r.metrics, self.threshold_margin, self._class_names)
+                entry.update({f"finetuned-{k}": v for k, v in tuned.items()})
+                entry["finetuned-epsilon-run"] = r.metrics.get("epsilon-run")
             else:
                 entry.update({"finetune-status": r.status, "finetune-reason": r.reason})
         self.run.write_summary()
+
+    @property
+    def _class_names(self) -> tuple[str, ...]:
+        return tuple(self.evaluator.holdout.spec.class_names)
 
     def _log(self, global_round: int, central: dict[str, float | None]) -> None:
         hospitals = self.run.summary["rounds"][-1]["hospitals"].values()
@@ -133,8 +144,14 @@ class RoundRecorder:
         )
 
 
-def hospitals_entry(train: list[NodeReply], evaluate: list[NodeReply]) -> dict[str, dict]:
-    """Per-hospital view of one round: training status, epsilon, local evaluation."""
+def hospitals_entry(
+    train: list[NodeReply],
+    evaluate: list[NodeReply],
+    threshold_margin: float | None = None,
+    class_names: tuple[str, ...] = (),
+) -> dict[str, dict]:
+    """Per-hospital view of one round: training status and epsilon; local validation metrics
+    computed here from the hospital's DP release (at the round's pooled threshold)."""
     out: dict[str, dict[str, Any]] = {}
     for r in train:
         m = r.metrics
@@ -146,17 +163,20 @@ def hospitals_entry(train: list[NodeReply], evaluate: list[NodeReply]) -> dict[s
                 "epsilon_run": m.get("epsilon-run"),
                 "epsilon_lifetime": m.get("epsilon-lifetime"),
                 "delta": m.get("delta"),
-                "train_loss": m.get("train-loss"),
                 "noise_multiplier": m.get("noise-multiplier"),
-                "steps": m.get("steps"),
                 "data_s": m.get("data-s"),
                 "compute_s": m.get("compute-s"),
             }
         )
     for r in evaluate:
         entry = out.setdefault(r.site, {"status": r.status})
-        if r.ok:  # calibration aggregates are used above, not kept (long lists)
-            entry["eval"] = {k: v for k, v in r.metrics.items() if k not in SUMMARY_KEYS}
+        if r.ok:
+            entry["eval"] = {
+                **local_metrics(r.metrics, threshold_margin, class_names),
+                "epsilon_run": r.metrics.get("epsilon-run"),
+                "data-s": r.metrics.get("data-s"),
+                "compute-s": r.metrics.get("compute-s"),
+            }
         else:
             entry["eval"] = {"status": r.status, "reason": r.reason}
     return out

@@ -200,6 +200,12 @@ def _site_section(view: RunView) -> list[str]:
             f"<p>Best–worst site gap in local validation {gap['metric']}: <b>{gap['gap']:.3f}</b>"
             f" ({_e(b)} {bv:.3f}, {_e(w)} {wv:.3f}).</p>"
         )
+    else:
+        parts.append(
+            "<p>Best–worst site gap: not available. Hospitals' local scores are computed from "
+            "their DP validation releases; a small validation part under the release's noise "
+            "gives no defined score (docs/privacy.md).</p>"
+        )
     return parts
 
 

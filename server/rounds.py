@@ -14,6 +14,7 @@ message once at the end.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from logging import WARNING
 
@@ -38,16 +39,20 @@ def run_rounds(
     rounds: int,
     timeout: float,
     recorder: RoundRecorder,
+    evaluate_after: Callable[[int], bool] = lambda global_round: True,
 ) -> ArrayRecord:
-    """Rounds 1..`rounds` from `arrays`; returns the final global model."""
+    """Rounds 1..`rounds` from `arrays`; returns the final global model. Hospitals evaluate
+    (each evaluation is a DP release charged to them) after the rounds `evaluate_after` says."""
     for server_round in range(1, rounds + 1):
         config = replace(plan, server_round=server_round).record()
         messages = strategy.configure_train(server_round, arrays, config, grid)
         train = [read_reply(m) for m in grid.send_and_receive(messages, timeout=timeout)]
         arrays = _aggregate(strategy, server_round, arrays, train)
-        config = replace(plan, server_round=server_round).record()
-        messages = strategy.configure_evaluate(server_round, arrays, config, grid)
-        evaluate = [read_reply(m) for m in grid.send_and_receive(messages, timeout=timeout)]
+        evaluate = []
+        if evaluate_after(plan.round_offset + server_round):
+            config = replace(plan, server_round=server_round).record()
+            messages = strategy.configure_evaluate(server_round, arrays, config, grid)
+            evaluate = [read_reply(m) for m in grid.send_and_receive(messages, timeout=timeout)]
         recorder.record(server_round, arrays.to_torch_state_dict(), train, evaluate)
     return arrays
 

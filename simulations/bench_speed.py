@@ -225,7 +225,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"--repeats must be >= 1, got {args.repeats}")
 
     result = {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": machine_info(),
         "quick": bool(args.quick),
         **dp_section(args.quick, threads, args.repeats),

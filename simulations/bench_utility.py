@@ -25,6 +25,7 @@ import json
 import math
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 
 from common.config import ConfigError, RunConfig
@@ -32,11 +33,6 @@ from common.files import atomic_write_text
 from common.progress import track
 from simulations.bench import machine_info
 from simulations.bench_table import final_round, format_table, merged_runs, summarise
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = PROJECT_DIR / "simulations" / "results" / "utility.json"

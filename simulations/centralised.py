@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 
 from client.train import LocalTraining, local_sgd, scheduled_learning_rate
-from common.calibration import validation_summary
 from common.config import RunConfig
 from common.paths import list_sites
 from common.site import default_image_size, load_site
 from common.tasks import ModelSpec, build_task_model, task_for
+from common.validation import release
 from server.recorder import HoldoutEvaluator
 from simulations.bench_table import held_out_numbers
 
@@ -47,8 +47,9 @@ def run_centralised(data_dir: Path, cfg: RunConfig, seed: int, cache_dir: Path) 
     site_eval = {
         name: task.evaluate(model, d.images, d.labels) for name, d in val.items() if len(d)
     }
-    validation = [validation_summary(e.logits, val[n].labels) for n, e in site_eval.items()]
-    central, _ = HoldoutEvaluator(task, holdout).evaluate(model, validation)
+    # The same noisy validation releases the hospitals send: the same threshold quality.
+    validation = [release(e.logits, val[n].labels, e.per_case) for n, e in site_eval.items()]
+    central, _, _ = HoldoutEvaluator(task, holdout).evaluate(model, validation)
     out = {
         "round": cfg.num_server_rounds * cfg.local_epochs,
         **held_out_numbers(central),

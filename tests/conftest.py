@@ -1,10 +1,26 @@
-"""Shared fixtures: the node's training loop with test-sized defaults."""
+"""Shared fixtures: a private FEDVOX_HOME, the node's training loop with test-sized defaults."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 
 from client.train import LocalTraining, TrainResult, local_sgd
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fedvox_home(tmp_path_factory):
+    """Tests never touch a user's ~/.fedvox (data, runs, simulated nodes' ledgers); Flower
+    processes the tests start inherit it."""
+    home = tmp_path_factory.mktemp("fedvox-home")
+    before = os.environ.get("FEDVOX_HOME")
+    os.environ["FEDVOX_HOME"] = str(home)
+    yield home
+    if before is None:
+        os.environ.pop("FEDVOX_HOME", None)
+    else:
+        os.environ["FEDVOX_HOME"] = before
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -11,29 +12,45 @@ from opacus.validators import ModuleValidator
 
 from client.ledger import LedgerError, PrivacyLedger
 from client.train import steps_per_epoch
+from common.config import NodePolicy, RunConfig
 from common.models import build_model
 from common.privacy import (
     PrivacyRefusal,
     calibrate_noise_multiplier,
     compute_epsilon,
+    release_noise,
     resolve_budget,
 )
 
+SIMULATED = NodePolicy(partition_id=0, num_partitions=1)
+DEPLOYED = NodePolicy(accountant="prv", max_epsilon=8.0, delta=1e-5, max_evaluations=3)
 
-def test_node_limits_only_tighten_the_servers_proposal():
-    b = resolve_budget(8.0, 1e-5, node_max_epsilon=3.0, node_delta=1e-6, num_examples=1000)
-    assert (b.epsilon_run, b.epsilon_lifetime, b.delta) == (3.0, 3.0, 1e-6)
-    loose = resolve_budget(8.0, 1e-5, node_max_epsilon=50.0, node_delta=1e-2, num_examples=1000)
-    assert loose.epsilon_run == 8.0 and loose.delta == 1e-5  # a node cannot loosen it
-    assert loose.epsilon_lifetime == 50.0  # but its lifetime limit is its own
-    default = resolve_budget(8.0, 1e-5, None, None, num_examples=1000)
-    assert default.epsilon_lifetime == 8.0  # no declared lifetime budget: one run's worth
+
+def test_the_nodes_policy_decides_and_the_server_may_only_tighten_it():
+    b = resolve_budget(RunConfig(target_epsilon=3.0, target_delta=1e-6), DEPLOYED, 1000, 10)
+    assert (b.epsilon_run, b.epsilon_lifetime, b.delta) == (3.0, 8.0, 1e-6)
+    assert b.accountant == "prv"  # the node's, whatever the run config says
+    assert b.max_releases == 3
+    with pytest.raises(PrivacyRefusal, match="above this hospital's max-epsilon"):
+        resolve_budget(RunConfig(target_epsilon=40.0), DEPLOYED, 1000, 10)
+    with pytest.raises(PrivacyRefusal, match="looser than this hospital's delta"):
+        resolve_budget(RunConfig(target_delta=1e-4), DEPLOYED, 1000, 10)
+    with pytest.raises(PrivacyRefusal, match="missing: max-epsilon"):
+        resolve_budget(RunConfig(), NodePolicy(accountant="rdp", delta=1e-5), 1000, 10)
+    every = RunConfig(**{"local_evaluation": "every"})
+    with pytest.raises(PrivacyRefusal, match="plans 10 validation releases.*allows 3"):
+        resolve_budget(every, DEPLOYED, 1000, 10)
+    # A simulated hospital without a policy file: the run's values, no lifetime limit.
+    sim = resolve_budget(RunConfig(), SIMULATED, 1000, 10)
+    assert (sim.epsilon_run, sim.epsilon_lifetime, sim.accountant) == (8.0, math.inf, "rdp")
 
 
 @pytest.mark.parametrize("n", [10, 100_001])
-def test_delta_must_be_below_one_over_n(n):
-    with pytest.raises(PrivacyRefusal, match="1/N"):
-        resolve_budget(8.0, 1e-5 if n > 10 else 0.2, None, None, num_examples=n)
+def test_delta_must_be_below_one_over_n_and_the_refusal_names_no_count(n):
+    cfg = RunConfig(target_delta=1e-5 if n > 10 else 0.2)
+    with pytest.raises(PrivacyRefusal, match="1/N") as err:
+        resolve_budget(cfg, SIMULATED, num_examples=n, total_rounds=10)
+    assert f"1/{n}" not in str(err.value) and f" {n} " not in str(err.value)
 
 
 def test_calibrated_sigma_spends_the_target_epsilon_over_the_whole_run():
@@ -53,11 +70,18 @@ def test_compute_epsilon_matches_opacus_accountant_and_merges_history():
     assert compute_epsilon([], 1e-5) == 0.0
 
 
+def _spend(ledger: PrivacyLedger, run: str, entry: tuple) -> None:
+    with ledger.transaction() as lg:
+        reserved = lg.reserve(run, 1, "train", entry)
+        lg.release(reserved["id"], [entry], "sha")
+
+
 def test_ledger_survives_a_fresh_process_and_refuses_a_corrupt_file(tmp_path):
     ledger = PrivacyLedger.open(tmp_path)
-    ledger.plan_run("run-a", noise_multiplier=1.0, sample_rate=0.1)
-    ledger.record("run-a", 1, [(1.0, 0.1, 10)])
-    ledger.record("run-b", 1, [(1.0, 0.1, 10)])
+    with ledger.transaction() as lg:
+        lg.plan_run("run-a", noise_multiplier=1.0, sample_rate=0.1)
+    _spend(ledger, "run-a", (1.0, 0.1, 10))
+    _spend(ledger, "run-b", (1.0, 0.1, 10))
     again = PrivacyLedger.open(tmp_path)  # what a new ClientApp process sees
     assert again.history() == [(1.0, 0.1, 10), (1.0, 0.1, 10)]
     assert again.epsilon(1e-5, "run-a") < again.epsilon(1e-5)
@@ -72,6 +96,15 @@ def test_ledger_survives_a_fresh_process_and_refuses_a_corrupt_file(tmp_path):
     )
     with pytest.raises(LedgerError, match="accountant"):
         PrivacyLedger.open(tmp_path, accountant="rdp")
+
+
+def test_calibration_with_planned_releases_still_ends_at_the_target():
+    q, steps = 64 / 900, 10 * 15
+    fixed = ((release_noise(8.0, 1), 1.0, 1),)
+    plain = calibrate_noise_multiplier(8.0, 1e-5, q, steps)
+    sigma = calibrate_noise_multiplier(8.0, 1e-5, q, steps, fixed=fixed)
+    assert plain < sigma < 1.01 * plain  # the releases cost under 1 % more noise
+    assert 7.99 <= compute_epsilon([(sigma, q, steps), *fixed], 1e-5) <= 8.0
 
 
 @pytest.mark.parametrize("dims,shape", [(2, (1, 28, 28)), (3, (1, 16, 16, 16))])
