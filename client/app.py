@@ -40,6 +40,7 @@ from client.gate import (
     release_entry,
 )
 from client.node import Node, NodeConfigError, RunRefused
+from client.releases import settle_releases
 from client.train import LocalTraining, local_sgd
 from common.files import atomic_write
 from common.privacy import PrivacyRefusal
@@ -76,6 +77,7 @@ def _answer(msg: Message, context: Context, action: Callable[[Message, Node], Me
     try:
         node = Node.from_message(msg, context)
         site_name = node.site_name
+        _settle(msg, node, context)
         return action(msg, node)
     except RunRefused as exc:
         log.warning("refusing the run: %s", exc)
@@ -88,6 +90,14 @@ def _answer(msg: Message, context: Context, action: Callable[[Message, Node], Me
             else f"{type(exc).__name__} (details in the node's log)"
         )
         return reply(msg, site_name, FAILED, {}, reason)
+
+
+def _settle(msg: Message, node: Node, context: Context) -> None:
+    """Mark what the server did with earlier releases; housekeeping never fails a message."""
+    try:
+        settle_releases(msg, node, context)
+    except Exception:  # noqa: BLE001 - the ledger's own checks run again in the gate
+        log.error("fedvox node: settling earlier releases failed:\n%s", traceback.format_exc())
 
 
 def _open_gate(node: Node, num_train: int) -> tuple[PrivacyGate, dict]:
@@ -155,7 +165,7 @@ def _train(msg: Message, node: Node) -> Message:
             "compute-s": time.perf_counter() - t1,
         }
     )
-    return reply(msg, node.site_name, OK, metrics, arrays=to_record(model))
+    return reply(msg, node.site_name, OK, metrics, arrays=to_record(model), release=spent.digest)
 
 
 def _train_without_dp(
@@ -214,6 +224,7 @@ def _release_about(
         counts = release(evaluation.logits, val.labels, evaluation.per_case, noise=noise)
         return counts, hashlib.sha256(json.dumps(counts, sort_keys=True).encode()).hexdigest()
 
+    digest = ""
     if not node.cfg.dp:  # the epsilon = inf reference run: nothing private, no noise either
         counts, _ = compute(0.0)
         metrics.update({**counts, "epsilon-run": math.inf, "epsilon-lifetime": math.inf})
@@ -231,6 +242,7 @@ def _release_about(
         except PrivacyRefusal as exc:
             return _refuse(msg, node, str(exc), gate)
         metrics.update(spent.result)
+        digest = spent.digest
         metrics.update(
             {
                 "epsilon-run": spent.epsilon_run,
@@ -239,7 +251,7 @@ def _release_about(
             }
         )
     metrics["compute-s"] = time.perf_counter() - t1
-    return reply(msg, node.site_name, OK, metrics)
+    return reply(msg, node.site_name, OK, metrics, release=digest)
 
 
 # -- fine-tune ----------------------------------------------------------------------------

@@ -4,9 +4,13 @@
 message it appends to `<state-dir>/audit.jsonl`:
 
     time, run_id, node_id, fab_hash (full, when the node runs behind client/approval.py),
-    app (installed FAB folder: publisher.name.version.<first 8 hex of the FAB hash>), round,
-    action (message type), status (ok|refused|failed|error), reason, site, num_examples,
-    epsilon_run, epsilon_lifetime, delta, message_id
+    app (installed FAB folder: publisher.name.version.<first 8 hex of the FAB hash>), round
+    (the run's global round, as the ledger and summary.json number it), action (message
+    type), status (ok|refused|failed|error), reason, site, num_examples, epsilon_run,
+    epsilon_lifetime, delta, message_id, release (the hash the ledger recorded for it)
+
+and client/releases.py adds one "release-settled" line per release once the server's messages
+say whether it was used (`use`: used | unused | local).
 
 Why these sources: in Flower 1.42 the ClientApp sees `Context` (run_id, node_id, node_config,
 run_config) and `Message.metadata` (run_id, message_type, ...), but not the FAB hash: the FAB
@@ -120,6 +124,14 @@ def _append(path: Path, record: dict[str, Any]) -> None:
         raise RuntimeError("the node's audit log could not be written (see its log)") from None
 
 
+def _global_round(config: Any) -> int | None:
+    """The run's round number, as the ledger and summary.json count it: a resumed run's
+    server-round restarts at 1, its round-offset says how many rounds came before."""
+    if config is None or config.get("server-round") is None:
+        return None
+    return int(config.get("server-round")) + int(config.get("round-offset", 0) or 0)
+
+
 def _record(
     msg: Message, context: Context, reply: Message | None, exception: str = ""
 ) -> dict[str, Any]:
@@ -130,7 +142,7 @@ def _record(
         "node_id": context.node_id,
         "message_id": msg.metadata.message_id,
         "action": msg.metadata.message_type,
-        "round": config.get("server-round") if config is not None else None,
+        "round": _global_round(config),
         "app": installed_app(),
         "fab_hash": None,
         "status": None,
@@ -157,6 +169,7 @@ def _record(
             record["status"] = node.get("status")
             record["reason"] = node.get("reason", "")
             record["site"] = node.get("site", record["site"])
+            record["release"] = node.get("release") or None
         else:
             record["status"] = "ok"
     return record

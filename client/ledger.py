@@ -17,7 +17,10 @@ rules make it impossible to race or to lose:
    counting.
 
 Entries: {id, time, run_uid, round, phase, status, noise_multiplier, sample_rate, steps,
-pid, started, update_sha256}. `history()` and `epsilon()` count reserved + released entries.
+pid, started, update_sha256, use}. `history()` and `epsilon()` count reserved + released
+entries. `use` says what became of a release once the server said so (`settle`): "used", or
+"unused" (the server went on without it: its epsilon was spent for nothing), "local" for
+fine-tuning that never leaves the node, null while it is not known yet.
 """
 
 from __future__ import annotations
@@ -36,11 +39,14 @@ from filelock import FileLock
 
 from common.files import atomic_write_json
 from common.privacy import HistoryEntry, compute_epsilon
+from common.process import alive as _alive
+from common.process import start_time as _start_time
 
 LEDGER_FILE = "privacy_ledger.json"
 LEDGER_VERSION = 2
 RESERVED, RELEASED, ABANDONED = "reserved", "released", "abandoned"
 COUNTED = (RESERVED, RELEASED)
+USED, UNUSED, LOCAL = "used", "unused", "local"
 
 
 class LedgerError(RuntimeError):
@@ -180,6 +186,35 @@ class PrivacyLedger:
         if result is not None:
             entry["result"] = result
 
+    def settle(self, run_uid: str, settled_round: int, used: set[str]) -> list[dict[str, Any]]:
+        """Mark what the server did with this run's releases; returns the entries newly marked.
+
+        A release whose hash is in `used` was used. One of a round <= `settled_round` that is not
+        was never used and never will be. The run's noisy training-set count travels with every
+        training reply: it was used once any of them was. Fine-tuning stays at the node.
+        """
+        mine = [e for e in self.entries if e["run_uid"] == run_uid and e["status"] == RELEASED]
+        changed = []
+        for e in mine:
+            if e.get("use") is not None or e.get("phase") == "count":
+                continue
+            if e.get("phase") == "finetune":
+                e["use"] = LOCAL
+            elif e.get("update_sha256") in used:
+                e["use"] = USED
+            elif e["round"] <= settled_round:
+                e["use"] = UNUSED
+            else:
+                continue
+            e["settled_at"] = time.time()
+            changed.append(e)
+        trained = any(e.get("phase") == "train" and e.get("use") == USED for e in mine)
+        for e in mine:
+            if e.get("phase") == "count" and e.get("use") is None and trained:
+                e.update(use=USED, settled_at=time.time())
+                changed.append(e)
+        return changed
+
     def abandon(self, entry_id: str) -> None:
         """The computation failed before anything left the node: the reservation is given back."""
         entry = self._reservation(entry_id)
@@ -199,26 +234,3 @@ class PrivacyLedger:
             "entries": self.entries,
         }
         atomic_write_json(self.path, payload)
-
-
-def _start_time(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (Linux), to tell a reused pid."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def _alive(pid: int | None, started: str | None) -> bool:
-    """Is the process that made a reservation still running? Unknown counts as alive."""
-    if pid is None:
-        return True
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    now = _start_time(int(pid))
-    return started is None or now is None or now == started

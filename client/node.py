@@ -140,8 +140,7 @@ class Node:
 
     def release_path(self, phase: str) -> Path:
         """Where this round's released update is kept (a lost reply is sent again from it)."""
-        name = f"{self.plan.run_uid}-round{self.plan.global_round:03d}-{phase}.pt"
-        return self.state_dir / "releases" / name
+        return release_file(self.state_dir, self.plan.run_uid, self.plan.global_round, phase)
 
     def load_release(self, path: Path, digest: str) -> dict[str, torch.Tensor]:
         """A kept update, checked against the hash the ledger recorded when it left."""
@@ -160,6 +159,12 @@ class Node:
         """Where this node keeps its fine-tuned copy of the run's final model (never sent)."""
         name = f"{self.plan.run_uid}-round{self.plan.global_round}.pt"
         return self.state_dir / "personalised" / name
+
+
+def release_file(state_dir: Path, run_uid: str, global_round: int, phase: str) -> Path:
+    """`<state-dir>/releases/<run>-roundNNN-<phase>.pt`: a released update, kept until the
+    server says what became of it (client/releases.py)."""
+    return state_dir / "releases" / f"{run_uid}-round{global_round:03d}-{phase}.pt"
 
 
 def _site_and_state(cfg: RunConfig, policy: NodePolicy) -> tuple[Path, Path]:

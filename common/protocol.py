@@ -46,7 +46,10 @@ MANIFEST: dict[str, tuple[str, str]] = {
     "site": (PUBLIC, "the node's name: node config site-name (or the simulated folder name)"),
     "status": (PUBLIC, "ok | refused | failed"),
     "reason": (PUBLIC, "why not ok: fixed texts and config values, never a path or a count"),
+    # The server echoes the hashes it used, so the node knows which kept update it may drop.
+    "release": (PUBLIC, "sha256 of what this reply released (weights or counts), or empty"),
 }
+NODE_KEYS = ("site", "status", "reason", "release")  # the `node` ConfigRecord of a reply
 _ROUNDING = {
     "num-examples": lambda v: float(max(10, 10 * round(v / 10))) if v > 0 else 0.0,
     "noise-multiplier": lambda v: float(f"{v:.3g}"),
@@ -66,6 +69,11 @@ class RoundPlan:
     `server_round` is Flower's count within this invocation; `round_offset` shifts it for a
     resumed run, so `global_round` numbers rounds over the whole run. `total_rounds` is what
     every node's noise is calibrated for (a run may be planned beyond one invocation).
+
+    `settled_round` and `used` tell a node what became of its releases: every release of a
+    round <= `settled_round` whose hash is not in `used` was never used and never will be
+    (the server went on without it); one in `used` was. A node keeps each released update
+    until then, so a server that lost a reply asks again and gets the same update, free.
     """
 
     run_name: str
@@ -75,6 +83,8 @@ class RoundPlan:
     round_offset: int = 0
     server_round: int = 0
     proximal_mu: float = 0.0  # FedProx's strategy adds it to every training message
+    settled_round: int = -1  # global rounds <= this are over at the server (-1: unknown)
+    used: tuple[str, ...] = ()  # hashes of the releases the server used in this run
 
     @property
     def global_round(self) -> int:
@@ -89,6 +99,8 @@ class RoundPlan:
                 "image-size": list(self.image_size),
                 "round-offset": self.round_offset,
                 "server-round": self.server_round,
+                "settled-round": self.settled_round,
+                "used": list(self.used),
             }
         )
 
@@ -103,6 +115,8 @@ class RoundPlan:
             round_offset=int(config.get("round-offset", 0)),
             server_round=int(config.get("server-round", 0)),
             proximal_mu=float(config.get("proximal-mu", 0.0)),
+            settled_round=int(config.get("settled-round", -1)),
+            used=tuple(str(u) for u in config.get("used") or ()),
         )
 
 
@@ -113,8 +127,10 @@ def reply(
     metrics: dict[str, Any],
     reason: str = "",
     arrays: ArrayRecord | None = None,
+    release: str = "",
 ) -> Message:
-    """A node's answer to `msg` (weights only with status ok), as the manifest allows."""
+    """A node's answer to `msg` (weights only with status ok), as the manifest allows;
+    `release` is the hash the node's ledger recorded for what this reply releases."""
     unlisted = sorted(set(metrics) - set(MANIFEST))
     if unlisted:
         raise ManifestError(f"not in the outbound manifest: {', '.join(unlisted)}")
@@ -122,7 +138,9 @@ def reply(
     content = RecordDict(
         {
             METRICS: MetricRecord(metrics),
-            NODE: ConfigRecord({"site": site, "status": status, "reason": reason}),
+            NODE: ConfigRecord(
+                {"site": site, "status": status, "reason": reason, "release": release}
+            ),
         }
     )
     if arrays is not None:
@@ -139,6 +157,8 @@ class NodeReply:
     reason: str
     metrics: dict[str, Any] = field(default_factory=dict)
     message: Message | None = None  # the reply itself, for Flower's aggregation
+    release: str = ""  # the hash of what the reply released (the node's ledger)
+    node_id: int = 0
 
     @property
     def ok(self) -> bool:
@@ -148,19 +168,29 @@ class NodeReply:
         return {"site": self.site, "status": self.status, "reason": self.reason}
 
 
-def read_reply(msg: Message) -> NodeReply:
-    """The server's view of a reply; a Flower-level error (the app crashed) is `failed`."""
+def read_reply(msg: Message, names: dict[int, str] | None = None) -> NodeReply:
+    """The server's view of a reply; a Flower-level error (the app crashed) is `failed`.
+
+    `names` maps node ids to the site names their earlier replies gave: a Flower error reply
+    carries only the node id. A reply that names its site adds it to `names`.
+    """
+    node_id = int(msg.metadata.src_node_id)
+    known = (names or {}).get(node_id) or f"node-{node_id}"
     if msg.has_error():
-        return NodeReply(
-            f"node-{msg.metadata.src_node_id}", FAILED, "node error (details in the node's log)"
-        )
+        reason = f"node error: {msg.error.reason[:200]} (details in the node's log)"
+        return NodeReply(known, FAILED, reason, node_id=node_id)
     content = msg.content
     node = dict(content.config_records.get(NODE, {}))
     metrics = dict(content.metric_records.get(METRICS, {}))
+    site = str(node.get("site") or known)
+    if names is not None and node.get("site"):
+        names[node_id] = site
     return NodeReply(
-        site=str(node.get("site") or f"node-{msg.metadata.src_node_id}"),
+        site=site,
         status=str(node.get("status", OK)),
         reason=str(node.get("reason", "")),
         metrics=metrics,
         message=msg,
+        release=str(node.get("release", "")),
+        node_id=node_id,
     )

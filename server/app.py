@@ -1,18 +1,21 @@
 """The federation server: a Flower ServerApp with held-out evaluation every round.
 
     main: RunConfig.parse -> open_run (holdout, model, run folder; or resume one)
-          -> run_rounds (server/rounds.py: train, aggregate, evaluate, record)
-          -> finetune_round (once, if finetune-epochs > 0) -> summary.json status
+          -> RoundLoop.run (server/rounds.py: train, check, aggregate, evaluate, record)
+          -> RoundLoop.finetune (once, if finetune-epochs > 0) -> summary.json status
 
 Everything a round leaves behind (checkpoint, ROC points, summary.json entry) is written by
 `server.recorder.RoundRecorder` after that round, so a run that dies keeps what it finished.
+Every way a run ends writes summary.json with `status` (finished | failed | stopped) and a
+`reason`, a bad config or missing data included (then in a folder of its own), and the
+ServerApp then raises, so Flower records the run as failed too (`fedvox run` exits non-zero).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
-from logging import INFO, WARNING
+from dataclasses import dataclass
+from logging import ERROR, INFO
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +29,13 @@ from common.paths import default_output_dir, demo_data_dir
 from common.protocol import RoundPlan
 from common.site import SiteData, default_image_size, load_site
 from common.tasks import ModelSpec, build_task_model, task_for
-from common.weights import fingerprint
+from common.weights import fingerprint, norm_parameter_names
+from server.checks import UpdateChecker
 from server.grid import ResponsiveGrid
 from server.outputs import RunOutputs
 from server.recorder import HoldoutEvaluator, RoundRecorder
-from server.rounds import finetune_round, run_rounds
-from server.run_dir import RunDir
+from server.rounds import RoundLoop
+from server.run_dir import FAILED, FINISHED, STOPPED, RunDir, write_failed
 from server.strategy import build_strategy
 
 app = ServerApp()
@@ -39,40 +43,76 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    cfg = RunConfig.parse(context.run_config)
-    opened = open_run(cfg)
+    raw = dict(context.run_config)
+    try:
+        cfg = RunConfig.parse(raw)
+        opened = open_run(cfg)
+    except Exception as exc:  # before a run folder exists: still a summary.json, then raise
+        where = write_failed(_output_dir(raw), str(raw.get("run-name") or ""), raw, str(exc))
+        log(ERROR, "fedvox: run failed before round 1: %s (summary in %s)", exc, where)
+        raise
     run, plan = opened.run, opened.plan
-    recorder = RoundRecorder(
-        run, HoldoutEvaluator(opened.task, opened.holdout), opened.model, plan.round_offset
-    )
-    outputs = RunOutputs(run, opened.holdout, run.last_round + cfg.num_server_rounds)
-    recorder.outputs = outputs
+    rounds = plan.total_rounds - plan.round_offset if opened.resumed else cfg.num_server_rounds
+    rounds = min(rounds, cfg.num_server_rounds)
+    loop = _round_loop(cfg, opened, ResponsiveGrid(grid, min_nodes=cfg.min_nodes))
+    outputs = RunOutputs(run, opened.holdout, run.last_round + rounds)
+    loop.recorder.outputs = outputs
     arrays = ArrayRecord(opened.model.state_dict())
     with outputs:  # one line per round, server.log; report.html + model card after each round
         try:
             if not opened.resumed:  # round 0 = the initial model (a resumed run has it already)
-                recorder.record(0, opened.model.state_dict())
-            grid = ResponsiveGrid(grid)
-            arrays = run_rounds(
-                grid,
-                build_strategy(cfg),
-                arrays,
-                plan,
-                cfg.num_server_rounds,
-                cfg.round_timeout,
-                recorder,
-                evaluate_after=lambda r: cfg.evaluates_in(r, plan.total_rounds),
-            )
+                loop.recorder.record(0, opened.model.state_dict())
+            arrays = loop.run(arrays, rounds)
             if cfg.finetune_epochs and run.last_round >= plan.total_rounds:
-                last = replace(plan, server_round=cfg.num_server_rounds)
-                recorder.add_finetuned(finetune_round(grid, arrays, last, cfg.round_timeout))
-        except BaseException as exc:
-            run.end("failed", str(exc))
+                loop.recorder.add_finetuned(loop.finetune(arrays))
+        except (KeyboardInterrupt, SystemExit) as exc:  # flwr stop, SIGTERM, Ctrl-C
+            run.end(STOPPED, f"stopped after round {run.last_round} ({type(exc).__name__})")
             raise
-        run.end("finished")
-        if run.last_round == plan.round_offset:
-            log(WARNING, "fedvox: no round completed")
-        log(INFO, "fedvox: outputs in %s (summary.json, checkpoints/best.pt, roc/)", run.path)
+        except BaseException as exc:
+            run.end(FAILED, f"{exc}" if str(exc) else type(exc).__name__)
+            raise
+        done = run.last_round - plan.round_offset
+        run.end(FINISHED, f"{done} round(s) trained; the run is at round {run.last_round}")
+    log(INFO, "fedvox: outputs in %s (summary.json, checkpoints/best.pt, roc/)", run.path)
+
+
+def _round_loop(cfg: RunConfig, opened: OpenedRun, grid: ResponsiveGrid) -> RoundLoop:
+    run, plan = opened.run, opened.plan
+    recorder = RoundRecorder(
+        run, HoldoutEvaluator(opened.task, opened.holdout), opened.model, plan.round_offset
+    )
+    # fedbn: each site keeps its own norm layers, so they are not bounded by one round's DP
+    skip = tuple(norm_parameter_names(opened.model)) if cfg.fedbn else ()
+    return RoundLoop(
+        grid=grid,
+        strategy=build_strategy(cfg),
+        plan=plan,
+        timeout=cfg.round_timeout,
+        recorder=recorder,
+        checker=UpdateChecker(cfg, plan.total_rounds, skip),
+        trim_beta=cfg.trim_beta,
+        evaluate_after=lambda r: cfg.evaluates_in(r, plan.total_rounds),
+        used=_used_releases(run.summary),
+    )
+
+
+def _used_releases(summary: dict[str, Any]) -> list[str]:
+    """The releases an earlier invocation of this run used (resume)."""
+    used = []
+    for entry in summary.get("rounds", []):
+        for h in entry.get("hospitals", {}).values():
+            for part in (h, h.get("eval") or {}):
+                if part.get("used") and part.get("release"):
+                    used.append(part["release"])
+    return used
+
+
+def _output_dir(raw: dict[str, Any]) -> Path:
+    """Where a run that failed early writes its summary: output-dir if it is usable."""
+    value = raw.get("output-dir")
+    if isinstance(value, str) and value and Path(value).expanduser().is_absolute():
+        return Path(value).expanduser()
+    return default_output_dir()
 
 
 @dataclass
@@ -113,24 +153,33 @@ def open_run(cfg: RunConfig) -> OpenedRun:
         )
         log(INFO, "fedvox: resuming %s after round %d", run.path, run.last_round)
     else:
-        data = {
-            "data_dir": str(data_dir) if data_dir else None,
-            "holdout_dir": str(holdout_dir),
-            "holdout_cases": len(holdout),
-        }
-        run = RunDir.create(cfg, output_dir, spec.as_dict(), data)
+        run = RunDir.create(cfg, output_dir, spec.as_dict(), _data_entry(data_dir, holdout))
         torch.manual_seed(cfg.seed)
         model = build_task_model(spec)
-    offset = run.last_round
+    run.write_summary()  # the run exists (status "running") before round 1
     plan = RoundPlan(
         run_name=run.path.name,
-        run_uid=run.run_uid,
-        # The privacy plan: nodes calibrate their noise once for this many rounds.
-        total_rounds=max(offset + cfg.num_server_rounds, int(run.summary["planned_rounds"])),
+        run_uid=run.run_uid,  # a resumed run keeps its uid: nodes continue its privacy plan
+        # The privacy plan: nodes calibrate their noise once for this many rounds. A resumed
+        # run keeps its plan (RunDir.resume refuses one with no planned round left).
+        total_rounds=int(run.summary["planned_rounds"]) if resume else cfg.planned_rounds,
         image_size=spec.image_size,
-        round_offset=offset,
+        round_offset=run.last_round,
     )
     return OpenedRun(run, plan, task, holdout, model, resumed=bool(resume))
+
+
+def _data_entry(data_dir: Path | None, holdout: SiteData) -> dict[str, Any]:
+    """summary.json "data": where the data came from, and every holdout file left out."""
+    bad = [{"file": r.file, "reason": r.reason} for r in holdout.report.bad]
+    if bad:
+        log(ERROR, "fedvox: %d holdout file(s) left out of evaluation (summary.json)", len(bad))
+    return {
+        "data_dir": str(data_dir) if data_dir else None,
+        "holdout_dir": str(holdout.report.site),
+        "holdout_cases": len(holdout),
+        "holdout_bad_files": bad,
+    }
 
 
 def resolve_data(cfg: RunConfig) -> tuple[Path | None, Path]:
@@ -143,8 +192,15 @@ def resolve_data(cfg: RunConfig) -> tuple[Path | None, Path]:
         data_dir = ensure_demo_data(
             demo_data_dir(hospitals, alpha, seed), hospitals=hospitals, alpha=alpha, seed=seed
         )
+    if data_dir is not None and not data_dir.is_dir():
+        raise FileNotFoundError(f"data-dir {data_dir} does not exist")
     if holdout is None:
         holdout = data_dir / "holdout"
+        if not holdout.is_dir():
+            raise FileNotFoundError(
+                f"data-dir {data_dir} has no holdout/ folder; set holdout-dir to the server's "
+                "held-out cases"
+            )
     if not holdout.is_dir():
         raise FileNotFoundError(f"holdout-dir {holdout} does not exist")
     return data_dir, holdout

@@ -6,22 +6,47 @@ of hospital compute that alone was ~1.2x federation overhead (issue 5). Strategi
 `grid.send_and_receive` and `grid.get_node_ids`, so we hand them this thin wrapper: the same
 public `push_messages` / `pull_messages` calls, polled with a short back-off (50 ms growing to
 1 s) instead of 3 s. Everything else is the wrapped grid's, untouched.
+
+Two more things a real federation needs (issue 15):
+
+- a hospital whose SuperNode died mid-round never replies: once the SuperLink counts its node
+  offline (no heartbeat for two intervals, ~60 s) for `offline_grace_s` more, the round stops
+  waiting for it and goes on with the others, instead of waiting for the round timeout. A node
+  that comes back in time (same node id) is waited for again;
+- fewer than `min_nodes` hospitals online: Flower's strategies wait for them forever; here
+  `get_node_ids` raises `NotEnoughHospitals` after `connect_timeout_s`.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from logging import WARNING
 
 from flwr.app import Message
+from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
+
+ONLINE_CHECK_S = 5.0  # how often a waiting round asks the SuperLink which nodes are online
+
+
+class NotEnoughHospitals(RuntimeError):
+    """Fewer hospitals than min-nodes stayed connected for the whole connect timeout."""
 
 
 class ResponsiveGrid(Grid):
     """Delegate to `inner`; poll for replies with a back-off from `first_poll_s` to `max_poll_s`."""
 
-    def __init__(self, inner: Grid, first_poll_s: float = 0.05, max_poll_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        inner: Grid,
+        first_poll_s: float = 0.05,
+        max_poll_s: float = 1.0,
+        min_nodes: int = 0,
+        connect_timeout_s: float = 3600.0,
+        offline_grace_s: float = 15.0,
+    ) -> None:
         if not 0 < first_poll_s <= max_poll_s:
             raise ValueError(
                 f"need 0 < first_poll_s <= max_poll_s, got {first_poll_s}, {max_poll_s}"
@@ -29,6 +54,10 @@ class ResponsiveGrid(Grid):
         self.inner = inner
         self.first_poll_s = first_poll_s
         self.max_poll_s = max_poll_s
+        self.min_nodes = min_nodes
+        self.connect_timeout_s = connect_timeout_s
+        self.offline_grace_s = offline_grace_s
+        self._short_since: float | None = None  # when fewer than min_nodes were online
 
     # --- the wrapped grid, unchanged -------------------------------------------------------
     def set_run(self, run: Run) -> None:  # noqa: D102
@@ -41,8 +70,21 @@ class ResponsiveGrid(Grid):
     def create_message(self, *args, **kwargs) -> Message:  # noqa: D102  (deprecated upstream)
         return self.inner.create_message(*args, **kwargs)
 
-    def get_node_ids(self) -> Iterable[int]:  # noqa: D102
-        return self.inner.get_node_ids()
+    def get_node_ids(self) -> Iterable[int]:
+        """The online nodes; NotEnoughHospitals once fewer than min_nodes stayed online for
+        `connect_timeout_s` (Flower's strategies would wait for them forever)."""
+        ids = list(self.inner.get_node_ids())
+        if len(ids) >= self.min_nodes:
+            self._short_since = None
+            return ids
+        now = time.monotonic()
+        self._short_since = self._short_since or now
+        if now - self._short_since > self.connect_timeout_s:
+            raise NotEnoughHospitals(
+                f"only {len(ids)} hospital(s) connected, min-nodes={self.min_nodes}, for "
+                f"{self.connect_timeout_s:g} s (round-timeout)"
+            )
+        return ids
 
     def get_nodes(self):  # noqa: D102, ANN201  (NodeInfo; newer than some flwr builds)
         return self.inner.get_nodes()
@@ -58,7 +100,12 @@ class ResponsiveGrid(Grid):
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
         """Push `messages`, then pull replies until all arrived or `timeout` seconds passed."""
-        pending = set(self.inner.push_messages(messages))
+        messages = list(messages)
+        ids = list(self.inner.push_messages(messages))
+        pending = set(ids)
+        watch = OfflineWatch(
+            self, {i: m.metadata.dst_node_id for i, m in zip(ids, messages, strict=True)}
+        )
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
         wait = self.first_poll_s
@@ -66,6 +113,7 @@ class ResponsiveGrid(Grid):
             got = list(self.inner.pull_messages(pending))
             replies.extend(got)
             pending.difference_update(m.metadata.reply_to_message_id for m in got)
+            pending.difference_update(watch.gone(pending))
             if not pending:
                 break
             if deadline is not None and time.monotonic() >= deadline:
@@ -77,3 +125,30 @@ class ResponsiveGrid(Grid):
                 wait = max(0.0, min(wait, deadline - time.monotonic()))
             time.sleep(wait)
         return replies
+
+
+class OfflineWatch:
+    """Which pending messages' nodes have been offline for longer than the grace period."""
+
+    def __init__(self, grid: ResponsiveGrid, destinations: dict[str, int]) -> None:
+        self.grid = grid
+        self.destinations = destinations  # message id -> destination node id
+        self.offline_since: dict[int, float] = {}
+        self.last_check = time.monotonic()
+
+    def gone(self, pending: set[str]) -> set[str]:
+        now = time.monotonic()
+        if now - self.last_check < ONLINE_CHECK_S:
+            return set()
+        self.last_check = now
+        online = set(self.grid.inner.get_node_ids())
+        for node in {self.destinations.get(m) for m in pending} - {None}:
+            if node in online:
+                self.offline_since.pop(node, None)
+            else:
+                self.offline_since.setdefault(node, now)
+        dead = {n for n, t in self.offline_since.items() if now - t > self.grid.offline_grace_s}
+        given_up = {m for m in pending if self.destinations.get(m) in dead}
+        for m in given_up:
+            log(WARNING, "node %s is offline; its reply is not waited for", self.destinations[m])
+        return given_up

@@ -68,8 +68,10 @@ class RoundRecorder:
         state_dict: dict[str, torch.Tensor],
         train: list[NodeReply] = (),
         evaluate: list[NodeReply] = (),
+        used: set[str] | None = None,
     ) -> dict[str, float | None]:
-        """Evaluate, checkpoint and log the global model after `server_round`."""
+        """Evaluate, checkpoint and log the global model after `server_round`; `used`: the
+        hashes of the releases the server used so far (each hospital's entry says if its was)."""
         started = time.time()
         global_round = self.offset + server_round
         self.model.load_state_dict(state_dict)
@@ -101,8 +103,10 @@ class RoundRecorder:
                 "wall_s": started - self.last_time,
                 "central_eval_s": time.time() - started,
                 "hospitals": hospitals_entry(
-                    train, evaluate, self.threshold_margin, self._class_names
+                    train, evaluate, self.threshold_margin, self._class_names, used or set()
                 ),
+                # Updates the server refused before aggregation (server/checks.py).
+                "rejected": [r.summary() for r in train if r.status == "rejected"],
             }
         )
         self.run.write_summary()
@@ -149,9 +153,11 @@ def hospitals_entry(
     evaluate: list[NodeReply],
     threshold_margin: float | None = None,
     class_names: tuple[str, ...] = (),
+    used: set[str] = frozenset(),
 ) -> dict[str, dict]:
     """Per-hospital view of one round: training status and epsilon; local validation metrics
-    computed here from the hospital's DP release (at the round's pooled threshold)."""
+    computed here from the hospital's DP release (at the round's pooled threshold); for each
+    release its hash and whether the server used it."""
     out: dict[str, dict[str, Any]] = {}
     for r in train:
         m = r.metrics
@@ -166,6 +172,8 @@ def hospitals_entry(
                 "noise_multiplier": m.get("noise-multiplier"),
                 "data_s": m.get("data-s"),
                 "compute_s": m.get("compute-s"),
+                "release": r.release or None,
+                "used": bool(r.release) and r.release in used,
             }
         )
     for r in evaluate:
@@ -176,6 +184,8 @@ def hospitals_entry(
                 "epsilon_run": r.metrics.get("epsilon-run"),
                 "data-s": r.metrics.get("data-s"),
                 "compute-s": r.metrics.get("compute-s"),
+                "release": r.release or None,
+                "used": bool(r.release) and r.release in used,
             }
         else:
             entry["eval"] = {"status": r.status, "reason": r.reason}

@@ -2,92 +2,146 @@
 
     for each round:
         strategy.configure_train  -> grid.send_and_receive  (hospitals train, client/app.py)
-        keep the hospitals that trained -> strategy.aggregate_train  (Flower's FedAvg & co.)
+        check every update (server/checks.py) -> strategy.aggregate_train (Flower's FedAvg & co.)
         strategy.configure_evaluate -> grid.send_and_receive (hospitals validate the new model)
         recorder.record  (held-out evaluation, checkpoint, summary.json)
     after the last planned round, if finetune-epochs > 0: one "train.finetune" message each
 
 The loop is Flower's `Strategy.start` spelled out, so fedvox sees every reply before it is
-aggregated (refusals and failures are recorded, never averaged) and can send the fine-tuning
-message once at the end.
+aggregated (refusals, failures and refused updates are recorded, never averaged) and can send
+the fine-tuning message once at the end. Every message tells the nodes which of their releases
+the server used (`RoundPlan.used`, `settled_round`): a node keeps an update until then, so a
+lost reply is asked for again instead of trained (and paid for) again.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from logging import WARNING
 
+import numpy as np
 from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, FedTrimmedAvg
 
 from common.protocol import ARRAYS, CONFIG, FINETUNE, NodeReply, RoundPlan, read_reply
+from server.checks import UpdateChecker, trim_fraction
 from server.recorder import RoundRecorder
 
-
-class EveryHospitalFailed(RuntimeError):
-    """No hospital could train in a round: more rounds cannot help."""
+REJECTED = "rejected"  # a hospital said ok, the server refused its update (server/checks.py)
 
 
-def run_rounds(
-    grid: Grid,
-    strategy: FedAvg,
-    arrays: ArrayRecord,
-    plan: RoundPlan,
-    rounds: int,
-    timeout: float,
-    recorder: RoundRecorder,
-    evaluate_after: Callable[[int], bool] = lambda global_round: True,
-) -> ArrayRecord:
-    """Rounds 1..`rounds` from `arrays`; returns the final global model. Hospitals evaluate
-    (each evaluation is a DP release charged to them) after the rounds `evaluate_after` says."""
-    for server_round in range(1, rounds + 1):
-        config = replace(plan, server_round=server_round).record()
-        messages = strategy.configure_train(server_round, arrays, config, grid)
-        train = [read_reply(m) for m in grid.send_and_receive(messages, timeout=timeout)]
-        arrays = _aggregate(strategy, server_round, arrays, train)
-        evaluate = []
-        if evaluate_after(plan.round_offset + server_round):
-            config = replace(plan, server_round=server_round).record()
-            messages = strategy.configure_evaluate(server_round, arrays, config, grid)
-            evaluate = [read_reply(m) for m in grid.send_and_receive(messages, timeout=timeout)]
-        recorder.record(server_round, arrays.to_torch_state_dict(), train, evaluate)
-    return arrays
+class NoUsableUpdate(RuntimeError):
+    """No hospital's update could be used in a round: more rounds cannot help."""
 
 
-def _aggregate(
-    strategy: FedAvg, server_round: int, arrays: ArrayRecord, replies: list[NodeReply]
-) -> ArrayRecord:
-    """Flower's aggregation of the hospitals that trained; the old model if none did."""
-    failed = [r for r in replies if r.status == "failed"]
-    if replies and len(failed) == len(replies):
-        reasons = "; ".join(f"{r.site}: {r.reason}" for r in failed)
-        raise EveryHospitalFailed(f"round {server_round}: every hospital failed ({reasons})")
-    good = [r.message for r in replies if r.ok and float(r.metrics.get("num-examples", 0)) > 0]
-    if len(good) < len(replies):
-        log(
-            WARNING,
-            "round %d: %d of %d hospitals refused or failed; aggregating the rest",
-            server_round,
-            len(replies) - len(good),
-            len(replies),
-        )
-    if not good:
-        log(WARNING, "round %d: no hospital trained; the global model stays", server_round)
+@dataclass
+class RoundLoop:
+    """One invocation's rounds; `names` and `used` carry over from round to round."""
+
+    grid: Grid
+    strategy: FedAvg
+    plan: RoundPlan
+    timeout: float
+    recorder: RoundRecorder
+    checker: UpdateChecker
+    trim_beta: float = 0.2
+    evaluate_after: Callable[[int], bool] = lambda global_round: True
+    names: dict[int, str] = field(default_factory=dict)  # node id -> site name, this run
+    used: list[str] = field(default_factory=list)  # hashes of releases used in this run
+
+    def run(self, arrays: ArrayRecord, rounds: int) -> ArrayRecord:
+        """Rounds 1..`rounds` from `arrays`; returns the final global model. Hospitals evaluate
+        (each evaluation is a DP release charged to them) after the rounds `evaluate_after`
+        says."""
+        for server_round in range(1, rounds + 1):
+            arrays = self.one_round(server_round, arrays)
         return arrays
-    new, _ = strategy.aggregate_train(server_round, good)
-    return new if new is not None else arrays
+
+    def one_round(self, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
+        global_round = self.plan.round_offset + server_round
+        config = self._plan(server_round, settled=global_round - 1).record()
+        messages = self.strategy.configure_train(server_round, arrays, config, self.grid)
+        train = self._send(messages)
+        arrays = self._aggregate(server_round, arrays, train)
+        evaluate: list[NodeReply] = []
+        if self.evaluate_after(global_round):
+            config = self._plan(server_round, settled=global_round - 1).record()
+            messages = self.strategy.configure_evaluate(server_round, arrays, config, self.grid)
+            evaluate = self._send(messages)
+            self.used += [r.release for r in evaluate if r.ok and r.release]
+        self.recorder.record(
+            server_round, arrays.to_torch_state_dict(), train, evaluate, set(self.used)
+        )
+        return arrays
+
+    def finetune(self, arrays: ArrayRecord) -> list[NodeReply]:
+        """Ask every hospital once to fine-tune the final model for itself (its copy stays
+        there), after the last planned round."""
+        last = self._plan(
+            self.plan.total_rounds - self.plan.round_offset, settled=self.plan.total_rounds
+        )
+        content = RecordDict({ARRAYS: arrays, CONFIG: last.record()})
+        messages = [
+            Message(content=content, dst_node_id=node_id, message_type=FINETUNE)
+            for node_id in self.grid.get_node_ids()
+        ]
+        return self._send(messages)
+
+    def _plan(self, server_round: int, settled: int) -> RoundPlan:
+        return replace(
+            self.plan, server_round=server_round, settled_round=settled, used=tuple(self.used)
+        )
+
+    def _send(self, messages: list[Message]) -> list[NodeReply]:
+        replies = self.grid.send_and_receive(messages, timeout=self.timeout)
+        return [read_reply(m, self.names) for m in replies]
+
+    def _aggregate(
+        self, server_round: int, arrays: ArrayRecord, replies: list[NodeReply]
+    ) -> ArrayRecord:
+        """Flower's aggregation of the checked updates of the hospitals that trained."""
+        global_round = self.plan.round_offset + server_round
+        trained = [r for r in replies if r.ok and float(r.metrics.get("num-examples", 0)) > 0]
+        accepted, rejected = self.checker.check(trained, arrays)
+        for r in trained:
+            why = next((x.reason for x in rejected if x.site == r.site), None)
+            if why is not None:
+                r.status, r.reason = REJECTED, f"update refused by the server: {why}"
+                log(WARNING, "round %d: %s: %s", global_round, r.site, r.reason)
+        if not accepted:
+            reasons = "; ".join(f"{r.site}: {r.status} ({r.reason})" for r in replies)
+            raise NoUsableUpdate(
+                f"round {global_round}: no hospital's update could be used "
+                f"({reasons or 'no reply arrived'})"
+            )
+        if len(accepted) < len(replies):
+            log(
+                WARNING,
+                "round %d: %d of %d updates refused, failed or missing; aggregating the rest",
+                global_round,
+                len(replies) - len(accepted),
+                len(replies),
+            )
+        self.used += [r.release for r in accepted if r.release]
+        if isinstance(self.strategy, FedTrimmedAvg):
+            self.strategy.beta = trim_fraction(len(accepted), self.trim_beta)
+        sites = [r.site for r in accepted]
+        new, _ = self.strategy.aggregate_train(server_round, [r.message for r in accepted])
+        if new is None:
+            return arrays
+        _require_finite(new, global_round, sites)
+        return new
 
 
-def finetune_round(
-    grid: Grid, arrays: ArrayRecord, plan: RoundPlan, timeout: float
-) -> list[NodeReply]:
-    """Ask every hospital once to fine-tune the final model for itself (its copy stays there)."""
-    content = RecordDict({ARRAYS: arrays, CONFIG: plan.record()})
-    messages = [
-        Message(content=content, dst_node_id=node_id, message_type=FINETUNE)
-        for node_id in grid.get_node_ids()
-    ]
-    return [read_reply(m) for m in grid.send_and_receive(messages, timeout=timeout)]
+def _require_finite(arrays: ArrayRecord, global_round: int, sites: list[str]) -> None:
+    """The checks keep non-finite updates out; a strategy that still makes one is a bug."""
+    for key, value in arrays.items():
+        a = np.asarray(value.numpy())
+        if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
+            raise ArithmeticError(
+                f"round {global_round}: the aggregated model's {key} is not finite "
+                f"(aggregated from {', '.join(sites)})"
+            )

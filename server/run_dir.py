@@ -3,7 +3,10 @@
 Every file is rewritten atomically (`common.files`), so a run that dies keeps everything it
 finished; `resume-from` reads the folder back and continues the round numbering from the last
 checkpoint. `summary.json` is the run's record: config, model, data, one entry per round
-(held-out metrics, every hospital's status and epsilon) and the final `status`.
+(held-out metrics, every hospital's status and epsilon) and the final `status` with its
+`reason`: finished | failed | stopped, or running while the ServerApp works. A run whose
+ServerApp was killed cannot say so itself: `repair_status` (resume, `fedvox status`) finds
+"running" with no live ServerApp process and writes "stopped".
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ from typing import Any
 import torch
 
 from common.config import RunConfig
-from common.files import atomic_write, atomic_write_json
+from common.files import atomic_write, atomic_write_json, json_safe
+from common.process import alive, this_process
 
 SUMMARY = "summary.json"
+FINISHED, FAILED, STOPPED, RUNNING = "finished", "failed", "stopped", "running"
 
 
 class RunDir:
@@ -46,7 +51,8 @@ class RunDir:
             "planned_rounds": cfg.planned_rounds,
             "run_name": run_name,
             "run_uid": uuid.uuid4().hex,
-            "status": "running",
+            "status": RUNNING,
+            "server": this_process(),  # so a killed run can be told from a running one
             "config": cfg.as_dict(),
             "model": model,
             "data": data,
@@ -65,6 +71,7 @@ class RunDir:
                 f"resume-from={resume_from}: expected a run folder with {SUMMARY} and "
                 "checkpoints/last.pt"
             )
+        previous = repair_status(path)
         run = cls(path, json.loads((path / SUMMARY).read_text()))
         checkpoint = load_checkpoint(last)
         if checkpoint["round"] != run.last_round:
@@ -72,6 +79,19 @@ class RunDir:
                 f"resume-from={resume_from}: last.pt is round {checkpoint['round']} but "
                 f"{SUMMARY} ends at round {run.last_round}"
             )
+        if previous.get("status") == RUNNING:
+            raise RuntimeError(
+                f"resume-from={resume_from}: its ServerApp is still running "
+                f"(pid {previous.get('server', {}).get('pid')}); stop it first (flwr stop)"
+            )
+        left = int(run.summary["planned_rounds"]) - run.last_round
+        if left <= 0:
+            raise ValueError(
+                f"resume-from={resume_from}: the run already completed its "
+                f"{run.summary['planned_rounds']} planned rounds (its nodes' noise is calibrated "
+                "for them); start a new run instead"
+            )
+        run.summary.update(status=RUNNING, server=this_process(), reason=None)
         return run, checkpoint
 
     # -- reading ----------------------------------------------------------------------------
@@ -112,11 +132,57 @@ class RunDir:
         """Per-round JSON beside the summary, e.g. `roc/round-003.json` (ROC points)."""
         atomic_write_json(self.path / kind / f"round-{round_:03d}.json", payload)
 
-    def end(self, status: str, error: str | None = None) -> None:
-        self.summary["status"] = status
-        if error is not None:
-            self.summary["error"] = error
+    def end(self, status: str, reason: str) -> None:
+        """The run's last word: finished | failed | stopped, and why."""
+        self.summary.update(status=status, reason=reason, ended_at=time.time())
+        if status == FAILED:
+            self.summary["error"] = reason  # the key earlier fedvox versions wrote
         self.write_summary()
+
+
+def write_failed(output_dir: Path, run_name: str, config: dict, reason: str) -> Path:
+    """summary.json of a run that failed before it had a run folder (bad config, missing
+    data): a new folder `output_dir/run_name`, never over an existing run's summary."""
+    name = run_name if run_name and "/" not in run_name and run_name not in (".", "..") else ""
+    path = output_dir / (name or time.strftime("%Y%m%d-%H%M%S"))
+    if (path / SUMMARY).exists():
+        path = output_dir / f"{path.name}-failed-{time.strftime('%Y%m%d-%H%M%S')}"
+    summary = {
+        "run_name": path.name,
+        "status": FAILED,
+        "reason": reason,
+        "error": reason,
+        "ended_at": time.time(),
+        "config": json_safe(dict(config)),
+        "model": None,
+        "data": None,
+        "rounds": [],
+        "best": None,
+    }
+    atomic_write_json(path / SUMMARY, summary)
+    return path
+
+
+def repair_status(path: Path) -> dict[str, Any]:
+    """The run's summary, with a "running" status whose ServerApp is gone made "stopped"
+    (written back). A ServerApp on another machine cannot be checked: it counts as alive."""
+    summary = json.loads((path / SUMMARY).read_text())
+    server = summary.get("server") or {}
+    if summary.get("status") != RUNNING:
+        return summary
+    same_host = server.get("host") in (None, this_process()["host"])
+    if same_host and not alive(server.get("pid"), server.get("started")):
+        last = summary["rounds"][-1]["round"] if summary.get("rounds") else None
+        summary.update(
+            status=STOPPED,
+            reason=(
+                "interrupted: the ServerApp ended without a word (killed, or its machine "
+                f'stopped) after round {last}; continue it with resume-from="{path}"'
+            ),
+            ended_at=time.time(),
+        )
+        atomic_write_json(path / SUMMARY, summary)
+    return summary
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

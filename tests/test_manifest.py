@@ -17,6 +17,7 @@ from client.app import evaluate, finetune, train
 from common.metrics import predict_logits
 from common.models import build_model
 from common.protocol import MANIFEST
+from common.protocol import NODE_KEYS as PROTOCOL_NODE_KEYS
 from common.site import load_site
 from common.validation import HIST_POS, MARGIN_EDGES
 from simulations.phantoms import make_phantom_sites
@@ -25,7 +26,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:Secure RNG turned off"),
     pytest.mark.filterwarnings("ignore:Optimal order is the"),
 ]
-NODE_KEYS = {"site", "status", "reason"}
+NODE_KEYS = set(PROTOCOL_NODE_KEYS)
 
 
 @pytest.fixture(scope="module")
