@@ -71,6 +71,12 @@ def finetune(msg: Message, context: Context) -> Message:
     return _answer(msg, context, _finetune)
 
 
+@app.query("settle")
+def settle(msg: Message, context: Context) -> Message:
+    """The run ended: what became of this node's last releases (`_settle` does the work)."""
+    return _answer(msg, context, lambda m, node: reply(m, node.site_name, OK, {}))
+
+
 def _answer(msg: Message, context: Context, action: Callable[[Message, Node], Message]) -> Message:
     """Run `action`; every failure becomes a clean reply whose reason names no file."""
     site_name = str(context.node_config.get("site-name", "")) or "unknown-site"

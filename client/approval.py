@@ -178,8 +178,8 @@ def _state_dir_from_node_config(node_config: str | None) -> Path:
     return Path(str(cfg["state-dir"]))
 
 
-def run_supernode(approved_fabs: Path, supernode_args: list[str]) -> None:
-    """Start Flower's `flower-supernode` with `supernode_args`, guarded by the allowlist."""
+def check_arguments(approved_fabs: Path | str, supernode_args: list[str]) -> set[str]:
+    """The allowlist, if the SuperNode arguments are safe to run behind it (else ApprovalError)."""
     if any(a.startswith("--trusted-entities") for a in supernode_args):
         raise ApprovalError(
             "--trusted-entities: not combinable with --approved-fabs "
@@ -190,25 +190,41 @@ def run_supernode(approved_fabs: Path, supernode_args: list[str]) -> None:
             "--allow-runtime-dependency-installation: a hospital node must "
             "not install what a run asks for; install dependencies yourself"
         )
-    allowlist = load_allowlist(approved_fabs)
+    allowlist = load_allowlist(Path(approved_fabs))
+    _state_dir_from_node_config(_node_config_arg(supernode_args))
+    return allowlist
+
+
+def _node_config_arg(supernode_args: list[str]) -> str | None:
     node_config = None
     for i, a in enumerate(supernode_args):
         if a == "--node-config" and i + 1 < len(supernode_args):
             node_config = supernode_args[i + 1]
         elif a.startswith("--node-config="):
             node_config = a.split("=", 1)[1]
-    audit_file = _state_dir_from_node_config(node_config) / AUDIT_FILE
+    return node_config
+
+
+def guard_arguments(approved_fabs: Path | str, supernode_args: list[str]) -> list[str]:
+    """Install the allowlist guard in this process and return the `--trusted-entities`
+    arguments to add (client/supernode.py starts the node)."""
+    allowlist = check_arguments(approved_fabs, supernode_args)
+    audit_file = _state_dir_from_node_config(_node_config_arg(supernode_args)) / AUDIT_FILE
     entities = install_guard(allowlist, audit_file)
 
     tmp = tempfile.mkdtemp(prefix="fedvox-approval-")
     yaml_path = Path(tmp) / "trusted-entities.yaml"
     yaml_path.write_text(json.dumps(entities))  # JSON is YAML
     atexit.register(lambda: (yaml_path.unlink(missing_ok=True), os.rmdir(tmp)))
+    return ["--trusted-entities", str(yaml_path)]
 
-    from flwr.supernode.cli.flower_supernode import flower_supernode
 
-    sys.argv = ["flower-supernode", *supernode_args, "--trusted-entities", str(yaml_path)]
-    flower_supernode()
+def run_supernode(approved_fabs: Path, supernode_args: list[str]) -> None:
+    """fedvox's node (client/supernode.py: resilient, warm) with the allowlist guard."""
+    from client.supernode import run
+
+    cold = "--cold" in supernode_args
+    run([a for a in supernode_args if a != "--cold"], str(approved_fabs), warm=not cold)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -238,6 +254,11 @@ def main(argv: list[str] | None = None) -> int:
         run_supernode(args.approved_fabs, rest)
     except ApprovalError as err:
         print(f"fedvox approval: error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # client.supernode's SuperNodeError: unsupported Flower, bad flags
+        if type(err).__name__ != "SuperNodeError":
+            raise
+        print(f"fedvox supernode: error: {err}", file=sys.stderr)
         return 2
     return 0
 

@@ -17,8 +17,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 ARRAYS, METRICS, NODE, CONFIG = "arrays", "metrics", "node", "config"
 OK, REFUSED, FAILED = "ok", "refused", "failed"
 
-# Message types. Fine-tuning is its own action, sent once after the last round.
-TRAIN, EVALUATE, FINETUNE = "train", "evaluate", "train.finetune"
+# Message types. Fine-tuning is its own action, sent once after the last round; "settle"
+# tells every node, once the run ended, which of its releases the server used.
+TRAIN, EVALUATE, FINETUNE, SETTLE = "train", "evaluate", "train.finetune", "query.settle"
 
 # The outbound manifest: every key a node may send, with its treatment. "dp": computed from
 # clipped, noised statistics and charged to the node's ledger; "coarse": rounded as stated;
@@ -168,13 +169,17 @@ class NodeReply:
         return {"site": self.site, "status": self.status, "reason": self.reason}
 
 
-def read_reply(msg: Message, names: dict[int, str] | None = None) -> NodeReply:
+def read_reply(
+    msg: Message, names: dict[int, str] | None = None, node_id: int | None = None
+) -> NodeReply:
     """The server's view of a reply; a Flower-level error (the app crashed) is `failed`.
 
     `names` maps node ids to the site names their earlier replies gave: a Flower error reply
-    carries only the node id. A reply that names its site adds it to `names`.
+    carries only a node id (and one the SuperLink makes for a node that vanished carries the
+    SuperLink's: pass the id the request went to as `node_id`). A reply that names its site
+    adds it to `names`.
     """
-    node_id = int(msg.metadata.src_node_id)
+    node_id = int(msg.metadata.src_node_id) if node_id is None else node_id
     known = (names or {}).get(node_id) or f"node-{node_id}"
     if msg.has_error():
         reason = f"node error: {msg.error.reason[:200]} (details in the node's log)"

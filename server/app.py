@@ -31,7 +31,7 @@ from common.site import SiteData, default_image_size, load_site
 from common.tasks import ModelSpec, build_task_model, task_for
 from common.weights import fingerprint, norm_parameter_names
 from server.checks import UpdateChecker
-from server.grid import ResponsiveGrid
+from server.grid import ResponsiveGrid, node_names
 from server.outputs import RunOutputs
 from server.recorder import HoldoutEvaluator, RoundRecorder
 from server.rounds import RoundLoop
@@ -65,6 +65,7 @@ def main(grid: Grid, context: Context) -> None:
             arrays = loop.run(arrays, rounds)
             if cfg.finetune_epochs and run.last_round >= plan.total_rounds:
                 loop.recorder.add_finetuned(loop.finetune(arrays))
+            loop.settle(run.last_round)
         except (KeyboardInterrupt, SystemExit) as exc:  # flwr stop, SIGTERM, Ctrl-C
             run.end(STOPPED, f"stopped after round {run.last_round} ({type(exc).__name__})")
             raise
@@ -93,6 +94,7 @@ def _round_loop(cfg: RunConfig, opened: OpenedRun, grid: ResponsiveGrid) -> Roun
         trim_beta=cfg.trim_beta,
         evaluate_after=lambda r: cfg.evaluates_in(r, plan.total_rounds),
         used=_used_releases(run.summary),
+        names=node_names(grid.inner),  # registered names, until a reply names its site
     )
 
 
@@ -147,6 +149,7 @@ def open_run(cfg: RunConfig) -> OpenedRun:
             {
                 "at_round": run.last_round,
                 "time": time.time(),
+                "previous": run.summary.pop("previous", None),  # how the last attempt ended
                 "config": cfg.as_dict(),
                 "initial_weights_sha256": fingerprint(model.state_dict()),
             }

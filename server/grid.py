@@ -9,10 +9,11 @@ public `push_messages` / `pull_messages` calls, polled with a short back-off (50
 
 Two more things a real federation needs (issue 15):
 
-- a hospital whose SuperNode died mid-round never replies: once the SuperLink counts its node
-  offline (no heartbeat for two intervals, ~60 s) for `offline_grace_s` more, the round stops
-  waiting for it and goes on with the others, instead of waiting for the round timeout. A node
-  that comes back in time (same node id) is waited for again;
+- a hospital whose SuperNode died mid-round never replies: the message it had pulled died
+  with it. Once the SuperLink counts the node offline (no heartbeat for two intervals, ~60 s)
+  or sees it activated again (a restarted node, client/supernode.py, rejoins at once), the
+  round stops waiting for that reply and goes on with the others instead of waiting for the
+  round timeout; the hospital takes part again from the next round;
 - fewer than `min_nodes` hospitals online: Flower's strategies wait for them forever; here
   `get_node_ids` raises `NotEnoughHospitals` after `connect_timeout_s`.
 """
@@ -45,7 +46,6 @@ class ResponsiveGrid(Grid):
         max_poll_s: float = 1.0,
         min_nodes: int = 0,
         connect_timeout_s: float = 3600.0,
-        offline_grace_s: float = 15.0,
     ) -> None:
         if not 0 < first_poll_s <= max_poll_s:
             raise ValueError(
@@ -56,7 +56,6 @@ class ResponsiveGrid(Grid):
         self.max_poll_s = max_poll_s
         self.min_nodes = min_nodes
         self.connect_timeout_s = connect_timeout_s
-        self.offline_grace_s = offline_grace_s
         self._short_since: float | None = None  # when fewer than min_nodes were online
 
     # --- the wrapped grid, unchanged -------------------------------------------------------
@@ -128,12 +127,12 @@ class ResponsiveGrid(Grid):
 
 
 class OfflineWatch:
-    """Which pending messages' nodes have been offline for longer than the grace period."""
+    """Which pending messages went down with their node (offline, or activated again)."""
 
     def __init__(self, grid: ResponsiveGrid, destinations: dict[str, int]) -> None:
         self.grid = grid
         self.destinations = destinations  # message id -> destination node id
-        self.offline_since: dict[int, float] = {}
+        self.sessions = node_sessions(grid.inner)  # node id -> when it was last activated
         self.last_check = time.monotonic()
 
     def gone(self, pending: set[str]) -> set[str]:
@@ -142,13 +141,28 @@ class OfflineWatch:
             return set()
         self.last_check = now
         online = set(self.grid.inner.get_node_ids())
-        for node in {self.destinations.get(m) for m in pending} - {None}:
-            if node in online:
-                self.offline_since.pop(node, None)
-            else:
-                self.offline_since.setdefault(node, now)
-        dead = {n for n, t in self.offline_since.items() if now - t > self.grid.offline_grace_s}
-        given_up = {m for m in pending if self.destinations.get(m) in dead}
-        for m in given_up:
-            log(WARNING, "node %s is offline; its reply is not waited for", self.destinations[m])
-        return given_up
+        sessions = node_sessions(self.grid.inner)
+        lost = set()
+        for m in pending:
+            node = self.destinations.get(m)
+            before, after = self.sessions.get(node), sessions.get(node)
+            if node not in online or (before and after and before != after):
+                lost.add(m)
+                log(WARNING, "node %s went offline or restarted; its reply is not waited for", node)
+        return lost
+
+
+def node_sessions(grid: Grid) -> dict[int, str]:
+    """{node id: last activation time} of the federation's nodes, as the SuperLink says."""
+    try:
+        return {int(n.node_id): str(n.last_activated_at) for n in grid.get_nodes()}
+    except Exception:  # noqa: BLE001 - a grid without NodeInfo: online/offline only
+        return {}
+
+
+def node_names(grid: Grid) -> dict[int, str]:
+    """{node id: the name it was registered with (flwr supernode register --name)}."""
+    try:
+        return {int(n.node_id): str(n.name) for n in grid.get_nodes() if n.name}
+    except Exception:  # noqa: BLE001
+        return {}

@@ -26,7 +26,15 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedTrimmedAvg
 
-from common.protocol import ARRAYS, CONFIG, FINETUNE, NodeReply, RoundPlan, read_reply
+from common.protocol import (
+    ARRAYS,
+    CONFIG,
+    FINETUNE,
+    SETTLE,
+    NodeReply,
+    RoundPlan,
+    read_reply,
+)
 from server.checks import UpdateChecker, trim_fraction
 from server.recorder import RoundRecorder
 
@@ -90,14 +98,33 @@ class RoundLoop:
         ]
         return self._send(messages)
 
+    def settle(self, last_round: int, timeout: float = 120.0) -> None:
+        """Tell every node that the run ended at `last_round` and which releases were used
+        (a node then marks its last releases and deletes the updates it kept)."""
+        plan = self._plan(last_round - self.plan.round_offset, settled=last_round)
+        content = RecordDict({CONFIG: plan.record()})
+        messages = [
+            Message(content=content, dst_node_id=node_id, message_type=SETTLE)
+            for node_id in self.grid.get_node_ids()
+        ]
+        try:
+            self.grid.send_and_receive(messages, timeout=timeout)
+        except Exception as exc:  # noqa: BLE001 - housekeeping: the run itself is done
+            log(WARNING, "fedvox: telling the nodes the run ended failed: %s", exc)
+
     def _plan(self, server_round: int, settled: int) -> RoundPlan:
         return replace(
             self.plan, server_round=server_round, settled_round=settled, used=tuple(self.used)
         )
 
     def _send(self, messages: list[Message]) -> list[NodeReply]:
+        messages = list(messages)
         replies = self.grid.send_and_receive(messages, timeout=self.timeout)
-        return [read_reply(m, self.names) for m in replies]
+        # Message ids are set when pushed: map each reply to the node its request went to.
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        return [
+            read_reply(m, self.names, sent_to.get(m.metadata.reply_to_message_id)) for m in replies
+        ]
 
     def _aggregate(
         self, server_round: int, arrays: ArrayRecord, replies: list[NodeReply]

@@ -79,11 +79,13 @@ class RunDir:
                 f"resume-from={resume_from}: last.pt is round {checkpoint['round']} but "
                 f"{SUMMARY} ends at round {run.last_round}"
             )
-        if previous.get("status") == RUNNING:
-            raise RuntimeError(
-                f"resume-from={resume_from}: its ServerApp is still running "
-                f"(pid {previous.get('server', {}).get('pid')}); stop it first (flwr stop)"
-            )
+        server = previous.get("server") or {}
+        if server.get("host") == this_process()["host"] and server.get("pid") is not None:
+            if alive(server.get("pid"), server.get("started")):
+                raise RuntimeError(
+                    f"resume-from={resume_from}: its ServerApp (pid {server['pid']}) is still "
+                    "running; stop it first (flwr stop), or wait for it to end"
+                )
         left = int(run.summary["planned_rounds"]) - run.last_round
         if left <= 0:
             raise ValueError(
@@ -91,6 +93,10 @@ class RunDir:
                 f"{run.summary['planned_rounds']} planned rounds (its nodes' noise is calibrated "
                 "for them); start a new run instead"
             )
+        run.summary["previous"] = {
+            "status": previous.get("status"),
+            "reason": previous.get("reason"),
+        }
         run.summary.update(status=RUNNING, server=this_process(), reason=None)
         return run, checkpoint
 

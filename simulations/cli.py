@@ -22,6 +22,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("simulations.bench", "speed and utility benchmarks (JSON + table)"),
     "predict": ("simulations.predict", "apply a run's model to NIfTI scans (+ saliency maps)"),
     "report": ("simulations.report", "write a run's report.html and model-card.md"),
+    "run": ("simulations.run", "flwr run, waited for; exit code from the run's status"),
+    "status": ("simulations.status", "a run's status and reason (repairs a killed run's)"),
 }
 
 

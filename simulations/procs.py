@@ -203,6 +203,48 @@ class Procs:
         return sorted(pid for pid in pids if _alive(pid))
 
 
+def end_pids(pids: list[int], grace: float = 5.0) -> None:
+    """SIGTERM these processes, SIGKILL what is left after `grace` seconds (by PID only)."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.1)
+    for pid in pids:
+        if _alive(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def pid_listening_on(port: int) -> int | None:
+    """The process with a TCP socket listening on `port` (Linux /proc), or None."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            parts = row.split()
+            if parts[3] == "0A" and int(parts[1].rsplit(":", 1)[1], 16) == port:  # LISTEN
+                inodes.add(f"socket:[{parts[9]}]")
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{entry}/fd")
+            if any(os.readlink(f"/proc/{entry}/fd/{fd}") in inodes for fd in fds):
+                return int(entry)
+        except OSError:
+            continue
+    return None
+
+
 def wait_for(
     check: Callable[[], object], timeout: float, what: str, logs: Callable[[], str] = lambda: ""
 ) -> object:
