@@ -59,7 +59,7 @@ def trim_fraction(replies: int, beta: float) -> float:
         return 0.0
     k = max(1, math.floor(beta * replies))
     k = min(k, (replies - 1) // 2)  # keep at least one update
-    return (k + 0.5) / replies  # int((k + 0.5) / n * n) == k, and < 0.5
+    return (k + 0.25) / replies  # Flower trims int(beta n) = k, and beta < 0.5
 
 
 def max_noise_multiplier(cfg: RunConfig, total_rounds: int) -> float:

@@ -29,6 +29,7 @@ from flwr.serverapp.strategy import FedAvg, FedTrimmedAvg
 from common.protocol import (
     ARRAYS,
     CONFIG,
+    FAILED,
     FINETUNE,
     SETTLE,
     NodeReply,
@@ -122,9 +123,16 @@ class RoundLoop:
         replies = self.grid.send_and_receive(messages, timeout=self.timeout)
         # Message ids are set when pushed: map each reply to the node its request went to.
         sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
-        return [
+        read = [
             read_reply(m, self.names, sent_to.get(m.metadata.reply_to_message_id)) for m in replies
         ]
+        answered = {m.metadata.reply_to_message_id for m in replies}
+        for message_id, node_id in sent_to.items():
+            if message_id not in answered:  # its node went offline or restarted, or timed out
+                site = self.names.get(node_id) or f"node-{node_id}"
+                reason = "no reply: the node went offline or restarted, or the round timed out"
+                read.append(NodeReply(site, FAILED, reason, node_id=node_id))
+        return read
 
     def _aggregate(
         self, server_round: int, arrays: ArrayRecord, replies: list[NodeReply]

@@ -47,6 +47,9 @@ class InProcessGrid(Grid):
         }
         self._answers: dict[str, Message] = {}
         self.replies: list[Message] = []
+        # (node, global round) -> the arrays its training reply carried, copied before Flower's
+        # strategies see them (FedTrimmedAvg empties the replies it aggregates)
+        self.updates: dict[tuple[int, int], dict[str, np.ndarray]] = {}
 
     def set_run(self, run: Any) -> None:  # noqa: D102
         self._run = run
@@ -73,6 +76,11 @@ class InProcessGrid(Grid):
             global_round = int(config.get("server-round", 0)) + int(config.get("round-offset", 0))
             if node in self.tamper:
                 answer = self.tamper[node](answer, msg, global_round)
+            if not answer.has_error() and "arrays" in answer.content.array_records:
+                arrays = answer.content.array_records["arrays"]
+                self.updates[(node, global_round)] = {
+                    k: np.array(v.numpy()) for k, v in arrays.items()
+                }
             self._answers[msg.metadata.message_id] = answer
             self.replies.append(answer)
             ids.append(msg.metadata.message_id)
