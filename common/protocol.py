@@ -9,6 +9,7 @@ MetricRecord), `node` (site name, status ok | refused | failed, reason) and, aft
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,6 +76,7 @@ class RoundPlan:
     round_offset: int = 0
     server_round: int = 0
     proximal_mu: float = 0.0  # FedProx's strategy adds it to every training message
+    recipe: dict = field(default_factory=dict)  # the run config's "auto" keys, resolved
 
     @property
     def global_round(self) -> int:
@@ -89,6 +91,7 @@ class RoundPlan:
                 "image-size": list(self.image_size),
                 "round-offset": self.round_offset,
                 "server-round": self.server_round,
+                "recipe": json.dumps(self.recipe),
             }
         )
 
@@ -103,6 +106,7 @@ class RoundPlan:
             round_offset=int(config.get("round-offset", 0)),
             server_round=int(config.get("server-round", 0)),
             proximal_mu=float(config.get("proximal-mu", 0.0)),
+            recipe=json.loads(str(config.get("recipe") or "{}")),
         )
 
 

@@ -24,7 +24,7 @@ from flwr.serverapp import Grid, ServerApp
 from common.config import RunConfig
 from common.paths import default_output_dir, demo_data_dir
 from common.protocol import RoundPlan
-from common.site import SiteData, default_image_size, load_site
+from common.site import SiteData, default_image_size, load_site, read_spec
 from common.tasks import ModelSpec, build_task_model, task_for
 from common.weights import fingerprint
 from server.grid import ResponsiveGrid
@@ -39,8 +39,8 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    cfg = RunConfig.parse(context.run_config)
-    opened = open_run(cfg)
+    opened = open_run(RunConfig.parse(context.run_config))
+    cfg = opened.cfg
     run, plan = opened.run, opened.plan
     recorder = RoundRecorder(
         run, HoldoutEvaluator(opened.task, opened.holdout), opened.model, plan.round_offset
@@ -77,6 +77,7 @@ def main(grid: Grid, context: Context) -> None:
 
 @dataclass
 class OpenedRun:
+    cfg: RunConfig  # with every "auto" key resolved for the data
     run: RunDir
     plan: RoundPlan
     task: Any
@@ -88,6 +89,8 @@ class OpenedRun:
 def open_run(cfg: RunConfig) -> OpenedRun:
     """The holdout, the global model (fresh or resumed) and the run folder of this invocation."""
     data_dir, holdout_dir = resolve_data(cfg)
+    dataset = read_spec(holdout_dir)  # dataset.json: the task and 2D/3D pick the recipe
+    cfg = cfg.resolved(dataset.task, dataset.spatial_dims)
     output_dir = cfg.path("output-dir") or default_output_dir()
     holdout = load_site(
         holdout_dir,
@@ -129,8 +132,9 @@ def open_run(cfg: RunConfig) -> OpenedRun:
         total_rounds=max(offset + cfg.num_server_rounds, int(run.summary["planned_rounds"])),
         image_size=spec.image_size,
         round_offset=offset,
+        recipe=cfg.recipe_values(),
     )
-    return OpenedRun(run, plan, task, holdout, model, resumed=bool(resume))
+    return OpenedRun(cfg, run, plan, task, holdout, model, resumed=bool(resume))
 
 
 def resolve_data(cfg: RunConfig) -> tuple[Path | None, Path]:
