@@ -35,6 +35,7 @@ MANIFEST: dict[str, tuple[str, str]] = {
     "val-confusion": (DP, "validation (label, prediction) counts, Gaussian noise"),
     "val-dice-sum": (DP, "per class, the validation cases' summed Dice, Gaussian noise"),
     "val-dice-count": (DP, "per class, validation cases that have it, Gaussian noise"),
+    "release-noise": (PUBLIC, "the noise std the node added per count (from its run's plan)"),
     "num-examples": (DP, "training cases + Gaussian noise (once per run), rounded to 10s"),
     "noise-multiplier": (COARSE, "the run's DP-SGD noise multiplier, 3 significant digits"),
     # Timing: the server sees when a reply arrives anyway; these only split it into parts.
