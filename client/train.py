@@ -127,6 +127,8 @@ def local_sgd(
     settings: LocalTraining,
     noise_multiplier: float | None,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    *,
+    private: Callable[..., tuple] = make_private,
 ) -> TrainResult:
     """Train `model` in place: Opacus DP-SGD (Poisson sampling, per-sample clipping, noise).
 
@@ -140,6 +142,11 @@ def local_sgd(
 
     `noise_multiplier=None` trains WITHOUT differential privacy (plain SGD, no clipping):
     the non-private reference of the utility benchmark (epsilon = inf); history is empty.
+
+    `private` makes the model private; a node always uses `common.privacy.make_private` (no
+    handler in client/app.py passes it, and nothing in a message or run config can). Only the
+    privacy audit (simulations/audit_canaries.py) passes a wrapper around it, to insert its
+    gradient canaries and, in its own tests, deliberate faults it must detect.
     """
     s = settings
     loader = DataLoader(TensorDataset(images, labels), batch_size=s.batch_size, shuffle=True)
@@ -149,7 +156,7 @@ def local_sgd(
     engine = None
     dp_model, dp_optimizer, dp_loader = model, optimizer, loader
     if noise_multiplier is not None:
-        dp_model, dp_optimizer, dp_loader, engine = make_private(
+        dp_model, dp_optimizer, dp_loader, engine = private(
             model, optimizer, loader, noise_multiplier, s.max_grad_norm, s.accountant
         )
     loss_fn = loss_fn or nn.CrossEntropyLoss()
