@@ -51,7 +51,7 @@ def attack_trials(
     from client.app import evaluate, train
     from common.site import load_site
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     torch.manual_seed(seed)
     train_part = load_site(site, "train", cache_dir=workdir / "cache", log=lambda _m: None)
     val_part = load_site(site, "val", cache_dir=workdir / "cache", log=lambda _m: None)
@@ -73,6 +73,7 @@ def attack_trials(
         "site": site.name,
         "attacks": attacks,
         "wall_s": round(time.perf_counter() - started, 1),
+        "cpu_s": round(time.process_time() - cpu, 1),  # the machine is shared: CPU time too
     }
 
 
@@ -100,10 +101,10 @@ def _loss_grad(model, x, y, with_grad: bool = True):
     model.zero_grad(set_to_none=True)
     loss = F.cross_entropy(model(x[None]), y[None])
     if not with_grad:
-        return float(loss), None
+        return float(loss.detach()), None
     loss.backward()
     grad = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
-    return float(loss), grad
+    return float(loss.detach()), grad
 
 
 def _exposed_case(data, cfg, weights: dict) -> int:
