@@ -128,7 +128,7 @@ def local_sgd(
     noise_multiplier: float | None,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     *,
-    private: Callable[..., tuple] = make_private,
+    private: Callable[..., tuple] = make_private,  # no node passes it; only fedvox audit does
 ) -> TrainResult:
     """Train `model` in place: Opacus DP-SGD (Poisson sampling, per-sample clipping, noise).
 
@@ -142,11 +142,6 @@ def local_sgd(
 
     `noise_multiplier=None` trains WITHOUT differential privacy (plain SGD, no clipping):
     the non-private reference of the utility benchmark (epsilon = inf); history is empty.
-
-    `private` makes the model private; a node always uses `common.privacy.make_private` (no
-    handler in client/app.py passes it, and nothing in a message or run config can). Only the
-    privacy audit (simulations/audit_canaries.py) passes a wrapper around it, to insert its
-    gradient canaries and, in its own tests, deliberate faults it must detect.
     """
     s = settings
     loader = DataLoader(TensorDataset(images, labels), batch_size=s.batch_size, shuffle=True)
