@@ -36,14 +36,8 @@ import torch
 from torch import nn
 
 from common.privacy import make_private
+from simulations.audit_privacy import FAULTS, NO_CLIPPING, NO_NOISE, NONE
 
-NONE, NO_NOISE, NO_CLIPPING, WRONG_SAMPLE_RATE = (
-    "none",
-    "no-noise",
-    "no-clipping",
-    ("wrong-sample-rate"),
-)
-FAULTS = (NONE, NO_NOISE, NO_CLIPPING, WRONG_SAMPLE_RATE)
 SENTINEL = 10_000.0  # canary i's image is SENTINEL + i everywhere; float32 keeps it exact
 GRADIENT_SCALE = 100.0  # a canary's gradient is this many times max-grad-norm before clipping
 

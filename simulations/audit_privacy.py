@@ -30,7 +30,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from common.files import atomic_write_text
-from simulations.audit_canaries import FAULTS, NONE, WRONG_SAMPLE_RATE
+
+# Test-only DP faults the audit must detect (simulations/audit_canaries.py says how each is made).
+NONE, NO_NOISE, NO_CLIPPING = "none", "no-noise", "no-clipping"
+WRONG_SAMPLE_RATE = "wrong-sample-rate"
+FAULTS = (NONE, NO_NOISE, NO_CLIPPING, WRONG_SAMPLE_RATE)
 
 THREAT_MODEL = (
     "white-box curious server: sees every round's weight update of the node (and chooses the "

@@ -11,8 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from simulations.audit_canaries import NO_CLIPPING, NO_NOISE, NONE, WRONG_SAMPLE_RATE
-from simulations.audit_privacy import AuditSettings, audit_config, audit_privacy
+from simulations.audit_privacy import (
+    NO_CLIPPING,
+    NO_NOISE,
+    NONE,
+    WRONG_SAMPLE_RATE,
+    AuditSettings,
+    audit_config,
+    audit_privacy,
+)
 from simulations.audit_stats import (
     attack_metrics,
     dp_auc_bound,
@@ -28,10 +35,12 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:Optimal order is the"),
 ]
 DELTA = 1e-5
-# Small enough for CI (about a second a run), large enough that each fault is visible at
-# epsilon = 1: 10 rounds x 2 local epochs, batch 64 over ~190 cases (q = 1/3).
+# Small enough for CI (seconds a run), large enough that each fault is visible at epsilon = 1:
+# 10 rounds x 2 local epochs, batch 64 over ~190 cases (q = 1/3). Depth 3: the last conv (3x3
+# maps) takes fast DP's ghost-norm path, the others materialise per-sample gradients, so both
+# ways a canary's gradient is replaced are exercised.
 SMALL = (
-    "batch-size=64 local-epochs=2 num-server-rounds=10 model-width=8 model-depth=2 "
+    "batch-size=64 local-epochs=2 num-server-rounds=10 model-width=8 model-depth=3 "
     "augmentation=false"
 )
 CANARIES = 300
