@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -136,3 +137,34 @@ def test_the_command_writes_the_audit(site, tmp_path):
     assert "every round's weight update" in result["threat_model"]
     assert result["wall_s"] >= 0 and result["run_config"]["target-epsilon"] == 1
     assert str(site) not in out.read_text()  # a hospital's path never lands in a report
+
+
+def test_the_harness_trains_exactly_as_the_node_does(site, tmp_path):
+    """Without canaries, one audited round and one round of the real ClientApp handler, from the
+    same weights and random state, release the very same weights, sigma and epsilon: the audit
+    measures the node's own path."""
+    import torch
+    from node_messages import context, message
+
+    from client.app import train
+    from simulations.audit_canaries import Canaries
+    from simulations.audit_privacy import _node, _round
+
+    cfg, overrides = audit_config([SMALL, "num-server-rounds=1 target-epsilon=1"])
+    node = _node(site, cfg, tmp_path / "harness")
+    node.plan = replace(node.plan, server_round=1)
+    data = node.load("train")
+    weights = node.build_model(data).state_dict()
+    canaries = Canaries(2, rounds=1)
+    canaries.members[:] = False  # no canary in the data: the node's own training set
+    torch.manual_seed(5)
+    audited, run = _round(node, data, data.images, data.labels, weights, canaries, NONE)
+    torch.manual_seed(5)
+    run_config = {**overrides, "data-dir": str(site.parent), "state-dir": str(tmp_path / "node")}
+    reply = train(message(weights, 1), context(run_config))
+    metrics = reply.content.metric_records["metrics"]
+    assert metrics["noise-multiplier"] == pytest.approx(run["sigma"], rel=1e-3)
+    assert metrics["epsilon-run"] == pytest.approx(run["epsilon_run"], rel=1e-9)
+    released = reply.content.array_records["arrays"].to_torch_state_dict()
+    assert set(released) == set(audited)
+    assert all(torch.equal(released[k], audited[k]) for k in audited)
