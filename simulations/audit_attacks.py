@@ -15,10 +15,10 @@ out (odd trials). The attacks, each scored over every trial:
   falls in under the server's weights (+1 when it is there), from the DP validation release.
 
 The train target is the training case whose gradient under the server's weights is least
-aligned with the others' (the most exposed); the validation target is a validation case of
-class 1. Each attack is reported as attack AUC and TPR at 1 % FPR, with the most the node's
-reported (epsilon, delta) allows (TPR <= e^eps FPR + delta) and a Clopper-Pearson lower bound on
-epsilon from the trials.
+aligned with the others' (the most exposed); the validation target is the first validation
+case of class 1 (binary classification sites). Each attack is reported as attack AUC and TPR
+at 1 % FPR, with the most the node's reported (epsilon, delta) allows (TPR <= e^eps FPR +
+delta) and a Clopper-Pearson lower bound on epsilon from the trials.
 """
 
 from __future__ import annotations
@@ -55,9 +55,11 @@ def attack_trials(
     torch.manual_seed(seed)
     train_part = load_site(site, "train", cache_dir=workdir / "cache", log=lambda _m: None)
     val_part = load_site(site, "val", cache_dir=workdir / "cache", log=lambda _m: None)
+    if train_part.spec.is_segmentation or train_part.num_classes != 2:
+        raise ValueError("fedvox audit attacks supports binary classification sites")
     weights = _server_weights(train_part, cfg)
     t_train = _exposed_case(train_part, cfg, weights)
-    t_val = next(i for i, label in enumerate(val_part.labels.tolist()) if label == 1)
+    t_val = next((i for i, label in enumerate(val_part.labels.tolist()) if label == 1), 0)
     folders = _trial_sites(site, workdir, [train_part.cases[t_train], val_part.cases[t_val]])
     members = np.arange(trials) % 2 == 0
     train_replies = _run(train, "train", members, folders, overrides, weights, workdir)
