@@ -30,6 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from common.config import RunConfig
 from common.files import atomic_write_text
 from simulations.audit_privacy import audit_config, demo_site, provenance
 
@@ -41,7 +42,7 @@ TIMING = ("data-s", "compute-s")  # documented as not protected (docs/privacy.md
 
 
 def attack_trials(
-    site: Path, cfg, overrides: dict, trials: int, workdir: Path, seed: int = 0
+    site: Path, cfg: RunConfig, overrides: dict, trials: int, workdir: Path, seed: int = 0
 ) -> dict:
     """Run `trials` train and `trials` evaluate messages (target in/out alternating); `cfg` is
     the run config those `overrides` of the project's defaults make."""

@@ -29,6 +29,7 @@ import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from common.config import RunConfig
 from common.files import atomic_write_text
 
 # Test-only DP faults the audit must detect (simulations/audit_canaries.py says how each is made).
@@ -54,7 +55,7 @@ class AuditSettings:
     fault: str = NONE
 
 
-def audit_privacy(site: Path, cfg, settings: AuditSettings, workdir: Path) -> dict:
+def audit_privacy(site: Path, cfg: RunConfig, settings: AuditSettings, workdir: Path) -> dict:
     """Train `site` as its node would, with canaries in; the audit's result as a dict."""
     import torch
 
@@ -102,7 +103,7 @@ def audit_privacy(site: Path, cfg, settings: AuditSettings, workdir: Path) -> di
     }
 
 
-def _node(site: Path, cfg, workdir: Path):
+def _node(site: Path, cfg: RunConfig, workdir: Path):
     """A simulated node for `site` with a scratch state dir: the audit never touches the
     hospital's real ledger."""
     from flwr.app import RecordDict
@@ -206,9 +207,9 @@ def run(args: argparse.Namespace) -> int:
     return 1 if result["flagged"] else 0
 
 
-def audit_config(texts: list[str]):
+def audit_config(texts: list[str]) -> tuple[RunConfig, dict]:
     """The project's run config with `-c` overrides (checked like the apps check it)."""
-    from common.config import ConfigError, RunConfig
+    from common.config import ConfigError
     from simulations.bench_utility import default_run_config, parse_overrides
 
     overrides: dict = {}
@@ -220,7 +221,7 @@ def audit_config(texts: list[str]):
         raise SystemExit(f"-c/--run-config: {e}") from None
 
 
-def demo_site(cfg) -> Path:
+def demo_site(cfg: RunConfig) -> Path:
     """Hospital 1 of the demo partition (prepared from the vendored PneumoniaMNIST)."""
     from common.datasets import ensure_demo_data
     from common.paths import demo_data_dir, list_sites
