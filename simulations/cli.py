@@ -22,6 +22,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("simulations.bench", "speed and utility benchmarks (JSON + table)"),
     "predict": ("simulations.predict", "apply a run's model to NIfTI scans (+ saliency maps)"),
     "report": ("simulations.report", "write a run's report.html and model-card.md"),
+    "audit": ("simulations.audit", "measure privacy: epsilon lower bound, membership attacks"),
 }
 
 
