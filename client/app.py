@@ -234,6 +234,7 @@ def _release_about(
     if not node.cfg.dp:  # the epsilon = inf reference run: nothing private, no noise either
         counts, _ = compute(0.0)
         metrics.update({**counts, "epsilon-run": math.inf, "epsilon-lifetime": math.inf})
+        metrics["release-noise"] = 0.0
     else:
         gate = None
         try:
@@ -254,6 +255,7 @@ def _release_about(
                 "epsilon-run": spent.epsilon_run,
                 "epsilon-lifetime": spent.epsilon_lifetime,
                 "delta": gate.budget.delta,
+                "release-noise": entry[0],
             }
         )
     metrics["compute-s"] = time.perf_counter() - t1

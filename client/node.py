@@ -24,7 +24,7 @@ from common.config import ConfigError, NodePolicy, RunConfig
 from common.paths import demo_data_dir, fedvox_home, list_sites
 from common.privacy import PrivacyRefusal
 from common.protocol import ARRAYS, RoundPlan
-from common.site import SiteData, load_site
+from common.site import SiteData, load_site, read_spec
 from common.tasks import ModelSpec, build_task_model
 from common.weights import (
     fingerprint,
@@ -77,9 +77,16 @@ class Node:
         except ConfigError as exc:  # the server's config: this node refuses such a run
             raise RunRefused(str(exc)) from None
         plan = RoundPlan.from_message(msg)
+        site, state_dir = _site_and_state(cfg, policy)
+        try:  # the server's resolved recipe, else (an older server) this site's own
+            cfg = cfg.with_values(plan.recipe)
+            if not cfg.is_resolved:
+                dataset = read_spec(site)
+                cfg = cfg.resolved(dataset.task, dataset.spatial_dims)
+        except ConfigError as exc:
+            raise RunRefused(str(exc)) from None
         if plan.total_rounds == 0:  # a message from an older server: plan for this invocation
             plan = replace(plan, total_rounds=cfg.planned_rounds)
-        site, state_dir = _site_and_state(cfg, policy)
         state_dir.mkdir(parents=True, exist_ok=True)
         if policy.simulated:  # a simulated hospital's own policy, if it wrote one
             policy = _simulated_policy(policy, state_dir)

@@ -127,6 +127,8 @@ def local_sgd(
     settings: LocalTraining,
     noise_multiplier: float | None,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    *,
+    private: Callable[..., tuple] = make_private,  # no node passes it; only fedvox audit does
 ) -> TrainResult:
     """Train `model` in place: Opacus DP-SGD (Poisson sampling, per-sample clipping, noise).
 
@@ -149,7 +151,7 @@ def local_sgd(
     engine = None
     dp_model, dp_optimizer, dp_loader = model, optimizer, loader
     if noise_multiplier is not None:
-        dp_model, dp_optimizer, dp_loader, engine = make_private(
+        dp_model, dp_optimizer, dp_loader, engine = private(
             model, optimizer, loader, noise_multiplier, s.max_grad_norm, s.accountant
         )
     loss_fn = loss_fn or nn.CrossEntropyLoss()

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
+
+from common import recipes
+from common.recipes import AUTO, AUTO_KEYS
 
 STRATEGIES = (
     "fedavg",
@@ -39,16 +42,19 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class RunConfig:
+    """Keys in `common.recipes.AUTO_KEYS` may be "auto" (their default): `resolved` fills them
+    from the recipe for the data's task, before anything trains."""
+
     # -- training
-    num_server_rounds: int = 10
+    num_server_rounds: int | str = AUTO
     total_rounds: int = 0  # rounds the privacy budget is planned for; 0 = num-server-rounds
-    local_epochs: int = 4
-    batch_size: int = 64
-    learning_rate: float = 0.01
-    learning_rate_schedule: str = "constant"
+    local_epochs: int | str = AUTO
+    batch_size: int | str = AUTO
+    learning_rate: float | str = AUTO
+    learning_rate_schedule: str = AUTO
     momentum: float = 0.9
-    augmentation: bool = True
-    max_physical_batch: int = 0
+    augmentation: bool | str = AUTO
+    max_physical_batch: int | str = AUTO
     fedbn: bool = False
     finetune_epochs: int = 0
     local_evaluation: str = "last"
@@ -61,10 +67,10 @@ class RunConfig:
     min_nodes: int = 2
     round_timeout: float = 3600.0
     # -- model
-    model: str = "cnn"
+    model: str = AUTO
     model_width: int = 0
     model_depth: int = 3
-    image_size: str = ""
+    image_size: str = AUTO
     seed: int = 0
     # -- privacy (the server proposes; a node's policy can only tighten it)
     target_epsilon: float = 8.0
@@ -92,17 +98,43 @@ class RunConfig:
                 f"unknown run-config key(s) {', '.join(unknown)}; known keys: "
                 f"{', '.join(sorted(known))}"
             )
-        values = {f.name: _coerce(key, raw[key], f.type) for key, f in known.items() if key in raw}
+        values = {
+            f.name: AUTO
+            if key in AUTO_KEYS and raw[key] == AUTO
+            else _coerce(key, raw[key], f.type.split(" |")[0])
+            for key, f in known.items()
+            if key in raw
+        }
         cfg = cls(**values)
         cfg.check()
         return cfg
+
+    # -- "auto" keys ----------------------------------------------------------------------
+    @property
+    def is_resolved(self) -> bool:
+        return all(getattr(self, _undashed(k)) != AUTO for k in AUTO_KEYS)
+
+    def resolved(self, task: str, spatial_dims: int) -> RunConfig:
+        """Every "auto" key filled by the recipe for `task` in `spatial_dims` dimensions."""
+        return self.with_values(recipes.resolve(self.as_dict(), task, spatial_dims))
+
+    def with_values(self, values: Mapping[str, Any]) -> RunConfig:
+        """This config with `values` (dashed keys, e.g. the server's resolved recipe) set."""
+        return RunConfig.parse({**self.as_dict(), **values})
+
+    def recipe_values(self) -> dict[str, Any]:
+        """The resolved values of the "auto"-able keys (what the server sends to nodes)."""
+        return {k: getattr(self, _undashed(k)) for k in AUTO_KEYS}
 
     def as_dict(self) -> dict[str, Any]:
         """Dashed keys, as in pyproject.toml (what summary.json records)."""
         return {k.replace("_", "-"): v for k, v in asdict(self).items()}
 
     def check(self) -> None:
-        """Every range and choice; raises ConfigError naming the first bad key."""
+        """Every range and choice; raises ConfigError naming the first bad key ("auto" keys
+        are checked once resolved)."""
+        placeholders = {_undashed(k): PLACEHOLDERS[k] for k in AUTO_KEYS}
+        self = replace(self, **{k: v for k, v in placeholders.items() if getattr(self, k) == AUTO})
         _positive_int(self, "num_server_rounds", "local_epochs", "batch_size", "min_nodes")
         _at_least_zero(self, "total_rounds", "max_physical_batch", "finetune_epochs")
         _at_least_zero(self, "model_width", "seed", "demo_hospitals")
@@ -145,7 +177,7 @@ class RunConfig:
     def input_size(self) -> tuple[int, ...] | None:
         """`image-size` as ints ("28,28" or "32x32x32"); None = from the data."""
         raw = self.image_size.strip()
-        if not raw:
+        if not raw or raw == AUTO:
             return None
         try:
             size = tuple(int(s) for s in raw.replace("x", ",").split(",") if s.strip())
@@ -246,6 +278,24 @@ POLICY_KEYS = ("accountant", "max-epsilon", "delta", "max-evaluations")
 
 def _dashed(name: str) -> str:
     return name.replace("_", "-")
+
+
+def _undashed(key: str) -> str:
+    return key.replace("-", "_")
+
+
+# Stand-ins for unresolved "auto" keys, so that every other key can be checked at parse time.
+PLACEHOLDERS = {
+    "model": "cnn",
+    "learning-rate": 0.01,
+    "learning-rate-schedule": "constant",
+    "local-epochs": 1,
+    "batch-size": 1,
+    "max-physical-batch": 0,
+    "num-server-rounds": 1,
+    "augmentation": False,
+    "image-size": "",
+}
 
 
 _BOOL_WORDS = {"true": True, "false": False, "1": True, "0": False}

@@ -9,6 +9,7 @@ MetricRecord), `node` (site name, status ok | refused | failed, reason) and, aft
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +36,7 @@ MANIFEST: dict[str, tuple[str, str]] = {
     "val-confusion": (DP, "validation (label, prediction) counts, Gaussian noise"),
     "val-dice-sum": (DP, "per class, the validation cases' summed Dice, Gaussian noise"),
     "val-dice-count": (DP, "per class, validation cases that have it, Gaussian noise"),
+    "release-noise": (PUBLIC, "the noise std the node added per count (from its run's plan)"),
     "num-examples": (DP, "training cases + Gaussian noise (once per run), rounded to 10s"),
     "noise-multiplier": (COARSE, "the run's DP-SGD noise multiplier, 3 significant digits"),
     # Timing: the server sees when a reply arrives anyway; these only split it into parts.
@@ -86,6 +88,7 @@ class RoundPlan:
     proximal_mu: float = 0.0  # FedProx's strategy adds it to every training message
     settled_round: int = -1  # global rounds <= this are over at the server (-1: unknown)
     used: tuple[str, ...] = ()  # hashes of the releases the server used in this run
+    recipe: dict = field(default_factory=dict)  # the run config's "auto" keys, resolved
 
     @property
     def global_round(self) -> int:
@@ -102,6 +105,7 @@ class RoundPlan:
                 "server-round": self.server_round,
                 "settled-round": self.settled_round,
                 "used": list(self.used),
+                "recipe": json.dumps(self.recipe),
             }
         )
 
@@ -118,6 +122,7 @@ class RoundPlan:
             proximal_mu=float(config.get("proximal-mu", 0.0)),
             settled_round=int(config.get("settled-round", -1)),
             used=tuple(str(u) for u in config.get("used") or ()),
+            recipe=json.loads(str(config.get("recipe") or "{}")),
         )
 
 

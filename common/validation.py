@@ -34,6 +34,7 @@ MARGIN_EDGES = np.linspace(-12.0, 12.0, 25)  # 24 bins of width 1; beyond +-12 i
 HIST_NEG, HIST_POS = "val-hist-neg", "val-hist-pos"
 CONFUSION = "val-confusion"
 DICE_SUM, DICE_COUNT = "val-dice-sum", "val-dice-count"
+RELEASE_NOISE = "release-noise"  # the std the node added per count (public: from its plan)
 RELEASE_KEYS = (HIST_NEG, HIST_POS, CONFUSION, DICE_SUM, DICE_COUNT)
 
 

@@ -27,7 +27,7 @@ from flwr.serverapp import Grid, ServerApp
 from common.config import RunConfig
 from common.paths import default_output_dir, demo_data_dir
 from common.protocol import RoundPlan
-from common.site import SiteData, default_image_size, load_site
+from common.site import SiteData, default_image_size, load_site, read_spec
 from common.tasks import ModelSpec, build_task_model, task_for
 from common.weights import fingerprint, norm_parameter_names
 from server.checks import UpdateChecker
@@ -45,12 +45,12 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     raw = dict(context.run_config)
     try:
-        cfg = RunConfig.parse(raw)
-        opened = open_run(cfg)
+        opened = open_run(RunConfig.parse(raw))
     except Exception as exc:  # before a run folder exists: still a summary.json, then raise
         where = write_failed(_output_dir(raw), str(raw.get("run-name") or ""), raw, str(exc))
         log(ERROR, "fedvox: run failed before round 1: %s (summary in %s)", exc, where)
         raise
+    cfg = opened.cfg  # with every "auto" key resolved for the holdout's dataset.json
     run, plan = opened.run, opened.plan
     rounds = plan.total_rounds - plan.round_offset if opened.resumed else cfg.num_server_rounds
     rounds = min(rounds, cfg.num_server_rounds)
@@ -119,6 +119,7 @@ def _output_dir(raw: dict[str, Any]) -> Path:
 
 @dataclass
 class OpenedRun:
+    cfg: RunConfig  # with every "auto" key resolved for the data
     run: RunDir
     plan: RoundPlan
     task: Any
@@ -130,6 +131,8 @@ class OpenedRun:
 def open_run(cfg: RunConfig) -> OpenedRun:
     """The holdout, the global model (fresh or resumed) and the run folder of this invocation."""
     data_dir, holdout_dir = resolve_data(cfg)
+    dataset = read_spec(holdout_dir)  # dataset.json: the task and 2D/3D pick the recipe
+    cfg = cfg.resolved(dataset.task, dataset.spatial_dims)
     output_dir = cfg.path("output-dir") or default_output_dir()
     holdout = load_site(
         holdout_dir,
@@ -168,8 +171,9 @@ def open_run(cfg: RunConfig) -> OpenedRun:
         total_rounds=int(run.summary["planned_rounds"]) if resume else cfg.planned_rounds,
         image_size=spec.image_size,
         round_offset=run.last_round,
+        recipe=cfg.recipe_values(),
     )
-    return OpenedRun(run, plan, task, holdout, model, resumed=bool(resume))
+    return OpenedRun(cfg, run, plan, task, holdout, model, resumed=bool(resume))
 
 
 def _data_entry(data_dir: Path | None, holdout: SiteData) -> dict[str, Any]:

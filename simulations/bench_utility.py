@@ -126,7 +126,9 @@ def parse_epsilons(text: str) -> list[float]:
 
 
 def run_federation(fed, base: dict, epsilon: float, seed: int, hospitals: int, name: str) -> dict:
-    cfg = {**base, "seed": seed, "run-name": name}
+    # Each run is a fresh dataset history (its own simulated ledgers), as a benchmark models.
+    state = Path(base["output-dir"]).parent / "node-state" / name
+    cfg = {**base, "seed": seed, "run-name": name, "state-dir": str(state)}
     if math.isinf(epsilon):
         cfg["dp"] = False
     else:

@@ -17,7 +17,7 @@ import torch
 from client.train import LocalTraining, local_sgd, scheduled_learning_rate
 from common.config import RunConfig
 from common.paths import list_sites
-from common.site import default_image_size, load_site
+from common.site import default_image_size, load_site, read_spec
 from common.tasks import ModelSpec, build_task_model, task_for
 from common.validation import release
 from server.recorder import HoldoutEvaluator
@@ -27,6 +27,8 @@ from simulations.bench_table import held_out_numbers
 def run_centralised(data_dir: Path, cfg: RunConfig, seed: int, cache_dir: Path) -> dict:
     """Train on the pooled training parts; the benchmark's numbers of the final model."""
     t0 = time.monotonic()
+    dataset = read_spec(data_dir / "holdout")  # the recipe the server would resolve
+    cfg = cfg.resolved(dataset.task, dataset.spatial_dims)
     size = cfg.input_size or default_image_size(data_dir / "holdout")  # the server's choice
 
     def load(site: Path, split: str):
@@ -47,8 +49,10 @@ def run_centralised(data_dir: Path, cfg: RunConfig, seed: int, cache_dir: Path) 
     site_eval = {
         name: task.evaluate(model, d.images, d.labels) for name, d in val.items() if len(d)
     }
-    # The same noisy validation releases the hospitals send: the same threshold quality.
-    validation = [release(e.logits, val[n].labels, e.per_case) for n, e in site_eval.items()]
+    # Non-private throughout: exact validation counts (the fl reference without DP does the same).
+    validation = [
+        release(e.logits, val[n].labels, e.per_case, noise=0.0) for n, e in site_eval.items()
+    ]
     central, _, _ = HoldoutEvaluator(task, holdout).evaluate(model, validation)
     out = {
         "round": cfg.num_server_rounds * cfg.local_epochs,

@@ -24,6 +24,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "report": ("simulations.report", "write a run's report.html and model-card.md"),
     "run": ("simulations.run", "flwr run, waited for; exit code from the run's status"),
     "status": ("simulations.status", "a run's status and reason (repairs a killed run's)"),
+    "audit": ("simulations.audit", "measure privacy: epsilon lower bound, membership attacks"),
 }
 
 

@@ -18,13 +18,14 @@ SIMULATED = {"partition-id": 0, "num-partitions": 1}
 
 
 def context(run: dict, node: dict | None = None, node_id: int = 1) -> Context:
-    """The project's run config with `run` overrides; a simulated node unless `node` says."""
+    """The project's run config with `run` overrides; a simulated node unless `node` says.
+    The model is the plain CNN unless `run` names another (the tests build its weights)."""
     return Context(
         run_id=7,
         node_id=node_id,
         node_config=dict(SIMULATED if node is None else node),
         state=RecordDict(),
-        run_config={**DEFAULTS, **run},
+        run_config={**DEFAULTS, "model": "cnn", **run},
     )
 
 

@@ -74,3 +74,39 @@ def test_node_policy_reads_strings_as_toml_cli_values_arrive():
         NodePolicy.parse({"max-epsilon": "lots"})
     with pytest.raises(ConfigError, match="node config delta=2.0"):
         NodePolicy.parse({"delta": 2.0})
+
+
+@pytest.mark.parametrize(
+    "task, dims, model, rounds",
+    [
+        ("classification", 2, "scatter-cnn", 20),
+        ("classification", 3, "cnn", 10),
+        ("segmentation", 2, "cnn", 20),
+        ("segmentation", 3, "cnn", 10),
+    ],
+)
+def test_auto_keys_take_the_recipe_of_the_data_and_explicit_keys_stay(task, dims, model, rounds):
+    cfg = RunConfig.parse(PYPROJECT)
+    assert not cfg.is_resolved
+    resolved = cfg.resolved(task, dims)
+    assert resolved.is_resolved
+    assert (resolved.model, resolved.num_server_rounds) == (model, rounds)
+    mine = RunConfig.parse({**PYPROJECT, "learning-rate": 0.3, "num-server-rounds": 2})
+    kept = mine.resolved(task, dims)
+    assert (kept.learning_rate, kept.num_server_rounds, kept.model) == (0.3, 2, model)
+
+
+def test_the_2d_recipe_lowers_the_learning_rate_with_epsilon():
+    rates = [
+        RunConfig.parse({**PYPROJECT, "target-epsilon": eps}).resolved("classification", 2)
+        for eps in (8.0, 3.0, 1.0)
+    ]
+    assert [r.learning_rate for r in rates] == [0.05, 0.02, 0.01]
+    no_dp = RunConfig.parse({**PYPROJECT, "dp": False}).resolved("classification", 2)
+    assert no_dp.learning_rate == 0.05
+
+
+def test_a_node_takes_the_servers_resolved_recipe():
+    server = RunConfig.parse(PYPROJECT).resolved("classification", 2)
+    node = RunConfig.parse(PYPROJECT).with_values(server.recipe_values())
+    assert node == server

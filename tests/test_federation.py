@@ -15,7 +15,7 @@ import pytest
 import torch
 from opacus.accountants import RDPAccountant
 
-from common.models import build_model
+from common.tasks import ModelSpec, build_task_model
 from common.weights import fingerprint
 from simulations.local import LocalFederation
 from simulations.phantoms import make_phantom_sites
@@ -85,10 +85,10 @@ def test_checkpoints_every_round_and_best(fed, first_run):
 
 def test_global_weights_load_into_a_fresh_model_without_key_fixups(fed, first_run):
     ck = torch.load(fed.root / "runs" / "first" / "checkpoints" / "last.pt", weights_only=True)
-    m = ck["model"]
-    model = build_model(
-        m["spatial_dims"], m["in_channels"], m["num_classes"], m["width"], m["depth"]
-    )
+    # The checkpoint says which model (the run's resolved recipe: scatter-cnn for 2D images).
+    spec = ModelSpec(**{**ck["model"], "image_size": tuple(ck["model"]["image_size"])})
+    assert spec.arch == "scatter-cnn"
+    model = build_task_model(spec)
     model.load_state_dict(ck["state_dict"], strict=True)  # no "_module." prefix
     assert not any(k.startswith("_module") for k in ck["state_dict"])
     assert fingerprint(model.state_dict()) == first_run["rounds"][-1]["weights_sha256"]

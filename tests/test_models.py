@@ -56,7 +56,7 @@ def test_model_setting_errors_name_the_setting():
     with pytest.raises(ValueError, match="segmentation uses its U-Net"):
         spec = ModelSpec("segmentation", 2, 1, 3, (32, 32), arch="scatter-cnn")
         task_for("segmentation").build_model(spec)
-    assert RunConfig().model_options == {"arch": "cnn", "width": None, "depth": 3}
+    assert RunConfig(model="cnn").model_options == {"arch": "cnn", "width": None, "depth": 3}
     opts = RunConfig.parse({"model": "scatter-cnn", "model-width": 8, "model-depth": 3})
     assert opts.model_options == {"arch": "scatter-cnn", "width": 8, "depth": 3}
 
