@@ -1,4 +1,4 @@
-"""`fedvox bench {speed,utility}`: benchmarks that print a table and write JSON.
+"""`fedvox bench {speed,utility,faults}`: benchmarks that print a table and write JSON.
 
 Each benchmark is its own module with `add_arguments(parser)` and `run(args) -> int`, imported when
 the CLI builds its parser, so those modules keep their top-level imports light (stdlib only) and
@@ -18,6 +18,7 @@ from pathlib import Path
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "speed": ("simulations.bench_speed", "DP step cost vs non-private and Opacus modes"),
     "utility": ("simulations.bench_utility", "model utility under DP (accuracy/AUC vs epsilon)"),
+    "faults": ("simulations.bench_faults", "issue 15's fault table, run on real processes"),
 }
 
 

@@ -1,0 +1,323 @@
+"""`fedvox bench faults`: issue 15's fault table, run for real on this machine (JSON + table).
+
+Deployment rows use real processes on 127.0.0.1 (`simulations.deploy.LocalDeployment`: a TLS
+SuperLink with node authentication and `--database`, nginx if installed, one SuperNode per
+hospital through fedvox's node wrapper, `fedvox run`), ended by PID:
+
+- round-wall: a clean 3-round job; every round's wall time against the slowest hospital's
+  compute (goal: wall <= 1.5 x slowest + 10 s);
+- node-killed: `kill -9` a SuperNode mid-round, restarted at once;
+- superlink-killed: `kill -9` the SuperLink mid-round, restarted on its database, the run
+  resumed with `resume-from`;
+- bad-config: four bad run configs through `fedvox run` (exit codes, summary.json);
+- many-nodes: N SuperNodes (default 20) x 3 rounds on one SuperLink, TLS + node auth.
+
+In-process rows run the real ServerApp, round loop, Flower strategies and ClientApp
+(`simulations.inprocess`): bad holdout files, and one hospital's poisoned update (NaN, x1e6,
+wrong shape, inflated count; FedMedian with NaN).
+
+Each row: `lost_replies` = releases a hospital made (its privacy ledger says "released") that
+the server never used, other than updates it refused on purpose; `epsilon_charged_unused` =
+the most epsilon any one hospital was charged for such releases; `ok` = the row's expected
+outcome with nothing lost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+DEPLOYED = ("round-wall", "node-killed", "superlink-killed", "bad-config")
+FAULTS = (
+    *DEPLOYED,
+    "bad-holdout",
+    "poisoned",
+    "many-nodes",
+)
+TARGET_EPSILON = 8.0
+DELTA = 1e-5  # simulations.deploy.POLICY's delta: the ledgers' epsilon is stated at it
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, help="write the JSON result here")
+    parser.add_argument(
+        "--only", default=",".join(FAULTS), help=f"comma-separated rows (of {', '.join(FAULTS)})"
+    )
+    parser.add_argument(
+        "--hospitals", type=int, default=20, help="SuperNodes in the many-nodes row"
+    )
+    parser.add_argument("--workdir", type=Path, help="keep everything here (default: a tmp dir)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from simulations.bench import machine_info
+
+    only = [f.strip() for f in args.only.split(",") if f.strip()]
+    unknown = sorted(set(only) - set(FAULTS))
+    if unknown:
+        raise SystemExit(f"--only: unknown row(s) {', '.join(unknown)}; known: {FAULTS}")
+    if args.hospitals < 2:
+        raise SystemExit(f"--hospitals must be >= 2, got {args.hospitals}")
+    with tempfile.TemporaryDirectory(prefix="fedvox-faults-") as tmp:
+        root = Path(args.workdir or tmp)
+        rows = run_rows(root, only, args.hospitals)
+    result = {
+        "machine": machine_info(),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "rows": rows,
+    }
+    print(format_table(result))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return 0 if all(r["ok"] for r in rows) else 1
+
+
+def run_rows(root: Path, only: list[str], hospitals: int) -> list[dict[str, Any]]:
+    """The selected rows, deployment rows sharing one deployment of five hospitals."""
+    from simulations.bench_faults_deploy import deployment_rows, many_nodes_row
+
+    rows: list[dict[str, Any]] = []
+    if "bad-holdout" in only:
+        rows.append(measured("bad-holdout", lambda: bad_holdout_row(root / "inprocess")))
+    if "poisoned" in only:
+        for k in POISONS:
+            rows.append(measured(k, lambda k=k: poisoned_row(root / "inprocess", k)))
+    deployed = [f for f in DEPLOYED if f in only]
+    if deployed:
+        rows += deployment_rows(root / "deploy", deployed)
+    if "many-nodes" in only:
+        rows.append(measured("many-nodes", lambda: many_nodes_row(root / "many", hospitals)))
+    return rows
+
+
+# -- bookkeeping ------------------------------------------------------------------------------
+
+
+def tree_pss_gb(root_pid: int) -> float:
+    """Memory of a process tree: each process's PSS (its resident pages, shared ones divided
+    among the processes sharing them), so 20 forked ClientApps are not counted 20 times."""
+    from simulations.procs import descendants
+
+    total_kb = 0
+    for pid in [root_pid, *descendants(root_pid)]:
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total_kb += int(line.split()[1])
+                    break
+        except (OSError, ValueError):
+            continue
+    return total_kb / 1024 / 1024
+
+
+class PeakMemory:
+    """Peak memory (summed PSS) of this process and everything it started, sampled each s."""
+
+    def __init__(self) -> None:
+        self.peak_gb, self._stop = 0.0, threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.peak_gb = max(self.peak_gb, tree_pss_gb(os.getpid()))
+            self._stop.wait(1.0)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def measured(fault: str, make: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """`make()`'s row with its wall time and peak memory; a row that crashed is not ok."""
+    t0 = time.monotonic()
+    with PeakMemory() as mem:
+        try:
+            row = make()
+        except Exception as exc:  # noqa: BLE001 - the table says what broke
+            row = row_of(fault, 0, f"bench error: {exc!r}"[:600], False)
+    row["wall_s"] = round(time.monotonic() - t0, 1)
+    row["peak_rss_gb"] = round(mem.peak_gb, 2)
+    print(f"{row['fault']}: ok={row['ok']} {row['outcome']}", flush=True)
+    return row
+
+
+def row_of(
+    fault: str, hospitals: int, outcome: str, ok: bool, lost: int = 0, eps: float = 0.0
+) -> dict[str, Any]:
+    return {
+        "fault": fault,
+        "hospitals": hospitals,
+        "outcome": outcome,
+        "ok": bool(ok and lost == 0),
+        "lost_replies": lost,
+        "epsilon_charged_unused": round(eps, 4),
+    }
+
+
+def unused_releases(state_dirs: list[Path], summary: dict[str, Any]) -> tuple[int, float]:
+    """(releases of this run the server never used, the most epsilon one hospital paid for
+    them), from the hospitals' ledgers; updates the server refused on purpose do not count."""
+    from client.ledger import RELEASED, PrivacyLedger
+    from common.privacy import compute_epsilon
+
+    run_uid = summary.get("run_uid")
+    refused = {
+        (site, r["round"])
+        for r in summary.get("rounds", [])
+        for site, h in r.get("hospitals", {}).items()
+        if h.get("status") == "rejected"
+    }
+    lost, worst = 0, 0.0
+    for state in state_dirs:
+        ledger = PrivacyLedger.open(state, "rdp")
+        mine = [e for e in ledger.entries if e["status"] == RELEASED]
+        unused = [
+            e
+            for e in mine
+            if e["run_uid"] == run_uid
+            and e.get("phase") in ("train", "eval")
+            and e.get("use") != "used"
+            and (state.name, e["round"]) not in refused
+        ]
+        if not unused:
+            continue
+        lost += len(unused)
+        keep = [e for e in mine if e not in unused]
+
+        def hist(es: list[dict]) -> list:
+            return [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in es]
+
+        worst = max(worst, compute_epsilon(hist(mine), DELTA) - compute_epsilon(hist(keep), DELTA))
+    return lost, worst
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The rows as a markdown table (docs/reliability.md carries it)."""
+    lines = [
+        "| fault | hospitals | outcome | ok | lost replies | ε charged, unused | wall s | "
+        "peak RSS GB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['fault']} | {r['hospitals']} | {r['outcome']} | "
+            f"{'yes' if r['ok'] else 'NO'} | {r['lost_replies']} | "
+            f"{r['epsilon_charged_unused']:g} | {r['wall_s']:.0f} | {r['peak_rss_gb']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+# -- in process -------------------------------------------------------------------------------
+
+
+def _inprocess_config(root: Path, name: str, **extra: Any) -> dict[str, Any]:
+    from simulations.phantoms import make_phantom_sites
+
+    data = root / "data"
+    if not (data / "holdout").is_dir():
+        make_phantom_sites("blobs-2d", data, 3, cases_per_site=30, holdout_cases=20, seed=3)
+    return {
+        "data-dir": str(data),
+        "output-dir": str(root / "runs"),
+        "state-dir": str(root / "state" / name),
+        "run-name": name,
+        "num-server-rounds": 1,
+        "batch-size": 16,
+        "local-epochs": 1,
+        "model-width": 4,
+        "model-depth": 1,
+        "augmentation": False,
+        **extra,
+    }
+
+
+def bad_holdout_row(root: Path) -> dict[str, Any]:
+    """Three broken NIfTI files in the server's holdout: listed in summary.json."""
+    import shutil
+
+    import nibabel as nib
+    import numpy as np
+
+    from simulations import inprocess as ip
+
+    config = _inprocess_config(root, "bad-holdout")
+    holdout = root / "bad-holdout-data"
+    shutil.rmtree(holdout, ignore_errors=True)
+    shutil.copytree(Path(config["data-dir"]) / "holdout", holdout)
+    images = sorted((holdout / "images").iterdir())
+    images[0].write_bytes(b"not a nifti file")
+    images[1].write_bytes(images[1].read_bytes()[:60])  # truncated
+    nib.save(nib.Nifti1Image(np.full((28, 28), np.nan, np.float32), np.eye(4)), images[2])
+    run = ip.run_in_process({**config, "holdout-dir": str(holdout)}, 3)
+    bad = run.summary.get("data", {}).get("holdout_bad_files", [])
+    ok = run.summary["status"] == "finished" and len(bad) == 3
+    outcome = (
+        f"run {run.summary['status']}; summary.json lists {len(bad)} bad holdout file(s) "
+        f"({run.summary['data']['holdout_cases']} of 20 cases evaluated)"
+    )
+    states = sorted(Path(config["state-dir"]).glob("*"))
+    lost, eps = unused_releases(states, run.summary)
+    return row_of("3 bad NIfTI files in the holdout", 3, outcome, ok, lost, eps)
+
+
+def _poisons() -> dict[str, tuple[Callable, str, str]]:
+    from simulations import inprocess as ip
+
+    return {
+        "NaN": (ip.nan_arrays, "NaN", "fedavg"),
+        "x1e6": (ip.scale_arrays(1e6), "above the DP-SGD bound", "fedavg"),
+        "wrong shape": (ip.wrong_shape, "has shape", "fedavg"),
+        "num-examples 1e9": (ip.claim_examples(1e9), "num-examples", "fedavg"),
+        "NaN, fedmedian": (ip.nan_arrays, "NaN", "fedmedian"),
+        "NaN, fedtrimmedavg": (ip.nan_arrays, "NaN", "fedtrimmedavg"),
+    }
+
+
+POISONS = (
+    "NaN",
+    "x1e6",
+    "wrong shape",
+    "num-examples 1e9",
+    "NaN, fedmedian",
+    "NaN, fedtrimmedavg",
+)
+
+
+def poisoned_row(root: Path, kind: str) -> dict[str, Any]:
+    """hospital-3 of 3 sends a poisoned update: refused, named, the round goes on."""
+    import math
+
+    from simulations import inprocess as ip
+
+    tamper, needle, strategy = _poisons()[kind]
+    name = "poison-" + "".join(c if c.isalnum() else "-" for c in kind)
+    config = _inprocess_config(root, name, strategy=strategy)
+    run = ip.run_in_process(config, 3, {3: tamper})
+    s = run.summary
+    rejected = s["rounds"][1].get("rejected", []) if len(s.get("rounds", [])) > 1 else []
+    named = [r["site"] for r in rejected] == ["hospital-3"] and needle in rejected[0]["reason"]
+    loss = (s["rounds"][1].get("central") or {}).get("loss") if named else None
+    finite = loss is not None and math.isfinite(loss)
+    ok = s["status"] == "finished" and named and finite
+    outcome = (
+        f"{strategy}: run {s['status']}; refused: "
+        + ("; ".join(f"{r['site']} ({r['reason'][:80]})" for r in rejected) or "none")
+        + f"; held-out loss {'finite' if finite else 'NOT finite'}"
+    )
+    states = sorted(Path(config["state-dir"]).glob("*"))
+    lost, eps = unused_releases(states, s)
+    return row_of(f"one hospital's update: {kind}", 3, outcome, ok, lost, eps)
