@@ -83,20 +83,20 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_rows(root: Path, only: list[str], hospitals: int) -> list[dict[str, Any]]:
-    """The selected rows, deployment rows sharing one deployment of five hospitals."""
+    """The selected rows (the deployment rows share one deployment of five hospitals)."""
     from simulations.bench_faults_deploy import deployment_rows, many_nodes_row
 
     rows: list[dict[str, Any]] = []
-    if "bad-holdout" in only:
-        rows.append(measured("bad-holdout", lambda: bad_holdout_row(root / "inprocess")))
-    if "poisoned" in only:
-        for k in POISONS:
-            rows.append(measured(k, lambda k=k: poisoned_row(root / "inprocess", k)))
     deployed = [f for f in DEPLOYED if f in only]
     if deployed:
         rows += deployment_rows(root / "deploy", deployed)
     if "many-nodes" in only:
         rows.append(measured("many-nodes", lambda: many_nodes_row(root / "many", hospitals)))
+    if "bad-holdout" in only:
+        rows.append(measured("bad-holdout", lambda: bad_holdout_row(root / "inprocess")))
+    if "poisoned" in only:
+        for k in POISONS:
+            rows.append(measured(k, lambda k=k: poisoned_row(root / "inprocess", k)))
     return rows
 
 
@@ -221,6 +221,10 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _short(reason: str) -> str:
+    return reason.removeprefix("update refused by the server: ")[:90]
+
+
 # -- in process -------------------------------------------------------------------------------
 
 
@@ -315,7 +319,7 @@ def poisoned_row(root: Path, kind: str) -> dict[str, Any]:
     ok = s["status"] == "finished" and named and finite
     outcome = (
         f"{strategy}: run {s['status']}; refused: "
-        + ("; ".join(f"{r['site']} ({r['reason'][:80]})" for r in rejected) or "none")
+        + ("; ".join(f"{r['site']} ({_short(r['reason'])})" for r in rejected) or "none")
         + f"; held-out loss {'finite' if finite else 'NOT finite'}"
     )
     states = sorted(Path(config["state-dir"]).glob("*"))
