@@ -264,11 +264,12 @@ def run(supernode_args: list[str], approved_fabs: str | None, warm: bool) -> Non
         from client.approval import guard_arguments
 
         extra += guard_arguments(approved_fabs, supernode_args)
+    # A ClientApp's SuperExec polls for tasks every second by default; set before the warm
+    # one starts, or it inherits the default.
+    os.environ.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2")
     if warm:
         extra += ["--isolation", "process"]
         start_warm_superexec(supernode_args)  # ends itself when this process ends
-    # A ClientApp's SuperExec polls for tasks every second by default; the warm one, too.
-    os.environ.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2")
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
     sys.argv = ["flower-supernode", *supernode_args, *extra]
