@@ -41,6 +41,7 @@ FAULTS = (
     "bad-holdout",
     "poisoned",
     "many-nodes",
+    "node-toml",
 )
 TARGET_EPSILON = 8.0
 DELTA = 1e-5  # simulations.deploy.POLICY's delta: the ledgers' epsilon is stated at it
@@ -92,6 +93,8 @@ def run_rows(root: Path, only: list[str], hospitals: int) -> list[dict[str, Any]
         rows += deployment_rows(root / "deploy", deployed)
     if "many-nodes" in only:
         rows.append(measured("many-nodes", lambda: many_nodes_row(root / "many", hospitals)))
+    if "node-toml" in only:
+        rows.append(measured("node-toml", node_toml_row))
     if "bad-holdout" in only:
         rows.append(measured("bad-holdout", lambda: bad_holdout_row(root / "inprocess")))
     if "poisoned" in only:
@@ -223,6 +226,30 @@ def format_table(result: dict[str, Any]) -> str:
 
 def _short(reason: str) -> str:
     return reason.removeprefix("update refused by the server: ")[:90]
+
+
+def node_toml_budget() -> dict[str, float]:
+    """The shipped deploy/hospital/node.toml's lifetime max-epsilon and the app's default
+    per-run target-epsilon (pyproject.toml): how many default runs one hospital serves."""
+    import tomllib
+
+    from common.config import NodePolicy
+    from simulations.local import PROJECT_DIR
+
+    node = tomllib.loads((PROJECT_DIR / "deploy" / "hospital" / "node.toml").read_text())
+    app = tomllib.loads((PROJECT_DIR / "pyproject.toml").read_text())
+    target = float(app["tool"]["flwr"]["app"]["config"]["target-epsilon"])
+    return {"max_epsilon": float(NodePolicy.parse(node).max_epsilon), "target_epsilon": target}
+
+
+def node_toml_row() -> dict[str, Any]:
+    b = node_toml_budget()
+    runs = b["max_epsilon"] / b["target_epsilon"]
+    outcome = (
+        f"max-epsilon {b['max_epsilon']:g} (the dataset's lifetime limit) = {runs:g} runs at "
+        f"the default target-epsilon {b['target_epsilon']:g}; the comment says so"
+    )
+    return row_of("the default deploy/hospital/node.toml", 1, outcome, runs >= 3)
 
 
 # -- in process -------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ import torch
 from client.audit import AUDIT_FILE, read_records
 from client.ledger import LEDGER_FILE
 from simulations import inprocess as ip
+from simulations.bench_faults import node_toml_budget
 from simulations.deploy import OPERATOR, PROJECT_DIR, LocalDeployment
 from simulations.local import run_config_arg
 from simulations.phantoms import make_phantom_sites
@@ -189,6 +190,11 @@ def test_no_reply_lost_and_no_lock_with_five_supernodes_on_one_store(dep):
     s = json.loads((dep.root / "runs" / "node-killed" / "summary.json").read_text())
     for r in (s["rounds"][1], s["rounds"][3]):
         assert sorted(r["hospitals"]) == sorted([*FAST, SLOW])
+
+
+def test_the_shipped_node_toml_serves_more_than_one_default_run():
+    budget = node_toml_budget()
+    assert budget["max_epsilon"] >= 3 * budget["target_epsilon"], budget  # docs: 3 runs
 
 
 # -- in process: the real ServerApp and ClientApp ---------------------------------------------
