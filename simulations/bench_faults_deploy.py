@@ -215,9 +215,23 @@ def bad_config_row(dep: LocalDeployment, holdout: Path) -> dict[str, Any]:
     return row_of("bad run config (4 kinds)", len(ALL), outcome, ok)
 
 
+GB_PER_HOSPITAL = 0.6  # a SuperNode + its warm SuperExec (torch imported) + a ClientApp
+
+
+def _available_gb() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 1024 / 1024
+    return float("inf")
+
+
 def many_nodes_row(root: Path, hospitals: int) -> dict[str, Any]:
     """`hospitals` SuperNodes (30 cases each) x 3 rounds on one TLS SuperLink with node auth
     and --database: every reply arrives."""
+    need, have = hospitals * GB_PER_HOSPITAL, _available_gb()
+    if have < need:  # 20 torch processes on a shared host: never push others into the OOM killer
+        outcome = f"not run: {have:.1f} GB available, about {need:.1f} GB needed"
+        return row_of(f"{hospitals} SuperNodes x 3 rounds", hospitals, outcome, False)
     data = root / "data"
     make_phantom_sites("blobs-2d", data, hospitals, cases_per_site=30, holdout_cases=40, seed=4)
     sites = {f"hospital-{i}": data / f"hospital-{i}" for i in range(1, hospitals + 1)}
