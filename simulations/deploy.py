@@ -71,6 +71,7 @@ class LocalDeployment:
         self.superlink: Proc | None = None
         self.nodes: dict[str, Proc] = {}
         self.node_configs: dict[str, dict[str, str]] = {}
+        self._node_args: dict[str, tuple[tuple[str, ...], str]] = {}
 
     # -- the server side ------------------------------------------------------------------
     def __enter__(self) -> LocalDeployment:
@@ -192,6 +193,7 @@ class LocalDeployment:
             cfg,
             *extra,
         ]
+        self._node_args[name] = (extra, mode)
         env = flwr_env(self.root / f"flwr-home-{name}")  # each hospital: its own machine
         self.nodes[name] = self.procs.start(f"node-{name}", argv, env, cwd=PROJECT_DIR)
         return self.nodes[name]
@@ -202,16 +204,21 @@ class LocalDeployment:
         for name in names or list(self.node_configs):
             self.wait_connected(name, timeout)
 
-    def wait_connected(self, name: str, timeout: float = 180) -> None:
-        node = self.nodes[name]
-        wait_for(
-            lambda: node.log().count("SuperNode ID") >= 1 or node.poll() is not None,
-            timeout,
-            f"SuperNode {name} to connect",
-            self.logs,
-        )
-        if node.poll() is not None:
-            raise RuntimeError(f"SuperNode {name} exited:\n{node.log()[-3000:]}")
+    def wait_connected(self, name: str, timeout: float = 180, tries: int = 3) -> None:
+        for attempt in range(tries):
+            node = self.nodes[name]
+            wait_for(
+                lambda n=node: n.log().count("SuperNode ID") >= 1 or n.poll() is not None,
+                timeout,
+                f"SuperNode {name} to connect",
+                self.logs,
+            )
+            if node.poll() is None:
+                return
+            if attempt == tries - 1 or "address already in use" not in node.log():
+                raise RuntimeError(f"SuperNode {name} exited:\n{node.log()[-3000:]}")
+            # Its free port was taken between free_port() and the bind (a busy host): again.
+            self.start_node(name, *self._node_args[name])
 
     def kill_node(self, name: str) -> None:
         """kill -9 the hospital's SuperNode process (its SuperExec and ClientApp follow it)."""
