@@ -99,7 +99,6 @@ def install_guard(allowlist: set[str], audit_file: Path) -> dict[str, str]:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ed25519
     from flwr.supercore.fab import Fab
-    from flwr.supercore.primitives.asymmetric_ed25519 import create_message_to_sign
     from flwr.supernode import start_client_internal as sci
 
     original = getattr(sci, "http_request_response", None)
@@ -119,34 +118,9 @@ def install_guard(allowlist: set[str], audit_file: Path) -> dict[str, str]:
         def get_fab_checked(fab_hash: str, run_id: int) -> Fab:
             fab = get_fab(fab_hash, run_id)
             ok, actual, reason = fab_verdict(fab.content, fab.hash_str, allowlist)
-            append_record(
-                audit_file,
-                {
-                    "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                    "action": "fab-check",
-                    "run_id": run_id,
-                    "fab_hash": actual,
-                    "claimed_hash": fab.hash_str,
-                    "status": "approved" if ok else "refused",
-                    "reason": reason,
-                },
-            )
-            # "valid_license" must be present or Flower refuses every FAB before looking at
-            # signatures ("verification not supported by the connected SuperLink").
-            verifications = {"valid_license": "fedvox-local-allowlist"}
-            if ok:
-                signed_at = int(time.time())
-                sig = key.sign(
-                    create_message_to_sign(hashlib.sha256(fab.content).digest(), signed_at)
-                )
-                verifications[ENTITY_ID] = json.dumps(
-                    {
-                        "signature": base64.urlsafe_b64encode(sig).decode().rstrip("="),
-                        "signed_at": signed_at,
-                    }
-                )
+            _log_fab_check(audit_file, run_id, actual, fab.hash_str, ok, reason)
             # Whatever the SuperLink sent as verifications is dropped: only this node decides.
-            return Fab(fab.hash_str, fab.content, verifications)
+            return Fab(fab.hash_str, fab.content, _verifications(key, fab.content, ok))
 
         return get_fab_checked
 
@@ -161,6 +135,38 @@ def install_guard(allowlist: set[str], audit_file: Path) -> dict[str, str]:
 
     sci.http_request_response = connection_with_check
     return {ENTITY_ID: public}
+
+
+def _log_fab_check(
+    audit_file: Path, run_id: int, actual: str, claimed: str, ok: bool, reason: str
+) -> None:
+    append_record(
+        audit_file,
+        {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "action": "fab-check",
+            "run_id": run_id,
+            "fab_hash": actual,
+            "claimed_hash": claimed,
+            "status": "approved" if ok else "refused",
+            "reason": reason,
+        },
+    )
+
+
+def _verifications(key, content: bytes, ok: bool) -> dict[str, str]:  # noqa: ANN001
+    """What Flower's `_verify_fab` checks: our signature of sha256(FAB), only when approved."""
+    from flwr.supercore.primitives.asymmetric_ed25519 import create_message_to_sign
+
+    # "valid_license" must be present or Flower refuses every FAB before looking at
+    # signatures ("verification not supported by the connected SuperLink").
+    verifications = {"valid_license": "fedvox-local-allowlist"}
+    if ok:
+        signed_at = int(time.time())
+        sig = key.sign(create_message_to_sign(hashlib.sha256(content).digest(), signed_at))
+        signature = base64.urlsafe_b64encode(sig).decode().rstrip("=")
+        verifications[ENTITY_ID] = json.dumps({"signature": signature, "signed_at": signed_at})
+    return verifications
 
 
 def _state_dir_from_node_config(node_config: str | None) -> Path:

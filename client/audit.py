@@ -27,6 +27,7 @@ writable the reply is replaced by an error: no unaudited reply.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -35,6 +36,8 @@ from typing import Any
 
 from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable
+
+log = logging.getLogger("fedvox.client")
 
 AUDIT_FILE = "audit.jsonl"
 
@@ -111,8 +114,10 @@ def _append(path: Path, record: dict[str, Any]) -> None:
         record["fab_hash"] = _fab_hash_for_run(path, record["run_id"])
         append_record(path, record)
     except (OSError, ValueError) as err:
-        # Raising makes Flower send an error reply instead of an unaudited one.
-        raise RuntimeError(f"audit log {path} could not be written: {err}") from err
+        # Raising makes Flower send an error reply instead of an unaudited one. Flower puts
+        # the exception's text in that reply, so the path stays in the node's own log.
+        log.error("audit log %s could not be written: %s", path, err)
+        raise RuntimeError("the node's audit log could not be written (see its log)") from None
 
 
 def _record(

@@ -1,4 +1,11 @@
-"""Local DP-SGD training and local evaluation at a hospital node."""
+"""A hospital's local update: DP-SGD (Opacus) on its own cases, from the global model.
+
+`local_sgd(model, images, labels, settings, noise_multiplier)` is the one training loop of
+fedvox: every round, the local fine-tuning and the benchmarks' pooled reference call it.
+`LocalTraining` holds its optimiser, clipping and augmentation settings (built from the run
+config with `LocalTraining.from_config`), so callers pass one object instead of a dozen
+keywords.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +21,7 @@ from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from common.config import RunConfig
 from common.privacy import HistoryEntry, make_private, steps_taken
 from common.weights import unwrap
 
@@ -22,6 +30,43 @@ from common.weights import unwrap
 class TrainResult:
     loss: float
     history: list[HistoryEntry]  # (sigma, q, steps) the accountant recorded this round
+
+
+@dataclass(frozen=True)
+class LocalTraining:
+    """How a node trains: everything but the data and the noise multiplier."""
+
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    max_grad_norm: float = 1.0
+    accountant: str = "rdp"
+    momentum: float = 0.9
+    proximal_mu: float = 0.0
+    augmentation: bool = False
+    max_physical_batch: int = 0
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: RunConfig,
+        *,
+        epochs: int | None = None,
+        learning_rate: float | None = None,
+        proximal_mu: float = 0.0,
+    ) -> LocalTraining:
+        """The run config's settings; `epochs`/`learning_rate` override (schedule, fine-tuning)."""
+        return cls(
+            epochs=cfg.local_epochs if epochs is None else epochs,
+            batch_size=cfg.batch_size,
+            learning_rate=cfg.learning_rate if learning_rate is None else learning_rate,
+            max_grad_norm=cfg.max_grad_norm,
+            accountant=cfg.accountant,
+            momentum=cfg.momentum,
+            proximal_mu=proximal_mu,
+            augmentation=cfg.augmentation,
+            max_physical_batch=cfg.max_physical_batch,
+        )
 
 
 def scheduled_learning_rate(base: float, schedule: str, round_: int, total_rounds: int) -> float:
@@ -75,29 +120,20 @@ def _physical_batches(loader, optimizer, max_physical_batch: int):
         yield from physical
 
 
-def train_dp(
+def local_sgd(
     model: nn.Module,
     images: torch.Tensor,
     labels: torch.Tensor,
-    *,
-    epochs: int,
-    batch_size: int,
-    learning_rate: float,
+    settings: LocalTraining,
     noise_multiplier: float | None,
-    max_grad_norm: float,
-    accountant: str,
-    proximal_mu: float = 0.0,
-    momentum: float = 0.9,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-    augmentation: bool = False,
-    max_physical_batch: int = 0,
+    *,
+    private: Callable[..., tuple] = make_private,  # no node passes it; only fedvox audit does
 ) -> TrainResult:
-    """Train `model` in place with Opacus DP-SGD (Poisson sampling, per-sample clipping, noise).
+    """Train `model` in place: Opacus DP-SGD (Poisson sampling, per-sample clipping, noise).
 
-    FedProx's proximal term mu/2 * ||w - w_global||^2 is applied as a separate,
-    data-independent step after each private update: it does not touch the data, so
-    it needs no clipping or noise and costs no privacy (adding it to the loss would
-    leave it out of Opacus' per-sample gradients anyway).
+    FedProx's proximal term mu/2 * ||w - w_global||^2 is a separate, data-independent step
+    after each private update: it needs no clipping or noise and costs no privacy.
 
     `max_physical_batch` (DP only; 0 = off): a logical (Poisson) batch larger than this is
     split by Opacus' BatchMemoryManager into physical chunks whose clipped gradients are
@@ -107,26 +143,26 @@ def train_dp(
     `noise_multiplier=None` trains WITHOUT differential privacy (plain SGD, no clipping):
     the non-private reference of the utility benchmark (epsilon = inf); history is empty.
     """
-    loader = DataLoader(TensorDataset(images, labels), batch_size=batch_size, shuffle=True)
-    optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=momentum)
-    global_params = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
+    s = settings
+    loader = DataLoader(TensorDataset(images, labels), batch_size=s.batch_size, shuffle=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=s.learning_rate, momentum=s.momentum)
+    global_params = [p.detach().clone() for p in model.parameters()] if s.proximal_mu > 0 else []
     model.train()  # Opacus refuses a module in eval mode (e.g. after an evaluation)
-    if noise_multiplier is None:
-        dp_model, dp_optimizer, dp_loader, engine = model, optimizer, loader, None
-    else:
-        dp_model, dp_optimizer, dp_loader, engine = make_private(
-            model, optimizer, loader, noise_multiplier, max_grad_norm, accountant
+    engine = None
+    dp_model, dp_optimizer, dp_loader = model, optimizer, loader
+    if noise_multiplier is not None:
+        dp_model, dp_optimizer, dp_loader, engine = private(
+            model, optimizer, loader, noise_multiplier, s.max_grad_norm, s.accountant
         )
     loss_fn = loss_fn or nn.CrossEntropyLoss()
-    dp_model.train()
     losses: list[float] = []
     with warnings.catch_warnings():
         # Expected with Opacus hooks: image inputs never require gradients.
         warnings.filterwarnings("ignore", message=".*Full backward hook is firing.*")
-        for _ in range(epochs):
-            for x, y in _physical_batches(dp_loader, dp_optimizer, max_physical_batch):
+        for _ in range(s.epochs):
+            for x, y in _physical_batches(dp_loader, dp_optimizer, s.max_physical_batch):
                 dp_optimizer.zero_grad(set_to_none=True)
-                if augmentation and len(x):
+                if s.augmentation and len(x):
                     x = augment(x)
                 out = dp_model(x)
                 # An empty Poisson batch is still a DP step (noise only): skipping it
@@ -136,13 +172,17 @@ def train_dp(
                 dp_optimizer.step()
                 if len(y):
                     losses.append(float(loss.detach()))
-                if proximal_mu > 0 and not getattr(dp_optimizer, "_is_last_step_skipped", False):
-                    with torch.no_grad():
-                        for p, g in zip(unwrap(dp_model).parameters(), global_params, strict=True):
-                            p.sub_(learning_rate * proximal_mu * (p - g))
+                if s.proximal_mu > 0 and not getattr(dp_optimizer, "_is_last_step_skipped", False):
+                    _proximal_step(unwrap(dp_model), global_params, s.learning_rate * s.proximal_mu)
+    loss = float(np.mean(losses)) if losses else float("nan")
     if engine is None:
-        return TrainResult(loss=float(np.mean(losses)) if losses else float("nan"), history=[])
+        return TrainResult(loss=loss, history=[])
     history = steps_taken(engine)
-    # Leave the caller a plain module again (Opacus hooks removed).
-    dp_model._close()
-    return TrainResult(loss=float(np.mean(losses)) if losses else float("nan"), history=history)
+    dp_model._close()  # leave the caller a plain module again (Opacus hooks removed)
+    return TrainResult(loss=loss, history=history)
+
+
+@torch.no_grad()
+def _proximal_step(model: nn.Module, global_params: list[torch.Tensor], rate: float) -> None:
+    for p, g in zip(model.parameters(), global_params, strict=True):
+        p.sub_(rate * (p - g))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from common.data import DataError, validate_site
+from common.site import DataError, validate_site
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

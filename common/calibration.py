@@ -5,12 +5,11 @@ with label-skewed hospitals and DP noise the global model often scores every cas
 0.5 (accuracy = the pneumonia prevalence). Both are fixed on VALIDATION data, never on
 the test split:
 
-- each hospital sums what its local validation part says into aggregates that reveal no
-  case: counts of cases per (label, score bin) and the total validation loss at a fixed
-  grid of temperatures (`validation_summary`, sent as MetricRecord lists);
-- the server adds the hospitals' aggregates and picks the temperature with the lowest
-  validation NLL (temperature scaling, Guo et al. 2017) and the decision threshold that
-  maximises Youden's J = sensitivity + specificity - 1 on the pooled histogram
+- each hospital releases noisy counts of its validation cases per (label, margin bin): a
+  differentially private release charged to its ledger (`common.validation`);
+- the server adds the hospitals' releases and picks the temperature with the lowest
+  validation NLL over the bins (temperature scaling, Guo et al. 2017) and the decision
+  threshold that maximises Youden's J = sensitivity + specificity - 1 on the pooled histogram
   (`choose_calibration`). Youden's J ignores the class balance, so a threshold chosen
   where 74% of cases are pneumonia still holds on a test split with 62%;
 - the server reports held-out accuracy/sensitivity/specificity at that threshold and the
@@ -19,8 +18,7 @@ the test split:
 
 Scores are the class-1 logit margin m = logit_1 - logit_0 (binary tasks): temperature
 scaling divides it by T, so a threshold on m is the same decision before and after
-scaling, p = sigmoid(m / T). Multi-class models get temperature scaling and ECE but keep
-argmax decisions.
+scaling, p = sigmoid(m / T). Multi-class models keep argmax decisions and T = 1.
 """
 
 from __future__ import annotations
@@ -31,14 +29,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from monai.metrics import CalibrationErrorMetric
+from sklearn.isotonic import IsotonicRegression
 
-# Fixed on both sides so hospitals' aggregates add up: margin bins of width 0.25 over
-# [-12, 12] (margins beyond fall into the end bins) and 41 log-spaced temperatures 1/8..8.
-MARGIN_EDGES = np.linspace(-12.0, 12.0, 97)
+from common.validation import HIST_POS, MARGIN_EDGES, RELEASE_NOISE, histograms
+
+# Temperatures tried: 41 log-spaced values 1/8..8.
 TEMPERATURES = np.geomspace(0.125, 8.0, 41)
-# MetricRecord keys a hospital's evaluate reply carries (lists of floats).
-HIST_NEG, HIST_POS, NLL_GRID = "val-hist-neg", "val-hist-pos", "val-nll-grid"
-SUMMARY_KEYS = (HIST_NEG, HIST_POS, NLL_GRID)
 
 
 @dataclass(frozen=True)
@@ -54,91 +50,66 @@ class Calibration:
             return None
         return float(1.0 / (1.0 + math.exp(-self.threshold_margin)))
 
-    @property
-    def calibrated_threshold(self) -> float | None:
-        """The same decision as a threshold on the temperature-scaled probability."""
-        if self.threshold_margin is None:
-            return None
-        return float(1.0 / (1.0 + math.exp(-self.threshold_margin / self.temperature)))
 
+def choose_calibration(releases: list[dict]) -> Calibration | None:
+    """Temperature and (binary) threshold from the hospitals' validation releases.
 
-@torch.no_grad()
-def predict_logits(
-    model: torch.nn.Module, images: torch.Tensor, batch_size: int = 256
-) -> torch.Tensor:
-    model.eval()
-    outs = [model(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
-    return torch.cat(outs) if outs else torch.zeros((0, 2))
-
-
-def _nll_at_temperatures(logits: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
-    """Summed cross-entropy of the cases at every temperature of `TEMPERATURES`."""
-    logits, labels = logits.double(), labels.long()
-    return np.array(
-        [
-            float(torch.nn.functional.cross_entropy(logits / t, labels, reduction="sum"))
-            for t in TEMPERATURES
-        ]
-    )
-
-
-def validation_summary(
-    model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor
-) -> dict[str, list[float]]:
-    """What a hospital reports about its validation part for calibration: aggregates only.
-
-    Returns {} when the model is not a case-level classifier ((N, K) logits for (N,)
-    labels), e.g. for segmentation, so callers need not know the task.
+    `releases` are hospitals' evaluate metrics (dicts); those without histograms are
+    ignored. None when no hospital released any.
     """
-    if len(images) == 0 or labels.dim() != 1:
-        return {}
-    logits = predict_logits(model, images)
-    if logits.dim() != 2 or logits.shape[1] < 2:
-        return {}
-    out = {NLL_GRID: _nll_at_temperatures(logits, labels).tolist()}
-    if logits.shape[1] == 2:
-        margin = (logits[:, 1] - logits[:, 0]).double().numpy()
-        y = labels.numpy()
-        for key, cls in ((HIST_NEG, 0), (HIST_POS, 1)):
-            counts, _ = np.histogram(np.clip(margin[y == cls], -12.0, 12.0), MARGIN_EDGES)
-            out[key] = counts.astype(float).tolist()
-    return out
-
-
-def choose_calibration(summaries: list[dict]) -> Calibration | None:
-    """Temperature and (binary) threshold from the hospitals' validation aggregates.
-
-    `summaries` are hospitals' evaluate MetricRecords (dicts); those without the keys are
-    ignored. None when no hospital reported any.
-    """
-    grids = [np.asarray(s[NLL_GRID], float) for s in summaries if NLL_GRID in s]
-    grids = [g for g in grids if g.shape == TEMPERATURES.shape and np.isfinite(g).all()]
-    if not grids:
+    pair = histograms(releases)
+    if pair is None:
         return None
-    nll = np.sum(grids, axis=0)
+    neg, pos = pair
+    num_cases = int(round(float(neg.sum() + pos.sum())))
+    if num_cases < 1:
+        return None
+    nll = histogram_nll(np.clip(neg, 0, None), np.clip(pos, 0, None))
     temperature = float(TEMPERATURES[int(np.argmin(nll))])
-    neg = sum(np.asarray(s[HIST_NEG], float) for s in summaries if HIST_NEG in s)
-    pos = sum(np.asarray(s[HIST_POS], float) for s in summaries if HIST_POS in s)
+    # The noise each hospital added (its reply says: `release-noise`), summed per count.
+    noise_var = sum(float(r.get(RELEASE_NOISE, 0.0)) ** 2 for r in releases if HIST_POS in r)
     threshold = None
-    num_cases = int(round(float(np.sum(neg) + np.sum(pos)))) if np.ndim(neg) else 0
-    if np.ndim(neg) and np.ndim(pos) and neg.sum() > 0 and pos.sum() > 0:
-        threshold = youden_threshold(neg, pos)
+    if neg.sum() >= 1 and pos.sum() >= 1:
+        threshold = youden_threshold(neg, pos, noise_var)
     return Calibration(temperature, threshold, num_cases)
 
 
-def youden_threshold(hist_neg: np.ndarray, hist_pos: np.ndarray) -> float:
-    """The margin bin edge maximising sensitivity + specificity on the histograms.
+def histogram_nll(neg: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """Validation NLL at every temperature, each case at its margin bin's centre."""
+    centres = (MARGIN_EDGES[:-1] + MARGIN_EDGES[1:]) / 2
+    m = centres[None, :] / TEMPERATURES[:, None]
+    # -log sigmoid(-m) for negatives, -log sigmoid(m) for positives
+    return (np.logaddexp(0, m) * neg).sum(1) + (np.logaddexp(0, -m) * pos).sum(1)
 
-    Candidates are the inner edges of `MARGIN_EDGES` ("positive when margin >= edge");
-    among equally good edges the middle one is taken, so a wide gap between the classes
-    gives a threshold in the middle of the gap rather than at its border.
+
+def youden_threshold(hist_neg: np.ndarray, hist_pos: np.ndarray, noise_var: float = 0.0) -> float:
+    """The margin bin edge maximising sensitivity + specificity on (noisy) histograms.
+
+    Candidates are the inner edges of `MARGIN_EDGES` ("positive when margin >= edge"). The
+    histograms carry DP noise (`noise_var`: its variance per summed count), so: (1) each
+    class's cumulative counts are made monotone again (isotonic regression — a count
+    never decreases along the margin; consistency post-processing of DP histograms, Hay et al.
+    2010), and (2) every edge whose Youden's J is within one standard error of the best
+    (sampling + DP noise) counts as equally good, and the middle one is taken. Validation J
+    curves are flat near their top: on the demo, picking the single best noisy edge cost ~3
+    points of held-out accuracy, the middle of the plateau ~0.5 (docs/benchmarks.md).
     """
-    # Cases at or above edge i+1 (i = 0..len-3) = those in bins i+1..end.
-    tp = np.cumsum(hist_pos[::-1])[::-1][1:]
-    fp = np.cumsum(hist_neg[::-1])[::-1][1:]
-    j = tp / hist_pos.sum() - fp / hist_neg.sum()
-    best = np.flatnonzero(np.isclose(j, j.max()))
-    return float(MARGIN_EDGES[1:-1][best[len(best) // 2]])
+    x = np.arange(len(hist_neg))
+    cum_neg = IsotonicRegression(y_min=0).fit_transform(x, np.cumsum(hist_neg))
+    cum_pos = IsotonicRegression(y_min=0).fit_transform(x, np.cumsum(hist_pos))
+    n, p = max(cum_neg[-1], 1.0), max(cum_pos[-1], 1.0)
+    # Positive when margin >= inner edge i: the cases in bins i+1.. (bins above that edge).
+    tpr, fpr = (p - cum_pos[:-1]) / p, (n - cum_neg[:-1]) / n
+    j = tpr - fpr
+    i = int(np.argmax(j))
+    bins_above = len(hist_neg) - 1 - i
+    se = np.sqrt(
+        tpr[i] * (1 - tpr[i]) / p
+        + fpr[i] * (1 - fpr[i]) / n
+        + noise_var * bins_above * (1 / p**2 + 1 / n**2)
+    )
+    near = np.flatnonzero(j >= j[i] - se)
+    return float(MARGIN_EDGES[1:-1][near[len(near) // 2]])
 
 
 def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, num_bins: int = 15) -> float:

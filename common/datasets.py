@@ -1,45 +1,44 @@
-"""Writing hospital folders from a dataset: partitioning, NIfTI writing, the demo data.
+"""Writing hospital folders from a dataset: NIfTI writing, the npz reader, the demo data.
 
-The library behind `fedvox prepare` (simulations/prepare.py). It lives in `common/`
-because the ServerApp prepares the vendored demo dataset on first use, and the
-server may only import `common`.
-
-Output layout (the hospital data folder contract, see README):
-
-    <out>/hospital-1 .. hospital-K  images/<case>.nii.gz, labels.csv (case,label,split)
-                                    dataset.json
-    <out>/holdout                   the official test split (no split column), for the server
-    <out>/prepare.json              manifest: parameters + class counts; written last
+The library behind `fedvox prepare` (simulations/prepare.py), with common/partition.py (which
+cases go to which hospital) and common/prepare_output.py (the output folder: layout, lock,
+atomic rename, manifest). It lives in `common/` because the ServerApp prepares the vendored
+demo dataset on first use, and the server may only import `common`.
 
 Axis order. MedMNIST stores an image as a C-order array (H, W) or (D, H, W). We write the
 array with its axes reversed, the ITK/SimpleITK convention: NIfTI X = W (column), Y = H (row),
 Z = D (slice), with a 1 mm diagonal affine. So `nib.load(f).get_fdata().T` is the npz image
 again, and dataset.json's `image_size` (the model input) is the NIfTI shape (W, H[, D]) — for 3D
-volumes larger than 32³ it is 32³ (`common.data.auto_input_size`).
-
-Safety. Everything is written into a hidden sibling temp folder and renamed onto `<out>` only
-when complete, under a file lock (`.<out>.lock` next to `<out>`). So a crash never leaves a
-half-written `<out>`, several processes may call `ensure_demo_data` at once, and an existing
-`<out>` is replaced only when it holds nothing but a previous `fedvox prepare` output.
+volumes larger than 32³ it is 32³ (`common.site.auto_input_size`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import fcntl
+import functools
 import hashlib
 import importlib.metadata
 import json
-import os
-import shutil
-import tempfile
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
 import nibabel as nib
 import numpy as np
+
+from common.partition import local_val_split, partition_indices
+from common.prepare_output import (
+    MANIFEST_TOOL,
+    atomic_output,
+    is_complete,
+    locked,
+    read_manifest,
+    write_manifest,
+)
+from common.progress import track
+
+T = TypeVar("T")
 
 
 def _find_vendored(name: str) -> Path:
@@ -68,106 +67,11 @@ def _find_vendored(name: str) -> Path:
 
 
 DEFAULT_SOURCE: Path = _find_vendored("pneumoniamnist.npz")
-PARTITIONS = ("iid", "dirichlet", "quantity")
-MANIFEST = "prepare.json"
-MANIFEST_TOOL = "fedvox prepare"
-MANIFEST_VERSION = 1
 
 # Class names and modality of MedMNIST files we know by name; anything else gets "class-<i>".
 KNOWN_DATASETS: dict[str, tuple[list[str], str]] = {
     "pneumoniamnist": (["normal", "pneumonia"], "xray"),
 }
-
-
-# ----------------------------------------------------------------------------- partitioning
-
-
-def partition_indices(
-    labels: np.ndarray,
-    hospitals: int,
-    partition: str,
-    alpha: float = 0.5,
-    seed: int = 0,
-    min_per_hospital: int = 10,
-) -> list[np.ndarray]:
-    """Split indices 0..N-1 into `hospitals` disjoint, covering, sorted index arrays.
-
-    - "iid": a random equal split.
-    - "dirichlet": label skew; for every class, its cases are dealt to the hospitals in
-      proportions drawn from Dirichlet(alpha) (Hsu et al. 2019; NIID-Bench). Small alpha = skewed.
-    - "quantity": hospital sizes drawn from Dirichlet(alpha), labels iid within each.
-
-    A hospital with 0 or 1 cases cannot train (DP-SGD needs a dataset, the local val part
-    needs a case), so every hospital gets >= `min_per_hospital` cases: the random draw is
-    repeated (up to 100 times, same generator, so still deterministic for a seed), and if it
-    still falls short, cases are moved at random from the largest hospital to the short ones.
-    """
-    labels = np.asarray(labels).reshape(-1)
-    n = len(labels)
-    if partition not in PARTITIONS:
-        raise ValueError(f"unknown partition {partition!r}; choose one of {', '.join(PARTITIONS)}")
-    if hospitals < 1:
-        raise ValueError(f"hospitals must be >= 1, got {hospitals}")
-    if alpha <= 0:
-        raise ValueError(f"alpha must be > 0, got {alpha}")
-    if n < hospitals * min_per_hospital:
-        raise ValueError(
-            f"{n} cases cannot give {hospitals} hospitals {min_per_hospital} cases each; "
-            "use fewer hospitals"
-        )
-    rng = np.random.default_rng(seed)
-
-    def draw() -> list[np.ndarray]:
-        if partition == "iid":
-            return np.array_split(rng.permutation(n), hospitals)
-        if partition == "quantity":
-            p = rng.dirichlet(np.full(hospitals, alpha))
-            cuts = (np.cumsum(p)[:-1] * n).astype(int)
-            return np.split(rng.permutation(n), cuts)
-        parts: list[list[np.ndarray]] = [[] for _ in range(hospitals)]
-        for c in np.unique(labels):
-            idx = rng.permutation(np.flatnonzero(labels == c))
-            p = rng.dirichlet(np.full(hospitals, alpha))
-            cuts = (np.cumsum(p)[:-1] * len(idx)).astype(int)
-            for h, chunk in enumerate(np.split(idx, cuts)):
-                parts[h].append(chunk)
-        return [np.concatenate(p) for p in parts]
-
-    for _ in range(100):
-        parts = draw()
-        if min(len(p) for p in parts) >= min_per_hospital:
-            break
-    else:
-        # Rebalance: top up short hospitals with random cases of the currently largest one.
-        parts = [rng.permutation(p) for p in parts]
-        for h in range(hospitals):
-            while len(parts[h]) < min_per_hospital:
-                big = int(np.argmax([len(p) for p in parts]))
-                take = min_per_hospital - len(parts[h])
-                take = min(take, len(parts[big]) - min_per_hospital)
-                parts[h] = np.concatenate([parts[h], parts[big][:take]])
-                parts[big] = parts[big][take:]
-    return [np.sort(p).astype(np.int64) for p in parts]
-
-
-def local_val_split(
-    labels: np.ndarray, val_fraction: float, rng: np.random.Generator
-) -> np.ndarray:
-    """Boolean mask of a hospital's local validation cases: ~val_fraction of every class
-    (stratified), at least 1 case when the site has >= 2, never the whole site."""
-    labels = np.asarray(labels).reshape(-1)
-    is_val = np.zeros(len(labels), dtype=bool)
-    if len(labels) < 2:
-        return is_val
-    for c in np.unique(labels):
-        idx = rng.permutation(np.flatnonzero(labels == c))
-        is_val[idx[: int(round(val_fraction * len(idx)))]] = True
-    if not is_val.any():  # tiny site: take one case of its most common class
-        major = np.flatnonzero(labels == np.bincount(labels).argmax())
-        is_val[rng.choice(major)] = True
-    if is_val.all():
-        is_val[rng.choice(len(labels))] = False
-    return is_val
 
 
 # ----------------------------------------------------------------------------- writing
@@ -200,7 +104,8 @@ def write_site(
     (site_dir / "images").mkdir(parents=True, exist_ok=True)
     affine = np.eye(4)
     rows = []
-    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+    pairs = enumerate(zip(images, labels, strict=True))
+    for i, (image, label) in track(pairs, f"writing {site_dir.name}", total=len(labels)):
         case = f"{prefix}-{i + 1:06d}"
         nifti = nib.Nifti1Image(np.ascontiguousarray(image.T), affine)
         nifti.header.set_xyzt_units("mm")
@@ -212,7 +117,7 @@ def write_site(
         w = csv.writer(f)
         w.writerow(["case", "label"] + (["split"] if splits is not None else []))
         w.writerows(rows)
-    from common.data import auto_input_size  # torch-heavy module: only when writing
+    from common.site.spec import auto_input_size  # torch-heavy package: only when writing
 
     meta = {
         "task": "classification",
@@ -220,7 +125,7 @@ def write_site(
         "modality": modality,
         "spatial_dims": images.ndim - 1,
         # the model input: the written size, except 3D volumes larger than 32^3 (trained at
-        # 32^3 unless the run config's image-size says otherwise; see common/data.py)
+        # 32^3 unless the run config's image-size says otherwise; see common/site/spec.py)
         "image_size": list(auto_input_size(images.shape[1:][::-1])),
     }
     (site_dir / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -269,88 +174,14 @@ def format_class_table(
         share = f"{100 * c[-1] / total:.1f}" if total else "-"
         lines.append([site, str(total)] + [str(x) for x in c] + [share])
     widths = [max(len(r[i]) for r in [header] + lines) for i in range(len(header))]
-
-    def fmt(row: list[str]) -> str:  # site name left-aligned, numbers right-aligned
-        cells = zip(row, widths, strict=True)
-        return "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(cells))
-
-    return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(r) for r in lines])
+    rule = ["-" * w for w in widths]
+    return "\n".join(_table_row(r, widths) for r in [header, rule] + lines)
 
 
-# ----------------------------------------------------------------------------- safe output
-
-
-def _is_prepare_output(path: Path) -> bool:
-    """True if `path` holds only what a previous `fedvox prepare` wrote (safe to replace)."""
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return False
-    if not isinstance(manifest, dict) or manifest.get("tool") != MANIFEST_TOOL:
-        return False
-    ours = set(manifest.get("sites", [])) | {MANIFEST}
-    return all(p.name in ours for p in path.iterdir())
-
-
-@contextlib.contextmanager
-def _locked(out: Path) -> Iterator[None]:
-    """Exclusive lock for everything that writes `out` (a lock file beside it)."""
-    out = Path(out).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.parent / f".{out.name}.lock", "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _check_writable(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not _is_prepare_output(out):
-        raise FileExistsError(
-            f"{out} is not empty and is not a previous `fedvox prepare` output; "
-            "refusing to overwrite it (choose another --out or empty it yourself)"
-        )
-
-
-@contextlib.contextmanager
-def atomic_output(out: Path) -> Iterator[Path]:
-    """Yield a temp folder to write into; on success it replaces `out` in one rename.
-
-    Must be entered with the lock held (`_locked`). Refuses (before any work) when `out`
-    holds anything but a previous prepare output. Leftover temp folders from a crashed run
-    are removed: nobody else can be writing them while we hold the lock.
-    """
-    out = out.resolve()
-    _check_writable(out)
-    for stale in out.parent.glob(f".{out.name}.partial-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        yield tmp
-        if not (tmp / MANIFEST).is_file():
-            raise RuntimeError("internal error: prepare wrote no manifest")
-        if out.exists():
-            _check_writable(out)  # re-check: someone may have put files there meanwhile
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def write_manifest(tmp: Path, params: dict, counts: dict[str, list[int]], class_names) -> None:
-    manifest = {
-        "tool": MANIFEST_TOOL,
-        "version": MANIFEST_VERSION,
-        "params": params,
-        "class_names": list(class_names),
-        "sites": list(counts),
-        "counts": counts,
-    }
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+def _table_row(row: list[str], widths: list[int]) -> str:
+    """Site name left-aligned, numbers right-aligned."""
+    cells = zip(row, widths, strict=True)
+    return "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(cells))
 
 
 # ----------------------------------------------------------------------------- npz
@@ -422,6 +253,19 @@ def load_npz(source: Path) -> dict[str, np.ndarray]:
     return out
 
 
+def _locked_on_out(prepare: Callable[..., T]) -> Callable[..., T]:
+    """Run `prepare(source, out, ...)` under the lock of `out` (several processes may prepare
+    the same folder at once, e.g. every simulated hospital on a run's first message)."""
+
+    @functools.wraps(prepare)
+    def under_lock(source: Path, out: Path, *args: Any, **kwargs: Any) -> T:
+        with locked(Path(out)):
+            return prepare(source, out, *args, **kwargs)
+
+    return under_lock
+
+
+@_locked_on_out
 def prepare_from_npz(
     source: Path,
     out: Path,
@@ -436,33 +280,6 @@ def prepare_from_npz(
 ) -> dict[str, list[int]]:
     """Write <out>/hospital-1..K (train+val pooled, partitioned, local val part) and
     <out>/holdout (the test split). Returns {site: per-class counts}."""
-    with _locked(Path(out)):
-        return _prepare_from_npz_locked(
-            source,
-            out,
-            hospitals,
-            partition,
-            alpha,
-            seed,
-            val_fraction,
-            class_names,
-            modality,
-            min_per_hospital,
-        )
-
-
-def _prepare_from_npz_locked(
-    source: Path,
-    out: Path,
-    hospitals: int,
-    partition: str = "dirichlet",
-    alpha: float = 0.5,
-    seed: int = 0,
-    val_fraction: float = 0.15,
-    class_names: list[str] | None = None,
-    modality: str | None = None,
-    min_per_hospital: int = 10,
-) -> dict[str, list[int]]:
     source, out = Path(source), Path(out)
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
@@ -513,25 +330,6 @@ def _prepare_from_npz_locked(
     return counts
 
 
-def read_manifest(out: Path) -> dict | None:
-    try:
-        manifest = json.loads((Path(out) / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-    return manifest if isinstance(manifest, dict) else None
-
-
-def _complete(out: Path, manifest: dict) -> bool:
-    """Cheap check that every site of the manifest is still there with all its images."""
-    for site, c in manifest.get("counts", {}).items():
-        images = out / site / "images"
-        if not (out / site / "labels.csv").is_file() or not images.is_dir():
-            return False
-        if len(os.listdir(images)) != sum(c):
-            return False
-    return True
-
-
 def ensure_demo_data(out: Path, hospitals: int = 5, alpha: float = 0.5, seed: int = 0) -> Path:
     """Prepare the vendored PneumoniaMNIST into `out` unless it is already there.
 
@@ -541,7 +339,7 @@ def ensure_demo_data(out: Path, hospitals: int = 5, alpha: float = 0.5, seed: in
     for the first and then find its output complete.
     """
     out = Path(out).resolve()
-    with _locked(out):
+    with locked(out):
         manifest = read_manifest(out)
         if manifest is not None and manifest.get("tool") == MANIFEST_TOOL:
             params = manifest.get("params", {})
@@ -552,7 +350,8 @@ def ensure_demo_data(out: Path, hospitals: int = 5, alpha: float = 0.5, seed: in
                 "alpha": alpha,
                 "seed": seed,
             }
-            if all(params.get(k) == v for k, v in wanted.items()) and _complete(out, manifest):
+            if all(params.get(k) == v for k, v in wanted.items()) and is_complete(out, manifest):
                 return out
-        _prepare_from_npz_locked(DEFAULT_SOURCE, out, hospitals, "dirichlet", alpha, seed)
+        # Already under the lock: the undecorated function (the lock is not re-entrant).
+        prepare_from_npz.__wrapped__(DEFAULT_SOURCE, out, hospitals, "dirichlet", alpha, seed)
     return out

@@ -9,6 +9,7 @@ caller chooses on validation data (never on the test split).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -63,26 +64,27 @@ def roc_points(probs: np.ndarray, labels: np.ndarray) -> dict[str, list[float]]:
 
 
 @torch.no_grad()
-def predict_probs(
+def batched_logits(
     model: torch.nn.Module, images: torch.Tensor, batch_size: int = 256
-) -> np.ndarray:
-    """Softmax probabilities of `model` on `images` (N, C, ...), in eval mode, batched."""
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """The one batched-inference loop: (rows, logits) per chunk of `images`, eval mode."""
     model.eval()
-    outs = [
-        torch.softmax(model(images[i : i + batch_size]), dim=1)
-        for i in range(0, len(images), batch_size)
-    ]
-    return torch.cat(outs).cpu().numpy() if outs else np.zeros((0, 2))
+    for start in range(0, len(images), batch_size):
+        rows = slice(start, start + batch_size)
+        yield rows, model(images[rows])
 
 
-def evaluate_model(
-    model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, threshold: float = 0.5
-) -> tuple[dict[str, float], np.ndarray]:
-    """Loss + classification metrics of `model` on a labelled tensor set; also returns probs."""
-    probs = predict_probs(model, images)
-    eps = 1e-12
-    idx = labels.cpu().numpy()
-    loss = float(-np.log(probs[np.arange(len(idx)), idx] + eps).mean()) if len(idx) else math.nan
-    metrics = classification_metrics(probs, idx, threshold)
-    metrics["loss"] = loss
-    return metrics, probs
+def predict_logits(
+    model: torch.nn.Module, images: torch.Tensor, batch_size: int = 256
+) -> torch.Tensor:
+    """Logits of `model` on `images` (N, C, ...), all at once (classification)."""
+    outs = [logits for _, logits in batched_logits(model, images, batch_size)]
+    return torch.cat(outs) if outs else torch.zeros((0, 2))
+
+
+def cross_entropy(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Mean negative log-likelihood of the true classes (NaN for no cases)."""
+    labels = np.asarray(labels, dtype=np.int64)
+    if not len(labels):
+        return math.nan
+    return float(-np.log(probs[np.arange(len(labels)), labels] + 1e-12).mean())

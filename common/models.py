@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from common.config import MODELS
+
 
 def _norm(channels: int) -> nn.GroupNorm:
     # Up to 8 groups; fewer when a layer is narrow so each group keeps >= 1 channel.
@@ -111,9 +113,6 @@ class ScatterCNN(nn.Module):
         s = self.scattering(x.contiguous())  # (N, C, paths, H / 2^J, W / 2^J)
         s = self.norm(s.flatten(1, 2))
         return self.head(self.pool(self.features(s)).flatten(1))
-
-
-MODELS = ("cnn", "scatter-cnn")
 
 
 def default_width(spatial_dims: int) -> int:

@@ -10,40 +10,82 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
-from common.metrics import evaluate_model, roc_points
-from common.models import MODELS, build_model
+from common.metrics import (
+    batched_logits,
+    classification_metrics,
+    cross_entropy,
+    predict_logits,
+    roc_points,
+)
+from common.models import build_model
 from common.unet import build_unet
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything that decides a model's architecture: the data's shape and the run config's
+    `model` keys. Server, nodes and the pooled reference build from it, and checkpoints carry
+    it (`as_dict`), so a model can be rebuilt without the run config."""
+
+    task: str
+    spatial_dims: int
+    in_channels: int
+    num_classes: int
+    image_size: tuple[int, ...]
+    arch: str = "cnn"
+    width: int | None = None
+    depth: int = 3
+
+    @classmethod
+    def of(cls, data: Any, options: dict[str, Any]) -> ModelSpec:
+        """For loaded site data (`load_site`) and `RunConfig.model_options`."""
+        return cls(
+            task=data.spec.task,
+            spatial_dims=data.spatial_dims,
+            in_channels=data.in_channels,
+            num_classes=data.num_classes,
+            image_size=tuple(int(s) for s in data.images.shape[2:]),
+            **options,
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "image_size": list(self.image_size)}
 
 
 @dataclass(frozen=True)
 class Evaluation:
     metrics: dict[str, float]  # what summary.json's "central" / a hospital's "eval" holds
     artifacts: dict[str, Any]  # saved beside the summary (e.g. ROC points), never sent
+    logits: torch.Tensor | None = None  # classification: (N, K), predicted once
+    per_case: np.ndarray | None = None  # segmentation: (N, K-1) Dice, NaN = class absent
+
+    @property
+    def probs(self) -> np.ndarray:
+        return torch.softmax(self.logits.double(), dim=1).numpy()
 
 
 class ClassificationTask:
     name = "classification"
-    best_metric = "auc"  # checkpoints/best.pt is chosen by this held-out metric
+    best_metric = "auc"
     central_keys = ("auc", "accuracy", "sensitivity", "specificity", "loss")
 
-    def build_model(
-        self,
-        spatial_dims: int,
-        in_channels: int,
-        num_classes: int,
-        width: int | None = None,
-        depth: int = 3,
-        arch: str = "cnn",
-        image_size: tuple[int, ...] | None = None,
-    ) -> nn.Module:
-        return build_model(spatial_dims, in_channels, num_classes, width, depth, arch, image_size)
+    def build_model(self, spec: ModelSpec) -> nn.Module:
+        return build_model(
+            spec.spatial_dims,
+            spec.in_channels,
+            spec.num_classes,
+            spec.width,
+            spec.depth,
+            spec.arch,
+            spec.image_size,
+        )
 
     def loss_fn(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         return nn.CrossEntropyLoss()
@@ -51,14 +93,17 @@ class ClassificationTask:
     def evaluate(
         self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor, threshold: float = 0.5
     ) -> Evaluation:
-        metrics, probs = evaluate_model(model, images, targets, threshold)
-        labels = targets.cpu().numpy()
-        return Evaluation(metrics, {"roc": roc_points(probs, labels)})
+        """Predicts once; metrics at `threshold` (class-1 probability), ROC points, logits."""
+        logits = predict_logits(model, images)
+        evaluation = Evaluation({}, {}, logits)
+        probs, labels = evaluation.probs, targets.cpu().numpy()
+        metrics = classification_metrics(probs, labels, threshold)
+        metrics["loss"] = cross_entropy(probs, labels)
+        return Evaluation(metrics, {"roc": roc_points(probs, labels)}, logits)
 
     def score(self, metrics: dict[str, float]) -> float | None:
         """The number `best` is chosen by (None when undefined, e.g. a one-class holdout)."""
-        value = metrics.get(self.best_metric)
-        return float(value) if value is not None and np.isfinite(value) else None
+        return _finite(metrics.get(self.best_metric))
 
 
 class SegmentationTask:
@@ -82,21 +127,12 @@ class SegmentationTask:
         fg = self._foreground(len(self.class_names)) if self.class_names else []
         return ("dice-mean", *(f"dice-{n}" for n in fg), "loss")
 
-    def build_model(
-        self,
-        spatial_dims: int,
-        in_channels: int,
-        num_classes: int,
-        width: int | None = None,
-        depth: int = 4,
-        arch: str = "cnn",
-        image_size: tuple[int, ...] | None = None,  # unused: the U-Net takes any size
-    ) -> nn.Module:
-        if arch != "cnn":
+    def build_model(self, spec: ModelSpec) -> nn.Module:
+        if spec.arch != "cnn":
             raise ValueError(
-                f'model="{arch}" is a classifier; segmentation uses its U-Net (model="cnn")'
+                f'model="{spec.arch}" is a classifier; segmentation uses its U-Net (model="cnn")'
             )
-        return build_unet(spatial_dims, in_channels, num_classes, width, depth)
+        return build_unet(spec.spatial_dims, spec.in_channels, spec.num_classes, spec.width)
 
     def loss_fn(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         from monai.losses import DiceCELoss
@@ -109,28 +145,21 @@ class SegmentationTask:
 
     @torch.no_grad()
     def evaluate(
-        self,
-        model: nn.Module,
-        images: torch.Tensor,
-        targets: torch.Tensor,
-        threshold: float = 0.5,  # unused: argmax over classes; kept for the Task interface
-        batch_size: int = 4,
+        self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor, batch_size: int = 4
     ) -> Evaluation:
         from monai.metrics import DiceMetric
         from monai.networks.utils import one_hot
 
-        model.eval()
         loss_fn = self.loss_fn()
         # ignore_empty: a case without, say, a nodule gives NaN (not 1.0) for that class, so
         # the mean is over the cases that have the structure.
         dice = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
         per_case, loss_sum = [], 0.0
         num_classes = 0
-        for i in range(0, len(images), batch_size):
-            x, y = images[i : i + batch_size], targets[i : i + batch_size]
-            logits = model(x)
+        for rows, logits in batched_logits(model, images, batch_size):
+            y = targets[rows]
             num_classes = logits.shape[1]
-            loss_sum += float(loss_fn(logits, y)) * len(x)
+            loss_sum += float(loss_fn(logits, y)) * len(y)
             pred = one_hot(logits.argmax(1, keepdim=True), num_classes)
             per_case.append(dice(pred, one_hot(y, num_classes)))
         scores = torch.cat(per_case).cpu().numpy()  # (N, foreground classes), NaN = absent
@@ -142,25 +171,35 @@ class SegmentationTask:
         finite = [v for v in per_class if np.isfinite(v)]
         metrics["dice-mean"] = float(np.mean(finite)) if finite else float("nan")
         metrics["loss"] = loss_sum / max(1, len(images))
-        return Evaluation(metrics, {})
+        return Evaluation(metrics, {}, per_case=scores)
 
     def score(self, metrics: dict[str, float]) -> float | None:
         """Mean foreground Dice (None when no foreground class is in the holdout)."""
-        value = metrics.get(self.best_metric)
-        return float(value) if value is not None and np.isfinite(value) else None
+        return _finite(metrics.get(self.best_metric))
 
 
-def model_options(run_config: dict[str, Any]) -> dict[str, Any]:
-    """`build_model` keywords from the run config (`model`, `model-width`, `model-depth`), as
-    the server, every node and the benchmark's pooled reference must build the same model."""
-    arch = str(run_config.get("model", "cnn"))
-    if arch not in MODELS:
-        raise ValueError(f"model={arch!r} (run config) is not one of {', '.join(MODELS)}")
-    return {
-        "arch": arch,
-        "width": int(run_config.get("model-width", 0)) or None,
-        "depth": int(run_config.get("model-depth", 3)),
-    }
+def _finite(value: float | None) -> float | None:
+    return float(value) if value is not None and np.isfinite(value) else None
+
+
+class Task(Protocol):
+    """What the apps ask of a task (classification or segmentation)."""
+
+    name: str
+    best_metric: str  # checkpoints/best.pt is chosen by this held-out metric
+
+    @property
+    def central_keys(self) -> tuple[str, ...]: ...  # held-out metrics summary.json keeps
+
+    def build_model(self, spec: ModelSpec) -> nn.Module: ...
+
+    def loss_fn(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]: ...
+
+    def evaluate(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> Evaluation:
+        """Predict once; metrics, artifacts and (classification) the logits."""
+        ...
+
+    def score(self, metrics: dict[str, float]) -> float | None: ...
 
 
 TASKS: dict[str, Any] = {
@@ -169,7 +208,7 @@ TASKS: dict[str, Any] = {
 }
 
 
-def task_for(task: Any) -> ClassificationTask | SegmentationTask:
+def task_for(task: Any) -> Task:
     """The Task for a dataset: a DatasetSpec (preferred: segmentation metrics then carry the
     class names, e.g. `dice-lung`) or just the task name from dataset.json."""
     name = getattr(task, "task", task)
@@ -178,3 +217,8 @@ def task_for(task: Any) -> ClassificationTask | SegmentationTask:
     if name == "segmentation" and getattr(task, "class_names", ()):
         return SegmentationTask(tuple(task.class_names))
     return TASKS[name]
+
+
+def build_task_model(spec: ModelSpec) -> nn.Module:
+    """The model `spec` describes (its task's: a classifier or a U-Net)."""
+    return task_for(spec.task).build_model(spec)

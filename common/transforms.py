@@ -127,15 +127,25 @@ def to_canonical(img: nib.spatialimages.SpatialImage) -> tuple[np.ndarray, np.nd
     data3 = data.reshape(shape + (1,) * (3 - len(shape)))
     ornt = _canonical_ornt(img.affine)
     data3 = nib.apply_orientation(data3, ornt)
-    voxel = np.sqrt((np.asarray(img.affine)[:3, :3] ** 2).sum(axis=0))
+    if len(shape) == 2:
+        data3 = np.squeeze(data3, axis=int(ornt[2, 0]))
+    return np.ascontiguousarray(data3, dtype=np.float32), canonical_zooms(img.affine, len(shape))
+
+
+def io_ornt(affine: np.ndarray) -> np.ndarray:
+    """File axes -> closest RAS axes (nibabel's io_orientation, memoised)."""
+    return _canonical_ornt(affine)
+
+
+def canonical_zooms(affine: np.ndarray, ndim: int) -> np.ndarray:
+    """Voxel sizes (mm) in RAS axis order, as the chain uses them (0 -> 1 mm); `ndim` 2 drops
+    the axis a 2D image's padded singleton went to."""
+    ornt = _canonical_ornt(affine)
+    voxel = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
     zooms = np.ones(3)
     for i, (axis, _flip) in enumerate(ornt):
         zooms[int(axis)] = voxel[i] if voxel[i] > 0 else 1.0
-    if len(shape) == 2:
-        gone = int(ornt[2, 0])
-        data3 = np.squeeze(data3, axis=gone)
-        zooms = np.delete(zooms, gone)
-    return np.ascontiguousarray(data3, dtype=np.float32), zooms
+    return np.delete(zooms, int(ornt[2, 0])) if ndim == 2 else zooms
 
 
 class ToCanonicalChannelFirst:
@@ -164,6 +174,19 @@ class ToCanonicalChannelFirst:
         return MetaTensor(t, affine=torch.as_tensor(np.diag(list(zooms) + [1.0])))
 
 
+def fitted_shape(
+    shape: Sequence[int], zooms: Sequence[float], spatial_size: Sequence[int]
+) -> tuple[int, ...]:
+    """The size FitToSize resizes a (RAS) image of `shape` with voxel sizes `zooms` to before
+    padding: the physical aspect kept, every side <= spatial_size. Shared with the inverse
+    (common/geometry.py), so predict maps outputs back through the very same numbers."""
+    extent = np.asarray(shape, dtype=float) * np.asarray(zooms, dtype=float)
+    scale = min(t / e for t, e in zip(spatial_size, extent, strict=True))
+    return tuple(
+        int(min(t, max(1, round(e * scale)))) for t, e in zip(spatial_size, extent, strict=True)
+    )
+
+
 class FitToSize:
     """Resize keeping the physical aspect ratio, then pad / centre-crop to spatial_size.
 
@@ -189,12 +212,7 @@ class FitToSize:
         if shape == self.spatial_size:
             return img  # the common case for prepared sites: no interpolation at all
         zooms = np.asarray(getattr(img, "pixdim", np.ones(len(shape))), dtype=float)[: len(shape)]
-        extent = np.asarray(shape, dtype=float) * zooms
-        scale = min(t / e for t, e in zip(self.spatial_size, extent, strict=True))
-        new = tuple(
-            int(min(t, max(1, round(e * scale))))
-            for t, e in zip(self.spatial_size, extent, strict=True)
-        )
+        new = fitted_shape(shape, zooms, self.spatial_size)
         if new != shape:
             # "area" averages when shrinking (no aliasing); linear interpolation when growing.
             shrink = all(n <= s for n, s in zip(new, shape, strict=True))

@@ -25,21 +25,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="bench", required=True)
     for name, (module_name, help_text) in BENCHMARKS.items():
         sp = sub.add_parser(name, help=help_text, description=help_text)
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as e:
-            if e.name != module_name:
-                raise
-            # Not written yet: keep the subcommand visible, fail clearly when it is run.
-            sp.set_defaults(_bench_module=None)
-            continue
         sp.set_defaults(_bench_module=module_name)
-        module.add_arguments(sp)
+        importlib.import_module(module_name).add_arguments(sp)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args._bench_module is None:
-        raise SystemExit(f"fedvox bench {args.bench}: not implemented yet")
     return int(importlib.import_module(args._bench_module).run(args) or 0)
 
 

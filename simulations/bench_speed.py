@@ -22,6 +22,7 @@ import statistics
 import time
 from pathlib import Path
 
+from common.progress import track
 from simulations.bench import machine_info
 
 MODES = ("nonprivate", "fast", "hooks", "ew")
@@ -131,7 +132,8 @@ def dp_section(quick: bool, threads: list[int], repeats: int | None) -> dict:
     by_threads = {}
     for t in threads:
         per = {}
-        for name, (dims, shape, batch) in workloads.items():
+        steps = track(workloads.items(), f"DP steps, {t} thread(s)")
+        for name, (dims, shape, batch) in steps:
             reps = repeats or (3 if quick else {"2d": 15, "3d": 5}[name])
             res = measure_steps(dims, shape, batch, t, reps)
             med = {m: v[0] for m, v in res.items()}
@@ -223,7 +225,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"--repeats must be >= 1, got {args.repeats}")
 
     result = {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": machine_info(),
         "quick": bool(args.quick),
         **dp_section(args.quick, threads, args.repeats),

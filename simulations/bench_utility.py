@@ -23,17 +23,16 @@ import argparse
 import datetime as dt
 import json
 import math
-import statistics
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 
+from common.config import ConfigError, RunConfig
+from common.files import atomic_write_text
+from common.progress import track
 from simulations.bench import machine_info
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
+from simulations.bench_table import final_round, format_table, merged_runs, summarise
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = PROJECT_DIR / "simulations" / "results" / "utility.json"
@@ -123,72 +122,13 @@ def parse_epsilons(text: str) -> list[float]:
     return out
 
 
-def _finite(values: list[float | None]) -> list[float]:
-    return [float(v) for v in values if v is not None and math.isfinite(v)]
-
-
-def _mean_sd(values: list[float | None]) -> tuple[float | None, float | None]:
-    vals = _finite(values)
-    if not vals:
-        return None, None
-    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else None)
-
-
 # ------------------------------------------------------------------------------- one run
 
 
-def final_round(summary: dict) -> dict:
-    """The numbers of the LAST round of a federation's summary.json."""
-    if summary.get("status") != "finished" or not summary.get("rounds"):
-        raise RuntimeError(f"run {summary.get('run_name')} did not finish: {summary.get('error')}")
-    last = summary["rounds"][-1]
-    central = last["central"]
-    site_auc = {
-        site: h["eval"].get("auc")
-        for site, h in last["hospitals"].items()
-        if isinstance(h.get("eval"), dict) and h["eval"].get("auc") is not None
-    }
-    # finetune-epochs > 0: each hospital's own fine-tuned copy on its validation part, and the
-    # run's epsilon at the hospital including the fine-tuning.
-    site_auc_finetuned = {
-        site: h["eval"].get("finetuned-auc")
-        for site, h in last["hospitals"].items()
-        if isinstance(h.get("eval"), dict) and h["eval"].get("finetuned-auc") is not None
-    }
-    eps = [h.get("epsilon_run") for h in last["hospitals"].values()]
-    eps += [
-        h["eval"].get("finetuned-epsilon-run")
-        for h in last["hospitals"].values()
-        if isinstance(h.get("eval"), dict)
-    ]
-    return {
-        "round": last["round"],
-        "auc": central.get("auc"),
-        "acc": central.get("accuracy"),
-        "sensitivity": central.get("sensitivity"),
-        "specificity": central.get("specificity"),
-        "threshold": central.get("threshold"),
-        "ece": central.get("ece"),
-        "ece_raw": central.get("ece-raw"),
-        "site_auc": site_auc,
-        "site_auc_finetuned": site_auc_finetuned,
-        "dice": _dice(central),
-        "site_dice": {
-            site: h["eval"].get("dice-mean")
-            for site, h in last["hospitals"].items()
-            if isinstance(h.get("eval"), dict) and h["eval"].get("dice-mean") is not None
-        },
-        "max_epsilon_spent": max(_finite(eps), default=None),
-    }
-
-
-def _dice(metrics: dict) -> dict[str, float]:
-    """Per-class Dice of a segmentation evaluation ({} for classification)."""
-    return {k[len("dice-") :]: float(v) for k, v in metrics.items() if k.startswith("dice-")}
-
-
 def run_federation(fed, base: dict, epsilon: float, seed: int, hospitals: int, name: str) -> dict:
-    cfg = {**base, "seed": seed, "run-name": name}
+    # Each run is a fresh dataset history (its own simulated ledgers), as a benchmark models.
+    state = Path(base["output-dir"]).parent / "node-state" / name
+    cfg = {**base, "seed": seed, "run-name": name, "state-dir": str(state)}
     if math.isinf(epsilon):
         cfg["dp"] = False
     else:
@@ -209,253 +149,13 @@ def run_federation(fed, base: dict, epsilon: float, seed: int, hospitals: int, n
     return out
 
 
-def run_centralised(data_dir: Path, cfg: dict, seed: int, cache_dir: Path) -> dict:
-    """Pooled non-DP training in-process: the reference a single big hospital could reach."""
-    import torch
-
-    from client.train import scheduled_learning_rate, train_dp
-    from common.calibration import calibrated_metrics, choose_calibration, validation_summary
-    from common.data import default_image_size, load_site
-    from common.metrics import evaluate_model
-    from common.paths import list_sites
-    from common.tasks import model_options, task_for
-
-    t0 = time.monotonic()
-
-    size = default_image_size(data_dir / "holdout")  # what the server would choose
-
-    def load(site: Path, split: str):
-        return load_site(
-            site, split=split, image_size=size, cache_dir=cache_dir, log=lambda m: None
-        )
-
-    sites = list_sites(data_dir)
-    train = [load(s, "train") for s in sites]
-    val = [load(s, "val") for s in sites]
-    holdout = load(data_dir / "holdout", "all")
-    task = task_for(holdout.spec)
-    torch.manual_seed(seed)
-    model = task.build_model(
-        holdout.spatial_dims,
-        holdout.in_channels,
-        holdout.num_classes,
-        image_size=tuple(holdout.images.shape[2:]),
-        **model_options(cfg),
-    )
-    rounds, local_epochs = int(cfg["num-server-rounds"]), int(cfg["local-epochs"])
-    epochs = rounds * local_epochs
-    images = torch.cat([d.images for d in train])
-    labels = torch.cat([d.labels for d in train])
-    schedule = str(cfg.get("learning-rate-schedule", "constant"))
-    base_lr = float(cfg["learning-rate"])
-    # A constant rate trains in one go; a schedule trains as many "rounds" as the federation,
-    # each with a fresh optimiser at that round's rate, like a hospital's local training.
-    chunks = (
-        [(epochs, base_lr)]
-        if schedule == "constant"
-        else [
-            (local_epochs, scheduled_learning_rate(base_lr, schedule, r, rounds))
-            for r in range(1, rounds + 1)
-        ]
-    )
-    for chunk_epochs, lr in chunks:
-        train_dp(
-            model,
-            images,
-            labels,
-            epochs=chunk_epochs,
-            batch_size=int(cfg["batch-size"]),
-            learning_rate=lr,
-            noise_multiplier=None,  # non-private reference
-            max_grad_norm=float(cfg["max-grad-norm"]),
-            accountant=str(cfg.get("accountant", "rdp")),
-            momentum=float(cfg.get("momentum", 0.9)),
-            loss_fn=task.loss_fn(),
-            augmentation=str(cfg.get("augmentation", False)).lower() in ("true", "1"),
-        )
-    if holdout.spec.is_segmentation:
-        return {
-            "round": epochs,
-            "auc": None,
-            "acc": None,
-            "dice": _dice(task.evaluate(model, holdout.images, holdout.labels).metrics),
-            "site_dice": {
-                s.name: task.evaluate(model, d.images, d.labels).metrics.get("dice-mean")
-                for s, d in zip(sites, val, strict=True)
-                if len(d)
-            },
-            "site_auc": {},
-            "max_epsilon_spent": None,
-            "wall_s": time.monotonic() - t0,
-        }
-    calib = choose_calibration(
-        [validation_summary(model, d.images, d.labels) for d in val if len(d)]
-    )
-    threshold = calib.threshold if calib and calib.threshold is not None else 0.5
-    metrics, probs = evaluate_model(model, holdout.images, holdout.labels, threshold)
-    extra = calibrated_metrics(probs, holdout.labels.numpy(), calib) if calib else {}
-    site_auc = {}
-    for s, d in zip(sites, val, strict=True):
-        if len(d):
-            site_auc[s.name] = task.evaluate(model, d.images, d.labels).metrics.get("auc")
-    return {
-        "round": epochs,
-        "auc": metrics["auc"],
-        "acc": metrics["accuracy"],
-        "sensitivity": metrics.get("sensitivity"),
-        "specificity": metrics.get("specificity"),
-        "threshold": extra.get("threshold"),
-        "ece": extra.get("ece"),
-        "ece_raw": extra.get("ece-raw"),
-        "site_auc": site_auc,
-        "dice": {},
-        "max_epsilon_spent": None,
-        "wall_s": time.monotonic() - t0,
-    }
-
-
 # ------------------------------------------------------------------------------- table
-
-
-def summarise(runs: list[dict]) -> list[dict]:
-    """One row per (setting, epsilon): mean and sd over seeds."""
-    rows = []
-    keys: list[tuple[str, float | None]] = []
-    for r in runs:
-        if (r["setting"], r["epsilon"]) not in keys:
-            keys.append((r["setting"], r["epsilon"]))
-    order = {"centralised": 0, "fl": 1, "fl-dp": 2}
-    keys.sort(key=lambda k: (order.get(k[0], 3), -(k[1] or 0.0)))
-    for setting, epsilon in keys:
-        group = [r for r in runs if r["setting"] == setting and r["epsilon"] == epsilon]
-        auc_mean, auc_sd = _mean_sd([r["auc"] for r in group])
-        acc_mean, acc_sd = _mean_sd([r["acc"] for r in group])
-        ece_mean, _ = _mean_sd([r.get("ece") for r in group])
-        worst = [min(_finite(list(r["site_auc"].values())), default=None) for r in group]
-        worst_tuned = [
-            min(_finite(list((r.get("site_auc_finetuned") or {}).values())), default=None)
-            for r in group
-        ]
-        best = [max(_finite(list(r["site_auc"].values())), default=None) for r in group]
-        gaps = [b - w for b, w in zip(best, worst, strict=True) if b is not None and w is not None]
-        classes = sorted({c for r in group for c in r.get("dice") or {}})
-        dice = {c: _mean_sd([(r.get("dice") or {}).get(c) for r in group]) for c in classes}
-        worst_dice = [
-            min(_finite(list((r.get("site_dice") or {}).values())), default=None) for r in group
-        ]
-        rows.append(
-            {
-                "setting": setting,
-                "epsilon": epsilon,
-                "seeds": [r["seed"] for r in group],
-                "auc_mean": auc_mean,
-                "auc_sd": auc_sd,
-                "acc_mean": acc_mean,
-                "acc_sd": acc_sd,
-                "worst_site_auc": _mean_sd(worst)[0],
-                "site_auc_gap": _mean_sd(gaps)[0],
-                "worst_site_auc_finetuned": _mean_sd(worst_tuned)[0],
-                "ece_mean": ece_mean,
-                "wall_s_mean": _mean_sd([r.get("wall_s") for r in group])[0],
-                "peak_rss_mb_max": max(
-                    _finite([r.get("peak_rss_mb") for r in group]), default=None
-                ),
-                **(
-                    {
-                        "dice_mean": {c: m for c, (m, _) in dice.items()},
-                        "dice_sd": {c: sd for c, (_, sd) in dice.items()},
-                        "worst_site_dice": _mean_sd(worst_dice)[0],
-                    }
-                    if classes
-                    else {}
-                ),
-            }
-        )
-    return rows
-
-
-def _fmt(mean: float | None, sd: float | None = None) -> str:
-    if mean is None:
-        return "–"
-    return f"{mean:.3f}" + (f" ± {sd:.3f}" if sd is not None else "")
-
-
-def format_table(result: dict) -> str:
-    """Markdown table: AUC/ACC columns for classification, per-class Dice for segmentation."""
-    rows = result["rows"]
-    if any("dice_mean" in r for r in rows):
-        classes = sorted({c for r in rows for c in r.get("dice_mean", {}) if c != "mean"})
-        classes.append("mean")
-        head = [f"Dice {c}" for c in classes] + ["worst-site Dice"]
-
-        def cells(r: dict) -> list[str]:
-            dice = [
-                _fmt(r.get("dice_mean", {}).get(c), r.get("dice_sd", {}).get(c)) for c in classes
-            ]
-            return [*dice, _fmt(r.get("worst_site_dice"))]
-    else:
-        tuned = any(r.get("worst_site_auc_finetuned") is not None for r in rows)
-        head = ["AUC", "ACC", "worst-site AUC", "best–worst gap", "ECE"]
-        head += ["worst-site AUC fine-tuned"] if tuned else []
-
-        def cells(r: dict) -> list[str]:
-            out = [
-                _fmt(r["auc_mean"], r["auc_sd"]),
-                _fmt(r["acc_mean"], r["acc_sd"]),
-                _fmt(r["worst_site_auc"]),
-                _fmt(r["site_auc_gap"]),
-                _fmt(r["ece_mean"]),
-            ]
-            return out + ([_fmt(r.get("worst_site_auc_finetuned"))] if tuned else [])
-
-    lines = [
-        "| setting | ε | seeds | " + " | ".join(head) + " | wall s |",
-        "|---|---|---|" + "---|" * (len(head) + 1),
-    ]
-    for r in rows:
-        eps = "∞" if r["epsilon"] is None else f"{r['epsilon']:g}"
-        lines.append(
-            f"| {r['setting']} | {eps} | {len(r['seeds'])} | "
-            + " | ".join(cells(r))
-            + f" | {r['wall_s_mean']:.0f} |"
-        )
-    lines.append("")
-    lines.append(_footer(result))
-    return "\n".join(lines)
-
-
-def _footer(result: dict) -> str:
-    return (
-        f"Measured {result['date']} on {result['machine']['cpu']} "
-        f"({result['machine']['cores']} cores); data: {result['data']}; "
-        f"config: {json.dumps(result['run_config_overrides'])}"
-    )
 
 
 # ------------------------------------------------------------------------------- main
 
 
-def _merged_runs(path: Path | None, data_desc: str, overrides: dict) -> list[dict]:
-    """Runs of an earlier result to add to this table; refused if data or config differ."""
-    if path is None:
-        return []
-    try:
-        earlier = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"--merge {path}: cannot read it ({e})") from None
-    if earlier.get("data") != data_desc:
-        raise SystemExit(f"--merge {path}: other data ({earlier.get('data')!r}, not {data_desc!r})")
-    if earlier.get("run_config_overrides") != overrides:
-        raise SystemExit(
-            f"--merge {path}: other run config ({earlier.get('run_config_overrides')} "
-            f"vs {overrides})"
-        )
-    return [dict(r, merged_from=str(path)) for r in earlier.get("runs", [])]
-
-
 def run(args: argparse.Namespace) -> int:
-    from simulations.local import LocalFederation
-
     quick = bool(args.quick)
     first = 0 if quick else int(getattr(args, "first_seed", 0))
     seeds = list(range(first, first + (1 if quick else max(1, args.seeds))))
@@ -469,99 +169,122 @@ def run(args: argparse.Namespace) -> int:
     overrides = parse_overrides(args.run_config)
     if quick:
         overrides = {"num-server-rounds": 2, "batch-size": 16, **overrides}
-
+    cfg = _run_config(overrides)
     with tempfile.TemporaryDirectory(prefix="fedvox-bench-utility-") as tmp:
         work = Path(args.workdir or tmp).resolve()
         work.mkdir(parents=True, exist_ok=True)
-        if args.data is not None:
-            from common.paths import list_sites
-
-            data_dir = Path(args.data).resolve()
-            if not (data_dir / "holdout").is_dir():
-                raise SystemExit(f"--data {data_dir}: no holdout/ folder (see fedvox prepare)")
-            hospitals = len(list_sites(data_dir))
-            data_desc = f"{data_dir.name}, {hospitals} hospitals"
-            params = data_dir / "prepare.json"
-            if params.is_file():
-                prepared = json.loads(params.read_text()).get("params", {})
-                data_desc += f" (fedvox prepare {json.dumps(prepared)})"
-        elif quick:
-            from simulations.phantoms import make_phantom_sites
-
-            data_dir, hospitals = work / "data", 2
-            if not (data_dir / "holdout").is_dir():
-                make_phantom_sites(
-                    "blobs-2d", data_dir, hospitals=2, cases_per_site=48, holdout_cases=40, seed=1
-                )
-            data_desc = "phantom blobs-2d, 2 hospitals"
-        else:
-            from common.datasets import ensure_demo_data
-
-            defaults = default_run_config()
-            hospitals = int(overrides.get("demo-hospitals", defaults.get("demo-hospitals", 5)))
-            alpha = float(overrides.get("demo-alpha", defaults.get("demo-alpha", 0.5)))
-            # One fixed partition (the demo's, seed 0); seeds vary initialisation and training.
-            data_dir = ensure_demo_data(work / "data", hospitals=hospitals, alpha=alpha, seed=0)
-            data_desc = (
-                f"PneumoniaMNIST, {hospitals} hospitals, Dirichlet({alpha:g}), partition seed 0"
-            )
-        cfg = {**default_run_config(), **overrides}
-        base = {
-            **overrides,
-            "data-dir": str(data_dir),
-            "output-dir": str(work / "runs"),
-        }
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        runs: list[dict] = _merged_runs(getattr(args, "merge", None), data_desc, overrides)
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-
-        def result(complete: bool) -> dict:
-            return {
-                "benchmark": "utility",
-                "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-                "machine": machine_info(),
-                "complete": complete,
-                "quick": quick,
-                "data": data_desc,
-                "run_config_overrides": overrides,
-                "run_config": {k: v for k, v in cfg.items() if k not in ("data-dir", "output-dir")},
-                "rows": summarise(runs),
-                "runs": runs,
-            }
-
-        def record(setting: str, epsilon: float | None, seed: int, res: dict) -> None:
-            runs.append({"setting": setting, "epsilon": epsilon, "seed": seed, **res})
-            eps = "inf" if epsilon is None else f"{epsilon:g}"
-            if res.get("dice"):
-                shown = " ".join(f"Dice {c} {v:.4f}" for c, v in res["dice"].items())
-            else:
-                shown = f"AUC {res['auc']:.4f} ACC {res['acc']:.4f}"
-            print(
-                f"[bench utility] {setting} eps={eps} seed={seed}: {shown} ({res['wall_s']:.0f} s)",
-                flush=True,
-            )
-            # Written after every run, so an interrupted benchmark still leaves its numbers.
-            out.write_text(json.dumps(result(False), indent=2) + "\n")
-            out.with_suffix(".md").write_text(format_table(result(False)) + "\n")
-
+        data_dir, hospitals, data_desc = _data(args, quick, cfg, work)
+        bench = _Bench(Path(args.out), quick, data_desc, overrides, cfg)
+        bench.runs += merged_runs(getattr(args, "merge", None), data_desc, overrides)
         if "fl" in settings:
-            with LocalFederation(work / "sim") as fed:
-                for epsilon in epsilons:
-                    for seed in seeds:
-                        name = f"{stamp}-eps{epsilon:g}-seed{seed}"
-                        res = run_federation(fed, base, epsilon, seed, hospitals, name)
-                        setting = "fl" if math.isinf(epsilon) else "fl-dp"
-                        record(setting, None if math.isinf(epsilon) else epsilon, seed, res)
-
+            _federations(bench, work, data_dir, hospitals, epsilons, seeds)
         if "centralised" in settings:
+            from simulations.centralised import run_centralised
+
             for seed in seeds:
                 res = run_centralised(data_dir, cfg, seed, work / "cache")
-                record("centralised", None, seed, res)
-        final = result(True)
-    table = format_table(final)
+                bench.record("centralised", None, seed, res)
+        table = bench.write(complete=True)
     print(table)
-    out.write_text(json.dumps(final, indent=2) + "\n")
-    out.with_suffix(".md").write_text(table + "\n")
-    print(f"[bench utility] wrote {out} and {out.with_suffix('.md')}")
+    print(f"[bench utility] wrote {bench.out} and {bench.out.with_suffix('.md')}")
     return 0
+
+
+def _run_config(overrides: dict) -> RunConfig:
+    """The project's run config with the overrides, checked like the apps check it."""
+    try:
+        return RunConfig.parse({**default_run_config(), **overrides})
+    except ConfigError as e:
+        raise SystemExit(f"-c/--run-config: {e}") from None
+
+
+def _data(args: argparse.Namespace, quick: bool, cfg: RunConfig, work: Path):
+    """(data dir, hospitals, a description for the table) of --data, --quick or the demo."""
+    if args.data is not None:
+        from common.paths import list_sites
+
+        data_dir = Path(args.data).resolve()
+        if not (data_dir / "holdout").is_dir():
+            raise SystemExit(f"--data {data_dir}: no holdout/ folder (see fedvox prepare)")
+        hospitals = len(list_sites(data_dir))
+        desc = f"{data_dir.name}, {hospitals} hospitals"
+        params = data_dir / "prepare.json"
+        if params.is_file():
+            prepared = json.loads(params.read_text()).get("params", {})
+            desc += f" (fedvox prepare {json.dumps(prepared)})"
+        return data_dir, hospitals, desc
+    if quick:
+        from simulations.phantoms import make_phantom_sites
+
+        data_dir = work / "data"
+        if not (data_dir / "holdout").is_dir():
+            make_phantom_sites(
+                "blobs-2d", data_dir, hospitals=2, cases_per_site=48, holdout_cases=40, seed=1
+            )
+        return data_dir, 2, "phantom blobs-2d, 2 hospitals"
+    from common.datasets import ensure_demo_data
+
+    hospitals, alpha = cfg.demo_hospitals, cfg.demo_alpha
+    # One fixed partition (the demo's, seed 0); seeds vary initialisation and training.
+    data_dir = ensure_demo_data(work / "data", hospitals=hospitals, alpha=alpha, seed=0)
+    desc = f"PneumoniaMNIST, {hospitals} hospitals, Dirichlet({alpha:g}), partition seed 0"
+    return data_dir, hospitals, desc
+
+
+def _federations(bench, work: Path, data_dir: Path, hospitals: int, epsilons, seeds) -> None:
+    """One real Flower simulation per (epsilon, seed) on a private SuperLink."""
+    from simulations.local import LocalFederation
+
+    base = {**bench.overrides, "data-dir": str(data_dir), "output-dir": str(work / "runs")}
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    with LocalFederation(work / "sim") as fed:
+        runs = [(epsilon, seed) for epsilon in epsilons for seed in seeds]
+        for epsilon, seed in track(runs, "federations"):
+            name = f"{stamp}-eps{epsilon:g}-seed{seed}"
+            res = run_federation(fed, base, epsilon, seed, hospitals, name)
+            setting = "fl" if math.isinf(epsilon) else "fl-dp"
+            bench.record(setting, None if math.isinf(epsilon) else epsilon, seed, res)
+
+
+class _Bench:
+    """The runs so far; JSON + markdown rewritten after every run (an interrupted benchmark
+    still leaves its numbers)."""
+
+    def __init__(self, out: Path, quick: bool, data: str, overrides: dict, cfg: RunConfig):
+        self.out, self.quick, self.data, self.overrides = out, quick, data, overrides
+        self.run_config = {
+            k: v for k, v in cfg.as_dict().items() if k not in ("data-dir", "output-dir")
+        }
+        self.runs: list[dict] = []
+        out.parent.mkdir(parents=True, exist_ok=True)
+
+    def result(self, complete: bool) -> dict:
+        return {
+            "benchmark": "utility",
+            "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "machine": machine_info(),
+            "complete": complete,
+            "quick": self.quick,
+            "data": self.data,
+            "run_config_overrides": self.overrides,
+            "run_config": self.run_config,
+            "rows": summarise(self.runs),
+            "runs": self.runs,
+        }
+
+    def record(self, setting: str, epsilon: float | None, seed: int, res: dict) -> None:
+        self.runs.append({"setting": setting, "epsilon": epsilon, "seed": seed, **res})
+        eps = "inf" if epsilon is None else f"{epsilon:g}"
+        if res.get("dice"):
+            shown = " ".join(f"Dice {c} {v:.4f}" for c, v in res["dice"].items())
+        else:
+            shown = f"AUC {res['auc']:.4f} ACC {res['acc']:.4f}"
+        print(f"[bench utility] {setting} eps={eps} seed={seed}: {shown} ({res['wall_s']:.0f} s)")
+        self.write(complete=False)
+
+    def write(self, complete: bool) -> str:
+        result = self.result(complete)
+        table = format_table(result)
+        atomic_write_text(self.out, json.dumps(result, indent=2) + "\n")
+        atomic_write_text(self.out.with_suffix(".md"), table + "\n")
+        return table

@@ -17,8 +17,12 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("client.validate", "check a hospital data folder and report every bad file"),
     "prepare": ("simulations.prepare", "write hospital folders + holdout from an npz or phantoms"),
+    "import": ("client.importer", "DICOM export or nnU-Net/MSD dataset -> a hospital folder"),
     "certs": ("common.certs", "create a CA, server certificate and hospital node keys"),
     "bench": ("simulations.bench", "speed and utility benchmarks (JSON + table)"),
+    "predict": ("simulations.predict", "apply a run's model to NIfTI scans (+ saliency maps)"),
+    "report": ("simulations.report", "write a run's report.html and model-card.md"),
+    "audit": ("simulations.audit", "measure privacy: epsilon lower bound, membership attacks"),
 }
 
 
@@ -48,7 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command).parse_args(argv)
     module = importlib.import_module(args._module)
-    return int(module.run(args) or 0)
+    from common.progress import enabled  # stdlib only: costs `fedvox validate` nothing
+
+    with enabled():  # a person at a terminal sees progress bars on long work
+        return int(module.run(args) or 0)
 
 
 if __name__ == "__main__":

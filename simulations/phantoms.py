@@ -23,14 +23,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from common.datasets import (
-    _locked,
-    atomic_output,
-    class_counts,
-    write_hospital,
-    write_manifest,
-    write_site,
-)
+from common.datasets import class_counts, write_hospital, write_site
+from common.prepare_output import atomic_output, locked, write_manifest
+from common.progress import track
 from simulations.phantoms_organ import ORGAN_CLASSES, organ_cases, organ_sites  # organ-3d
 
 
@@ -147,13 +142,13 @@ def make_phantom_sites(
     }
     seg = phantom.task == "segmentation"  # counts: cases without / with a nodule
     if writer := phantom.make_sites or (_make_segmentation_sites if seg else None):
-        with _locked(out), atomic_output(out) as tmp:
+        with locked(out), atomic_output(out) as tmp:
             counts = writer(
                 phantom, tmp, hospitals, cases_per_site, holdout_cases, rng, size, val_fraction
             )
             write_manifest(tmp, params, counts, ["no-nodule", "nodule"] if seg else names)
         return counts
-    with _locked(out), atomic_output(out) as tmp:
+    with locked(out), atomic_output(out) as tmp:
         for h in range(1, hospitals + 1):
             style = random_style(rng)
             images, labels = phantom.generate(rng, cases_per_site, size, style)
@@ -368,7 +363,7 @@ def _make_segmentation_sites(
         (f"hospital-{h}", random_scanner(rng), cases_per_site) for h in range(1, hospitals + 1)
     ]
     for name, style, n in [*sites, ("holdout", HOLDOUT_SCANNER, holdout_cases)]:
-        cases = [phantom.generate(rng, matrix, style) for _ in range(n)]
+        cases = [phantom.generate(rng, matrix, style) for _ in track(range(n), f"drawing {name}")]
         splits = None
         if name != "holdout":
             n_val = max(1, int(round(val_fraction * n)))

@@ -29,7 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common.datasets import class_counts, local_val_split
+from common.datasets import class_counts
+from common.partition import local_val_split
 
 ORGAN_CLASSES = ("normal", "abnormal")
 PREVALENCE = 0.22  # holdout; hospitals draw around it
@@ -206,7 +207,7 @@ def write_organ_site(
     import nibabel as nib
     from nibabel import orientations as ornt
 
-    from common.data import auto_input_size
+    from common.site.spec import auto_input_size
 
     site_dir = Path(site_dir)
     (site_dir / "images").mkdir(parents=True, exist_ok=True)

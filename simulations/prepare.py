@@ -1,7 +1,7 @@
 """`fedvox prepare`: turn a dataset (or a synthetic phantom) into hospital folders.
 
-The work is done by `common.datasets` (shared with the ServerApp's demo set-up);
-this module is the command line.
+The work is done by `common.datasets` (shared with the ServerApp's demo set-up),
+`common.partition` and `common.prepare_output`; this module is the command line.
 """
 
 from __future__ import annotations
@@ -12,19 +12,16 @@ from pathlib import Path
 
 from common.datasets import (  # noqa: F401 - re-exported for scripts and tests
     DEFAULT_SOURCE,
-    MANIFEST,
-    PARTITIONS,
     class_counts,
     ensure_demo_data,
     format_class_table,
     load_npz,
-    local_val_split,
-    partition_indices,
     prepare_from_npz,
-    read_manifest,
     write_hospital,
     write_site,
 )
+from common.partition import PARTITIONS, local_val_split, partition_indices  # noqa: F401
+from common.prepare_output import MANIFEST, read_manifest  # noqa: F401
 
 # ----------------------------------------------------------------------------- CLI
 

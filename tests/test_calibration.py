@@ -1,4 +1,5 @@
-"""Threshold + temperature chosen on validation aggregates (common/calibration.py)."""
+"""Validation releases (common/validation.py) and the threshold + temperature chosen from them
+(common/calibration.py): a hospital sends noisy counts only; the server computes the rest."""
 
 from __future__ import annotations
 
@@ -8,21 +9,28 @@ import torch
 from torch import nn
 
 from common.calibration import (
-    HIST_NEG,
-    HIST_POS,
-    NLL_GRID,
     Calibration,
     calibrated_metrics,
     choose_calibration,
     expected_calibration_error,
     scale_probs,
-    validation_summary,
 )
-from common.metrics import predict_probs
+from common.metrics import classification_metrics, predict_logits
+from common.validation import (
+    CONFUSION,
+    DICE_COUNT,
+    DICE_SUM,
+    EVAL_NOISE,
+    HIST_NEG,
+    HIST_POS,
+    MARGIN_EDGES,
+    local_metrics,
+    release,
+)
 
 
 class Scaled(nn.Module):
-    """Logits = scale * (x0 - 0.5 * bias) on class 1: a model whose confidence we control."""
+    """Logits = scale * (x0 - shift) on class 1: a model whose confidence we control."""
 
     def __init__(self, scale: float, shift: float = 0.0) -> None:
         super().__init__()
@@ -33,6 +41,15 @@ class Scaled(nn.Module):
         return torch.stack([torch.zeros_like(m), m], dim=1)
 
 
+def _release(model: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int = 0) -> dict:
+    """A hospital's release about `model` on (x, y), as its evaluate reply computes it."""
+    return release(predict_logits(model, x), y, rng=np.random.default_rng(seed))
+
+
+def predict_probs(model: nn.Module, x: torch.Tensor) -> np.ndarray:
+    return torch.softmax(predict_logits(model, x), 1).numpy()
+
+
 def _data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     # A well-specified problem: P(y=1 | x) = sigmoid(x), x ~ N(0, 2^2).
     g = torch.Generator().manual_seed(seed)
@@ -41,15 +58,39 @@ def _data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def test_temperature_scaling_lowers_ece_of_an_overconfident_model():
+def test_a_release_is_the_exact_counts_plus_gaussian_noise_of_the_stated_scale():
+    model = Scaled(scale=1.0)
+    x, y = _data(300, seed=2)
+    margins = predict_logits(model, x)[:, 1].numpy()
+    exact = {
+        key: np.histogram(np.clip(margins[y.numpy() == c], -12, 12), MARGIN_EDGES)[0]
+        for key, c in ((HIST_NEG, 0), (HIST_POS, 1))
+    }
+    noise = np.concatenate(
+        [
+            np.asarray(_release(model, x, y, seed)[key]) - exact[key]
+            for seed in range(200)
+            for key in (HIST_NEG, HIST_POS)
+        ]
+    )
+    assert abs(noise.mean()) < 0.1
+    assert noise.std() == pytest.approx(EVAL_NOISE, rel=0.03)
+    # One case changes exactly one count by one: the sensitivity the noise is scaled to.
+    without = {
+        key: np.histogram(np.clip(margins[1:][y.numpy()[1:] == c], -12, 12), MARGIN_EDGES)[0]
+        for key, c in ((HIST_NEG, 0), (HIST_POS, 1))
+    }
+    diff = np.concatenate([exact[k] - without[k] for k in (HIST_NEG, HIST_POS)])
+    assert sorted(diff)[-1] == 1 and np.abs(diff).sum() == 1
+
+
+def test_temperature_scaling_from_releases_lowers_ece_of_an_overconfident_model():
     model = Scaled(scale=4.0)  # 4x overconfident: the true temperature is 4
-    val = _data(4000, seed=0)
-    test = _data(4000, seed=1)
-    calib = choose_calibration([validation_summary(model, *val)])
+    val, test = _data(8000, seed=0), _data(4000, seed=1)
+    calib = choose_calibration([_release(model, *val)])
     assert calib is not None
-    assert calib.temperature == pytest.approx(4.0, rel=0.25)
-    probs = predict_probs(model, test[0])
-    m = calibrated_metrics(probs, test[1].numpy(), calib)
+    assert calib.temperature == pytest.approx(4.0, rel=0.3)
+    m = calibrated_metrics(predict_probs(model, test[0]), test[1].numpy(), calib)
     assert m["ece"] < 0.5 * m["ece-raw"], m
     assert m["ece-raw"] > 0.05
 
@@ -69,51 +110,51 @@ def test_scale_probs_matches_softmax_of_scaled_logits():
     np.testing.assert_allclose(scale_probs(probs, 2.5), expected, atol=1e-6)
 
 
-def test_threshold_comes_from_validation_data_only():
+def test_threshold_comes_from_validation_releases_only():
     # Every case scores above 0.5 (margin 2..6); classes separate at margin 4.
     model = Scaled(scale=1.0)
-    x_val = torch.cat([torch.full((50, 1, 1, 1), 3.0), torch.full((50, 1, 1, 1), 5.0)])
-    y_val = torch.cat([torch.zeros(50), torch.ones(50)]).long()
-    calib = choose_calibration([validation_summary(model, x_val, y_val)])
+    x_val = torch.cat([torch.full((500, 1, 1, 1), 3.0), torch.full((500, 1, 1, 1), 5.0)])
+    y_val = torch.cat([torch.zeros(500), torch.ones(500)]).long()
+    calib = choose_calibration([_release(model, x_val, y_val)])
     assert 3.0 < calib.threshold_margin <= 5.0
     # Swap the validation labels: the threshold moves although the model did not change,
     # so it depends on the validation data (and on nothing else, e.g. a test split).
-    flipped = choose_calibration([validation_summary(model, x_val, 1 - y_val)])
+    flipped = choose_calibration([_release(model, x_val, 1 - y_val)])
     assert flipped.threshold_margin != calib.threshold_margin
-    # At 0.5 every case would be called positive; at the chosen threshold none of the
-    # negatives are.
     probs = predict_probs(model, x_val)
-    assert (probs[:50, 1] >= 0.5).all()
-    assert (probs[:50, 1] < calib.threshold).all() and (probs[50:, 1] >= calib.threshold).all()
+    assert (probs[:500, 1] >= 0.5).all()
+    assert (probs[:500, 1] < calib.threshold).all() and (probs[500:, 1] >= calib.threshold).all()
 
 
-def test_hospital_aggregates_add_up_and_reveal_only_counts():
+def test_local_metrics_from_one_release_track_the_exact_ones():
     model = Scaled(scale=1.5, shift=0.3)
-    a, b = _data(300, seed=2), _data(200, seed=3)
-    sa, sb = validation_summary(model, *a), validation_summary(model, *b)
-    pooled = validation_summary(model, torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]]))
-    assert set(sa) == {HIST_NEG, HIST_POS, NLL_GRID}
-    for key in (HIST_NEG, HIST_POS):
-        np.testing.assert_array_equal(np.add(sa[key], sb[key]), pooled[key])
-        assert all(float(c).is_integer() for c in sa[key])  # case counts, not scores
-    assert sum(sa[HIST_NEG]) + sum(sa[HIST_POS]) == len(a[1])
-    np.testing.assert_allclose(np.add(sa[NLL_GRID], sb[NLL_GRID]), pooled[NLL_GRID], rtol=1e-9)
-    split = choose_calibration([sa, sb])
-    whole = choose_calibration([pooled])
-    assert split == whole
-    assert split.num_cases == 500
+    x, y = _data(3000, seed=4)
+    probs = predict_probs(model, x)
+    exact = classification_metrics(probs, y.numpy(), threshold=0.5)
+    local = local_metrics(_release(model, x, y), threshold_margin=0.0)
+    assert local["auc"] == pytest.approx(exact["auc"], abs=0.05)
+    for key in ("sensitivity", "specificity", "accuracy"):
+        assert local[key] == pytest.approx(exact[key], abs=0.1), key
 
 
-def test_non_classifiers_and_missing_reports_give_no_calibration():
-    seg = nn.Conv2d(1, 2, 1)  # (N, K, H, W) output: not a case-level classifier
-    x = torch.randn(4, 1, 5, 5)
-    assert validation_summary(seg, x, torch.zeros(4, 5, 5).long()) == {}
-    assert choose_calibration([{}, {"auc": 0.9}]) is None
+def test_hospitals_releases_pool_into_one_calibration():
+    model = Scaled(scale=1.5, shift=0.3)
+    a, b = _data(3000, seed=2), _data(2000, seed=3)
+    split = choose_calibration([_release(model, *a, seed=1), _release(model, *b, seed=2)])
+    assert split.num_cases == pytest.approx(5000, abs=200)
+    assert split.threshold_margin is not None
 
 
-def test_multiclass_gets_temperature_but_no_threshold():
+def test_segmentation_and_multiclass_releases():
+    dice = np.array([[0.9, np.nan], [0.7, 0.5], [0.8, np.nan]])
+    seg = release(None, torch.zeros(3), dice=dice, rng=np.random.default_rng(0))
+    assert set(seg) == {DICE_SUM, DICE_COUNT} and len(seg[DICE_SUM]) == 2
+    assert 0.0 <= local_metrics(seg, None)["dice-mean"] <= 1.0
+    assert choose_calibration([seg, {}]) is None  # no histograms: no threshold to pick
     model = nn.Linear(4, 3)
     x, y = torch.randn(60, 4), torch.randint(0, 3, (60,))
-    calib = choose_calibration([validation_summary(model, x, y)])
-    assert isinstance(calib, Calibration) and calib.threshold is None
-    assert calib.temperature > 0
+    multi = release(predict_logits(model, x), y, rng=np.random.default_rng(0))
+    assert set(multi) == {CONFUSION} and len(multi[CONFUSION]) == 9
+    assert 0.0 <= local_metrics(multi, None)["accuracy"] <= 1.0
+    assert choose_calibration([multi]) is None
+    assert isinstance(Calibration(1.0, None, 0).threshold, type(None))

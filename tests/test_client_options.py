@@ -8,17 +8,17 @@ planned into the run's epsilon and leaves its model at the node."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
-import tomllib
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.app import Context
+from node_messages import context, message
 
-from client.app import FEDBN_KEY, evaluate, train
-from client.train import train_dp
+from client.app import evaluate, finetune, train
+from client.node import FEDBN_KEY
 from common.models import build_model
+from common.validation import local_metrics
 from common.weights import norm_parameter_names
 from simulations.phantoms import make_phantom_sites
 
@@ -26,9 +26,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:Secure RNG turned off"),
     pytest.mark.filterwarnings("ignore:Optimal order is the"),
 ]
-
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULTS = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
 
 
 @pytest.fixture(scope="module")
@@ -39,45 +36,21 @@ def sites(tmp_path_factory) -> Path:
 
 
 def _context(sites: Path, tmp: Path, **overrides) -> Context:
-    run = {
-        **DEFAULTS,
-        "data-dir": str(sites),
-        "output-dir": str(tmp / "runs"),
-        "batch-size": 16,
-        "local-epochs": 1,
-        "augmentation": False,
-        **overrides,
-    }
-    node = {"partition-id": 0, "num-partitions": 1}
-    return Context(run_id=7, node_id=1, node_config=node, state=RecordDict(), run_config=run)
-
-
-def _message(state_dict: dict, round_: int, kind: str = "train", **config) -> Message:
-    content = RecordDict(
+    return context(
         {
-            "arrays": ArrayRecord(state_dict),
-            "config": ConfigRecord(
-                {"server-round": round_, "run-uid": "test-run", "run-name": "opts", **config}
-            ),
+            "data-dir": str(sites),
+            "output-dir": str(tmp / "runs"),
+            "state-dir": str(tmp / "state"),
+            "batch-size": 16,
+            "local-epochs": 1,
+            "augmentation": False,
+            **overrides,
         }
     )
-    # What a SuperNode hands the ClientApp: a message with its delivery metadata set.
-    metadata = Metadata(
-        run_id=7,
-        message_id=f"m{round_}",
-        src_node_id=0,
-        dst_node_id=1,
-        reply_to_message_id="",
-        group_id=str(round_),
-        created_at=time.time(),
-        ttl=3600.0,
-        message_type=kind,
-    )
-    return Message(content, metadata=metadata)
 
 
 def _round(context: Context, state_dict: dict, round_: int) -> dict[str, torch.Tensor]:
-    reply = train(_message(state_dict, round_), context)
+    reply = train(message(state_dict, round_), context)
     assert reply.content.config_records["node"]["status"] == "ok", reply.content
     return reply.content.array_records["arrays"].to_torch_state_dict()
 
@@ -106,7 +79,7 @@ def test_fedbn_keeps_the_sites_norm_parameters_and_takes_the_rest_global(sites, 
             torch.testing.assert_close(value, marked[name])  # what the server sent
 
 
-def test_batch_memory_manager_gives_the_full_batch_update_and_accounting():
+def test_batch_memory_manager_gives_the_full_batch_update_and_accounting(sgd):
     torch.manual_seed(1)
     x, y = torch.randn(64, 1, 28, 28), torch.randint(0, 2, (64,))
     start = build_model(2, 1, 2).state_dict()
@@ -115,16 +88,13 @@ def test_batch_memory_manager_gives_the_full_batch_update_and_accounting():
         model = build_model(2, 1, 2)
         model.load_state_dict(start)
         torch.manual_seed(2)  # the same Poisson batches in both runs
-        out = train_dp(
+        out = sgd(
             model,
             x,
             y,
+            noise_multiplier=0.0,
             epochs=2,
             batch_size=16,
-            learning_rate=0.1,
-            noise_multiplier=0.0,
-            max_grad_norm=1.0,
-            accountant="rdp",
             max_physical_batch=physical,
         )
         results[physical] = (model.state_dict(), out.history)
@@ -155,11 +125,11 @@ def test_cosine_schedule_starts_at_the_base_rate_and_decays_every_round():
         scheduled_learning_rate(0.5, "linear", 1, 10)
 
 
-def test_an_unknown_schedule_fails_the_round_with_the_setting_named(sites, tmp_path):
+def test_an_unknown_schedule_is_refused_with_the_setting_named(sites, tmp_path):
     context = _context(sites, tmp_path, **{"learning-rate-schedule": "linear"})
-    reply = train(_message(build_model(2, 1, 2).state_dict(), 1), context)
+    reply = train(message(build_model(2, 1, 2).state_dict(), 1), context)
     node = reply.content.config_records["node"]
-    assert node["status"] == "failed"
+    assert node["status"] == "refused"  # a run config the node cannot accept
     assert "learning-rate-schedule" in node["reason"] and "cosine" in node["reason"]
     assert "arrays" not in reply.content.array_records  # no weights from a failed round
 
@@ -174,13 +144,13 @@ def test_a_node_builds_the_model_the_run_config_names(sites, tmp_path):
     assert list(trained) == list(start)
     assert any(not torch.equal(trained[k], start[k]) for k in start)
     # A CNN's weights do not fit it: the round fails instead of training something else.
-    wrong = train(_message(build_model(2, 1, 2).state_dict(), 2), context)
+    wrong = train(message(build_model(2, 1, 2).state_dict(), 2), context)
     assert wrong.content.config_records["node"]["status"] == "failed"
     # An unknown model fails the round with the setting named.
     context = _context(sites, tmp_path, model="resnet")
-    reply = train(_message(start, 1), context)
+    reply = train(message(start, 1), context)
     node = reply.content.config_records["node"]
-    assert node["status"] == "failed" and "model='resnet'" in node["reason"], node
+    assert node["status"] == "refused" and "model='resnet'" in node["reason"], node
 
 
 def _ledger(tmp: Path) -> dict:
@@ -189,60 +159,70 @@ def _ledger(tmp: Path) -> dict:
 
     from client.ledger import LEDGER_FILE  # noqa: PLC0415
 
-    return json.loads(
-        (tmp / "runs" / "opts" / "node-state" / "hospital-1" / LEDGER_FILE).read_text()
-    )
+    return json.loads((tmp / "state" / "hospital-1" / LEDGER_FILE).read_text())
 
 
 @pytest.mark.parametrize("epochs", [0, 2])
 def test_finetuning_is_planned_into_epsilon_and_its_model_stays_at_the_node(
     sites, tmp_path, epochs
 ):
-    """The last round's evaluation fine-tunes the final model with DP, inside the run's plan."""
-    context = _context(sites, tmp_path, **{"finetune-epochs": epochs, "target-epsilon": 4.0})
+    """After the last round the server sends "train.finetune": each node fine-tunes the final
+    model with DP, inside the run's plan; evaluations never fine-tune."""
+    overrides = {"finetune-epochs": epochs, "target-epsilon": 4.0, "local-evaluation": "every"}
+    context = _context(sites, tmp_path, **overrides)
     torch.manual_seed(0)
     start = build_model(2, 1, 2).state_dict()
     cfg = {"total-rounds": 2}
-    first = train(_message(start, 1, **cfg), context)
+    first = train(message(start, 1, **cfg), context)
     assert first.content.config_records["node"]["status"] == "ok"
     plan = _ledger(tmp_path)["runs"]["test-run"]
-    steps_per_round = first.content.metric_records["metrics"]["steps"]
-    # The noise of every round is calibrated for the fine-tuning steps too.
+    entries = _ledger(tmp_path)["entries"]
+    steps_per_round = next(e["steps"] for e in entries if e["phase"] == "train")
+    # The noise of every round is calibrated for the fine-tuning steps and every planned
+    # validation release too (2 evaluations + 1 of the fine-tuned model + the count).
     assert plan["planned_steps"] == (2 + epochs) * steps_per_round
+    assert plan["planned_releases"] == 2 + (1 if epochs else 0) + 1
     weights = first.content.array_records["arrays"].to_torch_state_dict()
 
-    # Not the last planned round: an ordinary evaluation.
-    early = evaluate(_message(weights, 1, "evaluate", **cfg), context).content
-    assert not any(k.startswith("finetuned-") for k in early.metric_records["metrics"])
+    # An evaluation is an evaluation; a fine-tuning message before the last round is refused.
+    early = evaluate(message(weights, 1, "evaluate", **cfg), context).content
+    assert early.config_records["node"]["status"] == "ok"
+    too_early = finetune(message(weights, 1, "train.finetune", **cfg), context).content
+    assert too_early.config_records["node"]["status"] == "refused"
 
-    second = train(_message(weights, 2, **cfg), context).content
+    second = train(message(weights, 2, **cfg), context).content
     final = second.array_records["arrays"].to_torch_state_dict()
-    eps_after_rounds = second.metric_records["metrics"]["epsilon-run"]
-    reply = evaluate(_message(final, 2, "evaluate", **cfg), context).content
-    metrics = reply.metric_records["metrics"]
-    assert reply.config_records["node"]["status"] == "ok"
-    assert set(reply.array_records) == set()  # weights never leave in an evaluation reply
-    saved = tmp_path / "runs" / "opts" / "node-state" / "hospital-1" / "personalised"
-    if epochs == 0:
-        assert not any(k.startswith("finetuned-") for k in metrics)
+    last = evaluate(message(final, 2, "evaluate", **cfg), context).content
+    eps_after_rounds = last.metric_records["metrics"]["epsilon-run"]
+    reply = finetune(message(final, 2, "train.finetune", **cfg), context).content
+    metrics = dict(reply.metric_records["metrics"])
+    assert set(reply.array_records) == set()  # the fine-tuned weights never leave
+    saved = tmp_path / "state" / "hospital-1" / "personalised"
+    if epochs == 0:  # the server sends no such message; a node that gets one refuses it
+        assert reply.config_records["node"]["status"] == "refused"
         assert not saved.exists()
         return
-    assert 0.0 <= metrics["finetuned-auc"] <= 1.0
+    assert reply.config_records["node"]["status"] == "ok"
+    # One DP release about the fine-tuned model (the server computes its metrics from it).
+    assert {"val-hist-neg", "val-hist-pos"} <= set(metrics) and "auc" in local_metrics(metrics, 0)
     # The fine-tuning steps were spent and recorded, and the run still ends within target.
-    assert eps_after_rounds < metrics["finetuned-epsilon-run"] <= 4.0 * (1 + 1e-6)
+    assert eps_after_rounds < metrics["epsilon-run"] <= 4.0 * (1 + 1e-6)
     entries = _ledger(tmp_path)["entries"]
-    assert [e.get("phase") for e in entries] == [None, None, "finetune"]
-    assert entries[-1]["steps"] == epochs * steps_per_round / context.run_config["local-epochs"]
+    # The run's released training-set count first, then every round's releases.
+    phases = ["count", "train", "evaluate", "train", "evaluate", "finetune", "finetune-evaluate"]
+    assert [e["phase"] for e in entries] == phases
+    assert all(e["status"] == "released" for e in entries)
+    assert entries[5]["steps"] == epochs * steps_per_round / context.run_config["local-epochs"]
     personal = torch.load(saved / "test-run-round2.pt", weights_only=True)
     assert any(not torch.equal(personal[k], final[k]) for k in final)  # it did train
-    # A re-sent last evaluation reuses the saved model and spends nothing more.
-    again = evaluate(_message(final, 2, "evaluate", **cfg), context).content
-    assert len(_ledger(tmp_path)["entries"]) == 3
-    assert again.metric_records["metrics"]["finetuned-auc"] == metrics["finetuned-auc"]
+    # A re-sent fine-tuning message gets the same release back and spends nothing more.
+    again = finetune(message(final, 2, "train.finetune", **cfg), context).content
+    assert len(_ledger(tmp_path)["entries"]) == 7
+    assert dict(again.metric_records["metrics"])["val-hist-pos"] == metrics["val-hist-pos"]
 
 
-def test_a_negative_finetune_epochs_fails_with_the_setting_named(sites, tmp_path):
+def test_a_negative_finetune_epochs_is_refused_with_the_setting_named(sites, tmp_path):
     context = _context(sites, tmp_path, **{"finetune-epochs": -1})
-    reply = train(_message(build_model(2, 1, 2).state_dict(), 1), context)
+    reply = train(message(build_model(2, 1, 2).state_dict(), 1), context)
     node = reply.content.config_records["node"]
-    assert node["status"] == "failed" and "finetune-epochs" in node["reason"]
+    assert node["status"] == "refused" and "finetune-epochs" in node["reason"]

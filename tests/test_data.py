@@ -10,8 +10,8 @@ import pytest
 import torch
 from nifti_factory import make_site, write_nifti
 
-import common.data as data
-from common.data import DataError, load_site
+import common.site as data
+from common.site import DataError, load_site
 
 RNG = np.random.default_rng(0)
 
@@ -181,7 +181,7 @@ def test_changed_modality_invalidates_tensors(tmp_path, load_spy):
 
 
 def test_default_image_size_shrinks_only_large_3d_volumes(tmp_path):
-    from common.data import AUTO_3D_SIZE, default_image_size
+    from common.site import AUTO_3D_SIZE, default_image_size
 
     rng = np.random.default_rng(0)
     big = make_site(

@@ -512,16 +512,12 @@ def _write_sites(root: Path, sizes: dict[str, int]) -> None:
         make_site(root / name, cases, class_names=["normal", "lesion"], modality="MR")
 
 
-HAVE_APPS = (ROOT / "client" / "app.py").exists() and (ROOT / "server" / "app.py").exists()
-
-
-@pytest.mark.skipif(not HAVE_APPS, reason="client/app.py or server/app.py not written yet")
 def test_two_hospitals_two_rounds_over_tls_with_node_auth(federation):
     from client.ledger import LEDGER_FILE
 
     fed = federation
     data = fed.root / "data"
-    _write_sites(data, {"hospital-1": 40, "hospital-2": 40, "holdout": 30})
+    _write_sites(data, {"hospital-1": 40, "hospital-2": 40, "hospital-3": 20, "holdout": 30})
     # Hospital 1 only runs the fedvox release it approved; hospital 2 runs plain Flower.
     allow = fed.root / "approved-fabs.txt"
     fedvox_hash = fab_hash_of_app(ROOT)
@@ -535,17 +531,24 @@ def test_two_hospitals_two_rounds_over_tls_with_node_auth(federation):
         node_config = {
             "data-dir": str(data / site),
             "state-dir": str(states[site]),
+            "accountant": "rdp",
             "max-epsilon": "10.0",
             "delta": "1e-3",
+            "max-evaluations": "2",
             "site-name": site,
         }
         fed.supernode(f"sn-{site}", key, node_config, approved_fabs=allow if i == 1 else None)
+    # Hospital 3 has not written its privacy policy: it refuses, and says what is missing.
+    key = fed.node_key("hospital-3")
+    fed.register(key)
+    unset = {"data-dir": str(data / "hospital-3"), "state-dir": str(fed.root / "state-h3")}
+    fed.supernode("sn-hospital-3", key, {**unset, "site-name": "hospital-3"})
 
     out = fed.root / "outputs"
     fed.flwr_run(
         ROOT,
         f'num-server-rounds=2 holdout-dir="{data / "holdout"}" output-dir="{out}" '
-        f'run-name="deploy" batch-size=16 min-nodes=2 target-epsilon=8.0',
+        f'run-name="deploy" batch-size=16 min-nodes=3 target-epsilon=8.0',
         timeout=480,
     )
     summary = json.loads((out / "deploy" / "summary.json").read_text())
@@ -553,10 +556,14 @@ def test_two_hospitals_two_rounds_over_tls_with_node_auth(federation):
     assert {0, 1, 2} <= set(rounds), summary["rounds"]
     for rnd in (1, 2):
         hospitals = rounds[rnd]["hospitals"]
-        assert set(hospitals) == {"hospital-1", "hospital-2"}, hospitals
-        for h in hospitals.values():
+        assert set(hospitals) == {"hospital-1", "hospital-2", "hospital-3"}, hospitals
+        for site in ("hospital-1", "hospital-2"):
+            h = hospitals[site]
             assert h["status"] == "ok", h
             assert 0 < h["epsilon_run"] <= 8.0 and h["num_examples"] > 0, h
+        refused = hospitals["hospital-3"]
+        assert refused["status"] == "refused", refused
+        assert "missing: accountant, max-epsilon, delta, max-evaluations" in refused["reason"]
     for site, state in states.items():
         records = read_records(state / AUDIT_FILE)
         train = [r for r in records if r["action"] == "train"]
@@ -593,9 +600,11 @@ def test_shipped_hospital_config_is_what_the_node_reads():
     from flwr.common.config import parse_config_args
 
     from client.approval import _state_dir_from_node_config, load_allowlist
+    from common.config import NodePolicy
 
     node_toml = ROOT / "deploy" / "hospital" / "node.toml"
     cfg = parse_config_args([str(node_toml)])
-    assert set(cfg) >= {"data-dir", "state-dir", "max-epsilon", "delta", "site-name"}
+    assert set(cfg) >= {"data-dir", "state-dir", "site-name"}
+    assert NodePolicy.parse(cfg).missing() == []  # a complete privacy policy, as shipped
     assert _state_dir_from_node_config(str(node_toml)) == Path(cfg["state-dir"])
     assert len(load_allowlist(ROOT / "deploy" / "hospital" / "approved-fabs.txt")) == 1

@@ -18,7 +18,7 @@ from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from common import fast_dp
+from common import fast_dp, per_sample_grads
 from common.models import build_model
 
 pytestmark = [
@@ -107,13 +107,41 @@ def test_unusual_convs_match_opacus_hooks():
         torch.testing.assert_close(p.grad_sample, q.grad_sample, rtol=1e-4, atol=1e-6, msg=name)
 
 
+class TwoHeads(nn.Module):
+    """Two Linear layers on 2D input whose outputs are added: the second one's bias
+    gradient is a view of the output gradient the first one's backward still needs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 3)
+        self.b = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.a(x) + self.b(x)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_linear_outputs_combined_keep_their_per_sample_gradients(reduction):
+    torch.manual_seed(2)
+    model = TwoHeads()
+    x, y = _data((6,), 8)
+    ref = _opacus_reference(model, x, y, reduction)
+    mine = copy.deepcopy(model)
+    fast_dp.FastGradSampleHooks(mine, loss_reduction=reduction)
+    nn.functional.cross_entropy(mine(x), y, reduction=reduction).backward()
+    for (name, p), q in zip(mine.named_parameters(), ref, strict=True):
+        torch.testing.assert_close(p.grad_sample, q.grad_sample, rtol=1e-4, atol=1e-6, msg=name)
+    rel = _per_sample_norms(mine.parameters()) / _per_sample_norms(ref) - 1
+    assert rel.abs().max() < 1e-5
+
+
 def test_ghost_norms_match_materialised_norms():
     torch.manual_seed(2)
     conv = nn.Conv2d(64, 128, 3, padding=1)
     x, g = torch.randn(4, 64, 7, 7), torch.randn(4, 128, 7, 7)
-    assert fast_dp._use_ghost(conv, g.shape)
-    full = fast_dp.conv_grad_sampler(conv, [x], g)[conv.weight].flatten(1).norm(dim=1)
-    ghost = fast_dp.conv_weight_norm_sample(conv, x, g)
+    assert per_sample_grads._use_ghost(conv, g.shape)
+    full = per_sample_grads.conv_grad_sampler(conv, [x], g)[conv.weight].flatten(1).norm(dim=1)
+    ghost = per_sample_grads.conv_weight_norm_sample(conv, x, g)
     assert ((ghost / full - 1).abs() < 1e-5).all()
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from opacus.accountants import RDPAccountant
 
-from common.models import build_model
+from common.tasks import ModelSpec, build_task_model
 from common.weights import fingerprint
 from simulations.local import LocalFederation
 from simulations.phantoms import make_phantom_sites
@@ -40,6 +40,8 @@ def fed(tmp_path_factory):
             "target-epsilon": TARGET_EPS,
             "target-delta": DELTA,
             "seed": 0,
+            # Hospitals release DP validation counts after every round (default: the last).
+            "local-evaluation": "every",
         }
         yield federation
         # Nothing the runs started may outlive them (a leftover SuperLink holds CI open).
@@ -83,10 +85,10 @@ def test_checkpoints_every_round_and_best(fed, first_run):
 
 def test_global_weights_load_into_a_fresh_model_without_key_fixups(fed, first_run):
     ck = torch.load(fed.root / "runs" / "first" / "checkpoints" / "last.pt", weights_only=True)
-    m = ck["model"]
-    model = build_model(
-        m["spatial_dims"], m["in_channels"], m["num_classes"], m["width"], m["depth"]
-    )
+    # The checkpoint says which model (the run's resolved recipe: scatter-cnn for 2D images).
+    spec = ModelSpec(**{**ck["model"], "image_size": tuple(ck["model"]["image_size"])})
+    assert spec.arch == "scatter-cnn"
+    model = build_task_model(spec)
     model.load_state_dict(ck["state_dict"], strict=True)  # no "_module." prefix
     assert not any(k.startswith("_module") for k in ck["state_dict"])
     assert fingerprint(model.state_dict()) == first_run["rounds"][-1]["weights_sha256"]
@@ -110,10 +112,17 @@ def _ledger(fed, site: str) -> dict:
 
 def test_reported_epsilon_equals_independent_recomputation_from_ledger(fed, first_run):
     for site in ("hospital-1", "hospital-2"):
-        ledger = _ledger(fed, site)
-        assert [e["round"] for e in ledger["entries"]] == [1, 2]
+        entries = _ledger(fed, site)["entries"]
+        assert [(e["round"], e["phase"]) for e in entries] == [
+            (0, "count"),  # the noisy training-set size, released once per run
+            (1, "train"),
+            (1, "evaluate"),
+            (2, "train"),
+            (2, "evaluate"),
+        ]
+        assert all(e["status"] == "released" for e in entries)
         acc = RDPAccountant()  # Opacus' own accountant, fed straight from the file
-        for e in ledger["entries"]:
+        for e in entries[:4]:  # what was spent when round 2's update left the node
             acc.history.append((e["noise_multiplier"], e["sample_rate"], e["steps"]))
         reported = first_run["rounds"][-1]["hospitals"][site]["epsilon_lifetime"]
         assert reported == pytest.approx(acc.get_epsilon(DELTA), rel=1e-9)
@@ -139,20 +148,28 @@ def test_resume_runs_round_3_from_the_round_2_weights(fed, first_run, resumed):
         # Same run, same calibration: the run's epsilon keeps counting, within the 3-round plan.
         assert h2["epsilon_run"] < h3["epsilon_run"] <= TARGET_EPS
         assert h3["noise_multiplier"] == h2["noise_multiplier"]
-    assert [e["round"] for e in _ledger(fed, "hospital-1")["entries"]] == [1, 2, 3]
+    trained = [e["round"] for e in _ledger(fed, "hospital-1")["entries"] if e["phase"] == "train"]
+    assert trained == [1, 2, 3]
 
 
 def test_spent_budget_refuses_and_the_round_finishes_with_the_others(fed, resumed):
     lifetime_before = resumed["rounds"][3]["hospitals"]["hospital-1"]["epsilon_lifetime"]
-    # hospital-2 gets a fresh dataset history; hospital-1's ledger is the one it spent.
+    # hospital-2 gets a fresh dataset history; hospital-1's ledger is the one it spent, and
+    # hospital-1 states its own lifetime limit (a simulated node's node.toml).
     shutil.rmtree(fed.root / "node-state" / "hospital-2")
+    (fed.root / "node-state" / "hospital-1" / "node.toml").write_text("max-epsilon = 8.0\n")
     _run(fed, "second", **{"run-name": "second", "num-server-rounds": 1, "strategy": "fedprox"})
     s = _summary(fed, "second")
     h = s["rounds"][1]["hospitals"]
     assert h["hospital-1"]["status"] == "refused"
     assert "lifetime" in h["hospital-1"]["reason"]
-    # A fresh process picked the lifetime epsilon up from the ledger file, not from zero.
-    assert h["hospital-1"]["epsilon_lifetime"] == pytest.approx(lifetime_before)
+    # A fresh process picked the lifetime epsilon up from the ledger file, not from zero
+    # (round 3's validation release came after round 3's training reply).
+    acc = RDPAccountant()
+    for e in _ledger(fed, "hospital-1")["entries"]:
+        acc.history.append((e["noise_multiplier"], e["sample_rate"], e["steps"]))
+    assert h["hospital-1"]["epsilon_lifetime"] == pytest.approx(acc.get_epsilon(DELTA))
+    assert h["hospital-1"]["epsilon_lifetime"] > lifetime_before
     assert h["hospital-2"]["status"] == "ok" and h["hospital-2"]["epsilon_run"] > 0
     assert s["rounds"][1]["central"]["auc"] is not None
     assert s["status"] == "finished"

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from client.train import train_dp
-from common.data import load_site
+from common.config import RunConfig
 from common.models import ScatterCNN, build_model
 from common.privacy import calibrate_noise_multiplier, compute_epsilon
-from common.tasks import model_options, task_for
+from common.site import load_site
+from common.tasks import ModelSpec, task_for
 from simulations.phantoms import make_phantom_sites
 
 pytestmark = [
@@ -51,38 +51,35 @@ def test_model_setting_errors_name_the_setting():
     assert build_model(2, 1, 2, arch="scatter-cnn", image_size=(8, 8))(
         torch.rand(1, 1, 8, 8)
     ).shape == (1, 2)
-    with pytest.raises(ValueError, match="model='resnet' \\(run config\\) is not one of"):
-        model_options({"model": "resnet"})
+    with pytest.raises(ValueError, match="model='resnet': expected one of cnn, scatter-cnn"):
+        RunConfig.parse({"model": "resnet"})
     with pytest.raises(ValueError, match="segmentation uses its U-Net"):
-        task_for("segmentation").build_model(2, 1, 3, arch="scatter-cnn", image_size=(32, 32))
-    assert model_options({}) == {"arch": "cnn", "width": None, "depth": 3}
-    opts = model_options({"model": "scatter-cnn", "model-width": 8, "model-depth": 3})
-    assert opts == {"arch": "scatter-cnn", "width": 8, "depth": 3}
+        spec = ModelSpec("segmentation", 2, 1, 3, (32, 32), arch="scatter-cnn")
+        task_for("segmentation").build_model(spec)
+    assert RunConfig(model="cnn").model_options == {"arch": "cnn", "width": None, "depth": 3}
+    opts = RunConfig.parse({"model": "scatter-cnn", "model-width": 8, "model-depth": 3})
+    assert opts.model_options == {"arch": "scatter-cnn", "width": 8, "depth": 3}
 
 
-def test_scatter_cnn_learns_a_phantom_under_real_dp_sgd(tmp_path: Path):
+def test_scatter_cnn_learns_a_phantom_under_real_dp_sgd(tmp_path: Path, sgd):
     make_phantom_sites("blobs-2d", tmp_path, hospitals=1, cases_per_site=200, seed=5)
     train = load_site(tmp_path / "hospital-1", split="train", log=lambda m: None)
     holdout = load_site(tmp_path / "holdout", split="all", log=lambda m: None)
     task = task_for(train.spec)
     torch.manual_seed(0)
-    model = task.build_model(
-        2, 1, 2, image_size=tuple(train.images.shape[2:]), **model_options({"model": "scatter-cnn"})
-    )
+    model = task.build_model(ModelSpec.of(train, RunConfig(model="scatter-cnn").model_options))
     before = task.evaluate(model, holdout.images, holdout.labels).metrics["auc"]
     n, batch, epochs = len(train.labels), 32, 8
     steps = epochs * -(-n // batch)
     sigma = calibrate_noise_multiplier(8.0, 1e-5, batch / n, steps)
-    result = train_dp(
+    result = sgd(
         model,
         train.images,
         train.labels,
+        noise_multiplier=sigma,
         epochs=epochs,
         batch_size=batch,
         learning_rate=0.05,
-        noise_multiplier=sigma,
-        max_grad_norm=1.0,
-        accountant="rdp",
     )
     assert 7.0 < compute_epsilon(result.history, 1e-5) <= 8.0 + 1e-6
     after = task.evaluate(model, holdout.images, holdout.labels).metrics["auc"]

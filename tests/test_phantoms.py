@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from common.site import validate_site
 from simulations import prepare
 from simulations.phantoms import PHANTOMS, make_phantom_sites
 
@@ -135,7 +136,8 @@ def test_cli_phantom(tmp_path, capsys):
 
 
 def test_output_passes_the_reader_validation(sites_2d):
-    data = pytest.importorskip("common.data")
+    from common import site as data
+
     for site in ["hospital-1", "holdout"]:
         report = data.validate_site(sites_2d / site)
         assert report.exit_code == 0, report.format(only_bad=True)
@@ -172,7 +174,7 @@ def test_organ_3d_volumes_labels_and_contract(organ_sites):
             assert labels.sum() == round(PREVALENCE * 9) and splits == [""] * 9
         else:  # hospitals draw their prevalence around 22 %
             assert 2 <= labels.sum() <= 5 and {"train", "val"} == set(splits)
-        report = pytest.importorskip("common.data").validate_site(organ_sites / site)
+        report = validate_site(organ_sites / site)
         assert report.exit_code == 0, report.format(only_bad=True)
 
 

@@ -379,7 +379,8 @@ def test_cli_prints_table_and_reports_errors(tmp_path, capsys):
 
 
 def test_output_passes_the_reader_validation(tmp_path):
-    data = pytest.importorskip("common.data")
+    from common import site as data
+
     src = write_npz(tmp_path / "toy.npz", classes=2)
     counts = prepare_from_npz(src, tmp_path / "o", 3, "dirichlet", min_per_hospital=5)
     for site, c in counts.items():

@@ -12,9 +12,8 @@ import torch
 from nifti_factory import write_nifti
 from opacus.validators import ModuleValidator
 
-from client.train import train_dp
-from common.data import DataError, clear_memory_cache, load_site, validate_site
-from common.tasks import SegmentationTask, task_for
+from common.site import DataError, clear_memory_cache, load_site, validate_site
+from common.tasks import ModelSpec, SegmentationTask, task_for
 from simulations.local import LocalFederation
 from simulations.phantoms import PHANTOMS, make_phantom_sites
 
@@ -134,27 +133,16 @@ def test_aligned_transforms_keep_the_mask_on_its_structure(tmp_path):
 
 
 @pytest.mark.parametrize("dims,size", [(2, 32), (3, 16)])
-def test_one_dp_step_of_each_unet(dims, size):
+def test_one_dp_step_of_each_unet(dims, size, sgd):
     torch.manual_seed(0)
     task = SegmentationTask(tuple(CLASSES))
-    model = task.build_model(dims, 1, 3)
+    model = task.build_model(ModelSpec("segmentation", dims, 1, 3, (size,) * dims))
     assert ModuleValidator.validate(model, strict=False) == []
     assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
     images = torch.randn(6, 1, *(size,) * dims)
     masks = (images > 0.5).long() + (images > 1.5).long()
     before = [p.detach().clone() for p in model.parameters()]
-    result = train_dp(
-        model,
-        images,
-        masks,
-        epochs=1,
-        batch_size=3,
-        learning_rate=0.1,
-        noise_multiplier=1.0,
-        max_grad_norm=1.0,
-        accountant="rdp",
-        loss_fn=task.loss_fn(),
-    )
+    result = sgd(model, images, masks, batch_size=3, loss_fn=task.loss_fn())
     assert result.history and result.history[0][2] == 2  # two DP steps were accounted
     assert np.isfinite(result.loss)
     after = list(model.parameters())
@@ -243,7 +231,10 @@ def test_two_round_two_hospital_segmentation_simulation(tmp_path):
         for site in ("hospital-1", "hospital-2"):
             h = r["hospitals"][site]
             assert h["status"] == "ok" and 0 < h["epsilon_run"] <= 8.0
-            assert "dice-lung" in h["eval"] and "dice-mean" in h["eval"]
+    # Hospitals release (DP) validation counts after the last round only, by default.
+    assert all("eval" not in h for h in summary["rounds"][1]["hospitals"].values())
+    for h in summary["rounds"][2]["hospitals"].values():
+        assert "dice-lung" in h["eval"] and "dice-mean" in h["eval"]
     best = torch.load(tmp_path / "runs" / "seg" / "checkpoints" / "best.pt", weights_only=True)
     means = {r["round"]: r["central"]["dice-mean"] for r in summary["rounds"]}
     assert best["round"] == max(means, key=means.get) == summary["best"]["round"]

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from nifti_factory import make_site, write_nifti
 
-from common.data import DataError, read_spec, validate_site
+from common.site import DataError, read_spec, validate_site
 from simulations.cli import main
 
 RNG = np.random.default_rng(0)

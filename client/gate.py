@@ -1,0 +1,183 @@
+"""The privacy gate: every use of a hospital's data that leaves the node goes through here.
+
+Training, evaluation and fine-tuning all ask the gate, and the gate alone writes the ledger:
+
+1. `PrivacyGate.open` resolves the run's budget: the server's proposal within the node's
+   policy (`common.privacy.resolve_budget`; the node wins, a looser proposal is refused);
+2. `plan` calibrates the training noise ONCE per run, for every DP-SGD step the run may take
+   (rounds x local epochs, plus fine-tuning) and every validation release it plans, and writes
+   that plan to the ledger: the run ends at its epsilon whatever order things happen in;
+3. `spend(phase, planned, compute)` is one release: under the ledger's lock it projects the
+   run's and the dataset's epsilon with `planned` added, refuses (PrivacyRefusal) if either
+   passes its limit, writes a reservation, releases the lock, runs `compute` (the DP
+   computation), and records the release (its hash, the accountant's own history) before
+   anything leaves. A crash in between leaves a reservation that is given back later: nothing
+   was released.
+4. A repeated request for the same round and phase gets the same release back (`released`),
+   at no new privacy cost: it was already paid for and already public.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from client.ledger import PrivacyLedger
+from common.config import NodePolicy, RunConfig
+from common.privacy import (
+    Budget,
+    HistoryEntry,
+    PrivacyRefusal,
+    calibrate_noise_multiplier,
+    release_noise,
+    resolve_budget,
+)
+
+SLACK = 1 + 1e-6  # the calibration search lands within tolerance of the target
+EVALUATE, FINETUNE, FINETUNE_EVALUATE, TRAIN = "evaluate", "finetune", "finetune-evaluate", "train"
+# A validation release is the Gaussian mechanism on counts of sensitivity 1: (noise, q=1, 1 step)
+# in the accountant's terms. Its noise comes from the run's plan (`release_noise`), as does the
+# training-set size the node reports (the FedAvg weight): the count plus Gaussian noise of
+# COUNT_FACTOR times that, drawn once per run.
+COUNT_FACTOR = 3.0
+
+
+@dataclass(frozen=True)
+class Release:
+    """What one spend produced: the result to send and the epsilons after it."""
+
+    result: dict[str, Any]
+    digest: str  # sha256 of what left the node (weights or the release itself)
+    epsilon_run: float
+    epsilon_lifetime: float
+    repeated: bool = False  # an earlier release of the same request, sent again
+
+
+def release_entry(plan: dict[str, Any]) -> HistoryEntry:
+    """One validation release of the run, in the accountant's terms."""
+    return (float(plan["release_noise"]), 1.0, 1)
+
+
+def _noisy_count(n: int, noise: float) -> int:
+    return max(1, int(round(n + np.random.default_rng().normal(0.0, noise))))
+
+
+class PrivacyGate:
+    def __init__(self, ledger: PrivacyLedger, budget: Budget, run_uid: str) -> None:
+        self.ledger = ledger
+        self.budget = budget
+        self.run_uid = run_uid
+
+    @classmethod
+    def open(
+        cls,
+        state_dir: Path,
+        run_uid: str,
+        cfg: RunConfig,
+        policy: NodePolicy,
+        num_examples: int,
+        total_rounds: int,
+    ) -> PrivacyGate:
+        """The gate for one run at one node; PrivacyRefusal if the proposal is not allowed."""
+        budget = resolve_budget(cfg, policy, num_examples, total_rounds)
+        return cls(PrivacyLedger.open(state_dir, budget.accountant), budget, run_uid)
+
+    # -- the run's plan -------------------------------------------------------------------
+    def plan(self, num_examples: int, sample_rate: float, planned_steps: int) -> dict[str, Any]:
+        """The run's calibration: made once, reused by every later message of the run."""
+        with self.ledger.transaction():
+            plan = self.ledger.runs.get(self.run_uid)
+            if plan is None:
+                b = self.budget
+                noise = release_noise(b.epsilon_run, b.max_releases)
+                releases = ((noise, 1.0, b.max_releases), (COUNT_FACTOR * noise, 1.0, 1))
+                sigma = calibrate_noise_multiplier(
+                    self.budget.epsilon_run,
+                    self.budget.delta,
+                    sample_rate,
+                    planned_steps,
+                    self.budget.accountant,
+                    fixed=releases,
+                )
+                plan = self.ledger.plan_run(
+                    self.run_uid,
+                    noise_multiplier=sigma,
+                    sample_rate=sample_rate,
+                    planned_steps=planned_steps,
+                    planned_releases=b.max_releases + 1,
+                    release_noise=noise,
+                    num_examples=num_examples,
+                    num_examples_released=_noisy_count(num_examples, COUNT_FACTOR * noise),
+                    epsilon=self.budget.epsilon_run,
+                    delta=self.budget.delta,
+                )
+                # Released once, with the run's first message: on the ledger from the start.
+                count = (COUNT_FACTOR * noise, 1.0, 1)
+                entry = self.ledger.reserve(self.run_uid, 0, "count", count)
+                self.ledger.release(entry["id"], [count], "", None)
+        if int(plan["num_examples"]) != num_examples:
+            raise PrivacyRefusal(
+                "the training set changed during the run; its privacy calibration no longer holds"
+            )
+        return plan
+
+    # -- spending -------------------------------------------------------------------------
+    def spend(
+        self,
+        round_: int,
+        phase: str,
+        planned: HistoryEntry,
+        compute: Callable[[], tuple[dict[str, Any], list[HistoryEntry], str]],
+    ) -> Release:
+        """Reserve `planned`; run `compute` -> (result, history, hash of what leaves); record.
+
+        `result` is small and JSON (metrics): the ledger keeps it, so a request already
+        released for (run, round, phase) gets that very release again, at no new cost.
+        """
+        with self.ledger.transaction() as ledger:
+            done = ledger.find(self.run_uid, round_, phase)
+            if done is not None:
+                return Release(
+                    done.get("result", {}), done["update_sha256"], *self.spent(), repeated=True
+                )
+            self._check(planned, phase)
+            entry = ledger.reserve(self.run_uid, round_, phase, planned)
+        try:
+            result, history, digest = compute()
+        except BaseException:
+            with self.ledger.transaction() as ledger:
+                ledger.abandon(entry["id"])  # nothing left the node
+            raise
+        with self.ledger.transaction() as ledger:
+            ledger.release(entry["id"], history or [planned], digest, result)
+        return Release(result, digest, *self.spent())
+
+    def _check(self, planned: HistoryEntry, phase: str) -> None:
+        if phase in (EVALUATE, FINETUNE_EVALUATE):
+            used = self.ledger.count(self.run_uid, (EVALUATE, FINETUNE_EVALUATE))
+            if used >= self.budget.max_releases:
+                raise PrivacyRefusal(
+                    f"this run's validation releases ({self.budget.max_releases}) are spent"
+                )
+        delta = self.budget.delta
+        run = self.ledger.epsilon(delta, self.run_uid, extra=[planned])
+        life = self.ledger.epsilon(delta, extra=[planned])
+        if life > self.budget.epsilon_lifetime * SLACK:
+            raise PrivacyRefusal(
+                f"this would raise the dataset's lifetime epsilon to {life:.2f}, past the "
+                f"hospital's limit {self.budget.epsilon_lifetime:g}"
+            )
+        if run > self.budget.epsilon_run * SLACK:
+            raise PrivacyRefusal(
+                f"this would raise the run's epsilon to {run:.2f}, past its target "
+                f"{self.budget.epsilon_run:g}"
+            )
+
+    def spent(self) -> tuple[float, float]:
+        """(run epsilon, lifetime epsilon) the ledger holds now."""
+        delta = self.budget.delta
+        return self.ledger.epsilon(delta, self.run_uid), self.ledger.epsilon(delta)

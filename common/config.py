@@ -1,0 +1,378 @@
+"""The run config, parsed once: every key, its type, its default and its allowed values.
+
+Flower hands apps the run config as a flat dict of TOML values (`pyproject.toml`
+`[tool.flwr.app.config]`, overridden with `flwr run -c 'key=value'`). The server and every
+node parse it into one frozen `RunConfig` the moment a message arrives, so the rest of fedvox
+reads typed attributes (`cfg.local_epochs`) instead of `.get("local-epochs", 4)` with a cast.
+A wrong type, an unknown key or a value outside its range fails here, with the key named.
+
+The defaults below are the ones in `pyproject.toml` (a test keeps the two equal).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from common import recipes
+from common.recipes import AUTO, AUTO_KEYS
+
+STRATEGIES = (
+    "fedavg",
+    "fedprox",
+    "fedadam",
+    "fedyogi",
+    "fedadagrad",
+    "fedavgm",
+    "fedmedian",
+    "fedtrimmedavg",
+)
+ACCOUNTANTS = ("rdp", "prv")  # Opacus' approximate "gdp" under-reports epsilon: never offered
+SCHEDULES = ("constant", "cosine")
+LOCAL_EVALUATION = ("last", "every")  # rounds in which hospitals release validation counts
+MODELS = ("cnn", "scatter-cnn")
+
+
+class ConfigError(ValueError):
+    """A bad config value; the message names the key and what it accepts (safe to send)."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Keys in `common.recipes.AUTO_KEYS` may be "auto" (their default): `resolved` fills them
+    from the recipe for the data's task, before anything trains."""
+
+    # -- training
+    num_server_rounds: int | str = AUTO
+    total_rounds: int = 0  # rounds the privacy budget is planned for; 0 = num-server-rounds
+    local_epochs: int | str = AUTO
+    batch_size: int | str = AUTO
+    learning_rate: float | str = AUTO
+    learning_rate_schedule: str = AUTO
+    momentum: float = 0.9
+    augmentation: bool | str = AUTO
+    max_physical_batch: int | str = AUTO
+    fedbn: bool = False
+    finetune_epochs: int = 0
+    local_evaluation: str = "last"
+    # -- aggregation
+    strategy: str = "fedavg"
+    proximal_mu: float = 0.01
+    server_learning_rate: float = 0.01
+    server_momentum: float = 0.9
+    trim_beta: float = 0.2
+    min_nodes: int = 2
+    round_timeout: float = 3600.0
+    # -- model
+    model: str = AUTO
+    model_width: int = 0
+    model_depth: int = 3
+    image_size: str = AUTO
+    seed: int = 0
+    # -- privacy (the server proposes; a node's policy can only tighten it)
+    target_epsilon: float = 8.0
+    target_delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    dp: bool = True
+    accountant: str = "rdp"
+    # -- data and outputs (absolute paths; "" = default)
+    data_dir: str = ""
+    holdout_dir: str = ""
+    output_dir: str = ""
+    run_name: str = ""
+    resume_from: str = ""
+    state_dir: str = ""
+    demo_hospitals: int = 5
+    demo_alpha: float = 0.5
+
+    @classmethod
+    def parse(cls, raw: Mapping[str, Any]) -> RunConfig:
+        """The config from Flower's run config (dashed keys); ConfigError names a bad key."""
+        known = {f.name.replace("_", "-"): f for f in fields(cls)}
+        unknown = sorted(set(raw) - set(known))
+        if unknown:
+            raise ConfigError(
+                f"unknown run-config key(s) {', '.join(unknown)}; known keys: "
+                f"{', '.join(sorted(known))}"
+            )
+        values = {
+            f.name: AUTO
+            if key in AUTO_KEYS and raw[key] == AUTO
+            else _coerce(key, raw[key], f.type.split(" |")[0])
+            for key, f in known.items()
+            if key in raw
+        }
+        cfg = cls(**values)
+        cfg.check()
+        return cfg
+
+    # -- "auto" keys ----------------------------------------------------------------------
+    @property
+    def is_resolved(self) -> bool:
+        return all(getattr(self, _undashed(k)) != AUTO for k in AUTO_KEYS)
+
+    def resolved(self, task: str, spatial_dims: int) -> RunConfig:
+        """Every "auto" key filled by the recipe for `task` in `spatial_dims` dimensions."""
+        return self.with_values(recipes.resolve(self.as_dict(), task, spatial_dims))
+
+    def with_values(self, values: Mapping[str, Any]) -> RunConfig:
+        """This config with `values` (dashed keys, e.g. the server's resolved recipe) set."""
+        return RunConfig.parse({**self.as_dict(), **values})
+
+    def recipe_values(self) -> dict[str, Any]:
+        """The resolved values of the "auto"-able keys (what the server sends to nodes)."""
+        return {k: getattr(self, _undashed(k)) for k in AUTO_KEYS}
+
+    def as_dict(self) -> dict[str, Any]:
+        """Dashed keys, as in pyproject.toml (what summary.json records)."""
+        return {k.replace("_", "-"): v for k, v in asdict(self).items()}
+
+    def check(self) -> None:
+        """Every range and choice; raises ConfigError naming the first bad key ("auto" keys
+        are checked once resolved)."""
+        placeholders = {_undashed(k): PLACEHOLDERS[k] for k in AUTO_KEYS}
+        self = replace(self, **{k: v for k, v in placeholders.items() if getattr(self, k) == AUTO})
+        _positive_int(self, "num_server_rounds", "local_epochs", "batch_size", "min_nodes")
+        _at_least_zero(self, "total_rounds", "max_physical_batch", "finetune_epochs")
+        _at_least_zero(self, "model_width", "seed", "demo_hospitals")
+        _positive_int(self, "model_depth")
+        _positive_float(self, "max_grad_norm", "round_timeout", "demo_alpha")
+        _at_least_zero(self, "learning_rate")  # 0 = weights stay (tests use it as a probe)
+        _positive_float(self, "server_learning_rate")
+        for key in ("momentum", "server_momentum"):
+            _in_range(self, key, 0.0, 1.0, high_open=True)
+        _in_range(self, "trim_beta", 0.0, 0.5, high_open=True)
+        _at_least_zero(self, "proximal_mu")
+        _choice(self, "strategy", STRATEGIES)
+        _choice(self, "accountant", ACCOUNTANTS)
+        _choice(self, "learning_rate_schedule", SCHEDULES)
+        _choice(self, "local_evaluation", LOCAL_EVALUATION)
+        _choice(self, "model", MODELS)
+        if not (self.target_epsilon > 0 and math.isfinite(self.target_epsilon)):
+            raise ConfigError(
+                f"target-epsilon={self.target_epsilon}: expected a positive finite number"
+            )
+        _in_range(self, "target_delta", 0.0, 1.0, low_open=True, high_open=True)
+        for key in ("data_dir", "holdout_dir", "output_dir", "resume_from", "state_dir"):
+            value = getattr(self, key)
+            if value and not Path(value).expanduser().is_absolute():
+                raise ConfigError(
+                    f"{_dashed(key)}={value!r} is a relative path; Flower runs apps in the "
+                    "SuperLink's working directory, so give an absolute path"
+                )
+        if "/" in self.run_name or self.run_name in (".", ".."):
+            raise ConfigError(f"run-name={self.run_name!r}: a folder name, not a path")
+        _ = self.input_size  # raises on a malformed image-size
+
+    # -- derived values -----------------------------------------------------------------
+    @property
+    def planned_rounds(self) -> int:
+        """Rounds the privacy plan and learning-rate schedule are made for."""
+        return max(self.num_server_rounds, self.total_rounds)
+
+    @property
+    def input_size(self) -> tuple[int, ...] | None:
+        """`image-size` as ints ("28,28" or "32x32x32"); None = from the data."""
+        raw = self.image_size.strip()
+        if not raw or raw == AUTO:
+            return None
+        try:
+            size = tuple(int(s) for s in raw.replace("x", ",").split(",") if s.strip())
+        except ValueError:
+            size = ()
+        if len(size) not in (2, 3) or min(size) < 1:
+            raise ConfigError(f'image-size={raw!r}: expected e.g. "28,28" or "32,32,32"')
+        return size
+
+    def path(self, key: str) -> Path | None:
+        """An absolute path setting (e.g. "data-dir") or None when left empty."""
+        value = getattr(self, key.replace("-", "_"))
+        return Path(value).expanduser() if value else None
+
+    def evaluates_in(self, global_round: int, total_rounds: int) -> bool:
+        """Do hospitals evaluate (and spend a DP release) after this round?"""
+        return self.local_evaluation == "every" or global_round >= total_rounds
+
+    def planned_releases(self, total_rounds: int) -> int:
+        """Validation releases a hospital makes in a run: its evaluations (+ the fine-tuned
+        model's). Every one is planned into the run's epsilon from round 1."""
+        evaluations = total_rounds if self.local_evaluation == "every" else 1
+        return evaluations + (1 if self.finetune_epochs else 0)
+
+    @property
+    def model_options(self) -> dict[str, Any]:
+        """`build_model` keywords: server, nodes and the pooled reference build one model."""
+        return {"arch": self.model, "width": self.model_width or None, "depth": self.model_depth}
+
+
+@dataclass(frozen=True)
+class NodePolicy:
+    """What a hospital's own node config says (flower-supernode --node-config).
+
+    The privacy keys are the node's, not the server's: the run config can only tighten
+    them. A deployed node must state all of `POLICY_KEYS` or it refuses every run. In
+    simulation the node config holds only Flower's `partition-id`/`num-partitions`; the
+    simulated hospital serves `<data-dir>/hospital-<partition-id + 1>` and takes its policy from
+    `node.toml` in its state dir when there is one, else the documented defaults
+    (`common.privacy.resolve_budget`).
+    """
+
+    data_dir: str = ""
+    state_dir: str = ""
+    site_name: str = ""
+    accountant: str = ""  # rdp | prv: the node, not the server, picks how epsilon is counted
+    max_epsilon: float | None = None  # the dataset's lifetime limit; tightens every run
+    delta: float | None = None
+    max_evaluations: int | None = None  # validation releases per run
+    allow_non_dp: bool = False
+    partition_id: int | None = None  # simulation only
+    num_partitions: int | None = None
+
+    @classmethod
+    def parse(cls, raw: Mapping[str, Any]) -> NodePolicy:
+        known = {f.name.replace("_", "-"): f for f in fields(cls)}
+        values = {}
+        for key, f in known.items():
+            value = raw.get(key)
+            if value is None or value == "":
+                continue
+            values[f.name] = _coerce(f"node config {key}", value, f.type.split(" |")[0])
+        policy = cls(**values)
+        for key in ("max_epsilon", "delta"):
+            value = getattr(policy, key)
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise ConfigError(f"node config {_dashed(key)}={value}: expected a positive number")
+        if policy.delta is not None and policy.delta >= 1:
+            raise ConfigError(f"node config delta={policy.delta}: expected a value below 1")
+        if policy.accountant and policy.accountant not in ACCOUNTANTS:
+            raise ConfigError(
+                f"node config accountant={policy.accountant!r}: expected one of "
+                f"{', '.join(ACCOUNTANTS)}"
+            )
+        if policy.max_evaluations is not None and policy.max_evaluations < 0:
+            raise ConfigError("node config max-evaluations: expected a whole number >= 0")
+        return policy
+
+    def missing(self) -> list[str]:
+        """Policy keys a deployed node has not set (it then refuses every run)."""
+        return [k for k in POLICY_KEYS if getattr(self, k.replace("-", "_")) in (None, "")]
+
+    @property
+    def simulated(self) -> bool:
+        return self.partition_id is not None
+
+    @property
+    def may_train_without_dp(self) -> bool:
+        """Simulated hospitals (the benchmarks' epsilon = inf reference) or an explicit opt-in."""
+        return self.simulated or self.allow_non_dp
+
+
+POLICY_KEYS = ("accountant", "max-epsilon", "delta", "max-evaluations")
+
+
+# -- parsing helpers ------------------------------------------------------------------------
+
+
+def _dashed(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _undashed(key: str) -> str:
+    return key.replace("-", "_")
+
+
+# Stand-ins for unresolved "auto" keys, so that every other key can be checked at parse time.
+PLACEHOLDERS = {
+    "model": "cnn",
+    "learning-rate": 0.01,
+    "learning-rate-schedule": "constant",
+    "local-epochs": 1,
+    "batch-size": 1,
+    "max-physical-batch": 0,
+    "num-server-rounds": 1,
+    "augmentation": False,
+    "image-size": "",
+}
+
+
+_BOOL_WORDS = {"true": True, "false": False, "1": True, "0": False}
+
+
+def _coerce(key: str, value: Any, kind: str) -> Any:
+    """A TOML value as `kind` (the field's annotation), or ConfigError naming `key`."""
+    key = _dashed(key)
+    try:
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, int) and value in (0, 1):
+                return bool(value)
+            if isinstance(value, str) and value.strip().lower() in _BOOL_WORDS:
+                return _BOOL_WORDS[value.strip().lower()]
+            raise ValueError
+        if kind == "int":
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value) if not isinstance(value, str) else int(value.strip())
+        if kind == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if kind == "str":
+            if not isinstance(value, str):
+                raise ValueError
+            return value.strip()
+    except (TypeError, ValueError):
+        pass
+    raise ConfigError(f"{key}={value!r}: expected {_KIND_WORDS.get(kind, kind)}")
+
+
+_KIND_WORDS = {
+    "bool": "true or false",
+    "int": "a whole number",
+    "float": "a number",
+    "str": 'a string (quote it: key="value")',
+}
+
+
+def _positive_int(cfg: Any, *names: str) -> None:
+    for name in names:
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{_dashed(name)}={getattr(cfg, name)}: expected a whole number >= 1")
+
+
+def _at_least_zero(cfg: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if not value >= 0:
+            raise ConfigError(f"{_dashed(name)}={value}: expected a value >= 0")
+
+
+def _positive_float(cfg: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if not (value > 0 and math.isfinite(value)):
+            raise ConfigError(f"{_dashed(name)}={value}: expected a positive number")
+
+
+def _in_range(
+    cfg: Any, name: str, low: float, high: float, low_open: bool = False, high_open: bool = False
+) -> None:
+    value = getattr(cfg, name)
+    ok = (value > low if low_open else value >= low) and (
+        value < high if high_open else value <= high
+    )
+    if not ok:
+        lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
+        raise ConfigError(f"{_dashed(name)}={value}: expected a value in {lo}{low:g}, {high:g}{hi}")
+
+
+def _choice(cfg: Any, name: str, allowed: tuple[str, ...]) -> None:
+    value = getattr(cfg, name)
+    if value not in allowed:
+        raise ConfigError(f"{_dashed(name)}={value!r}: expected one of {', '.join(allowed)}")

@@ -1,0 +1,171 @@
+"""What travels between the server and a hospital node, in one place.
+
+Server -> node (every message): `arrays` (the global model) and `config` (`RoundPlan`: which
+run, which round, what the privacy plan is made for). Node -> server: `metrics` (a
+MetricRecord), `node` (site name, status ok | refused | failed, reason) and, after training,
+`arrays`. Client, server, audit log and benchmarks build and read replies only through
+`reply` and `read_reply`, so a key is spelled once.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+ARRAYS, METRICS, NODE, CONFIG = "arrays", "metrics", "node", "config"
+OK, REFUSED, FAILED = "ok", "refused", "failed"
+
+# Message types. Fine-tuning is its own action, sent once after the last round.
+TRAIN, EVALUATE, FINETUNE = "train", "evaluate", "train.finetune"
+
+# The outbound manifest: every key a node may send, with its treatment. "dp": computed from
+# clipped, noised statistics and charged to the node's ledger; "coarse": rounded as stated;
+# "public": the node's policy and accounting, config echoes, status. `reply` refuses any other
+# key and applies the rounding, so nothing leaves a node that is not listed here.
+# docs/privacy.md publishes this table; tests/test_manifest.py drives every message through
+# the real ClientApp against it.
+DP, COARSE, PUBLIC = "dp", "coarse", "public"
+MANIFEST: dict[str, tuple[str, str]] = {
+    ARRAYS: (DP, "the locally trained model weights (DP-SGD, the run's noise multiplier)"),
+    "val-hist-neg": (DP, "validation cases of class 0 per logit-margin bin, Gaussian noise"),
+    "val-hist-pos": (DP, "validation cases of class 1 per logit-margin bin, Gaussian noise"),
+    "val-confusion": (DP, "validation (label, prediction) counts, Gaussian noise"),
+    "val-dice-sum": (DP, "per class, the validation cases' summed Dice, Gaussian noise"),
+    "val-dice-count": (DP, "per class, validation cases that have it, Gaussian noise"),
+    "release-noise": (PUBLIC, "the noise std the node added per count (from its run's plan)"),
+    "num-examples": (DP, "training cases + Gaussian noise (once per run), rounded to 10s"),
+    "noise-multiplier": (COARSE, "the run's DP-SGD noise multiplier, 3 significant digits"),
+    # Timing: the server sees when a reply arrives anyway; these only split it into parts.
+    "data-s": (COARSE, "seconds spent loading data, rounded to 0.1 s"),
+    "compute-s": (COARSE, "seconds spent computing, rounded to 0.1 s"),
+    "epsilon-run": (PUBLIC, "the run's epsilon at this node after this message (its ledger)"),
+    "epsilon-lifetime": (PUBLIC, "the dataset's epsilon over all runs (its ledger)"),
+    "delta": (PUBLIC, "the delta every epsilon above is stated at"),
+    "refused": (PUBLIC, "1 when the node refused to train this round"),
+    "site": (PUBLIC, "the node's name: node config site-name (or the simulated folder name)"),
+    "status": (PUBLIC, "ok | refused | failed"),
+    "reason": (PUBLIC, "why not ok: fixed texts and config values, never a path or a count"),
+}
+_ROUNDING = {
+    "num-examples": lambda v: float(max(10, 10 * round(v / 10))) if v > 0 else 0.0,
+    "noise-multiplier": lambda v: float(f"{v:.3g}"),
+    "data-s": lambda v: round(v, 1),
+    "compute-s": lambda v: round(v, 1),
+}
+
+
+class ManifestError(ValueError):
+    """A node was about to send a key the outbound manifest does not list (a bug)."""
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """The server's per-message instructions (ConfigRecord `config`).
+
+    `server_round` is Flower's count within this invocation; `round_offset` shifts it for a
+    resumed run, so `global_round` numbers rounds over the whole run. `total_rounds` is what
+    every node's noise is calibrated for (a run may be planned beyond one invocation).
+    """
+
+    run_name: str
+    run_uid: str
+    total_rounds: int
+    image_size: tuple[int, ...] = ()
+    round_offset: int = 0
+    server_round: int = 0
+    proximal_mu: float = 0.0  # FedProx's strategy adds it to every training message
+    recipe: dict = field(default_factory=dict)  # the run config's "auto" keys, resolved
+
+    @property
+    def global_round(self) -> int:
+        return self.server_round + self.round_offset
+
+    def record(self) -> ConfigRecord:
+        return ConfigRecord(
+            {
+                "run-name": self.run_name,
+                "run-uid": self.run_uid,
+                "total-rounds": self.total_rounds,
+                "image-size": list(self.image_size),
+                "round-offset": self.round_offset,
+                "server-round": self.server_round,
+                "recipe": json.dumps(self.recipe),
+            }
+        )
+
+    @classmethod
+    def from_message(cls, msg: Message) -> RoundPlan:
+        config = dict(msg.content.config_records.get(CONFIG, ConfigRecord()))
+        return cls(
+            run_name=str(config.get("run-name") or f"run-{msg.metadata.run_id}"),
+            run_uid=str(config.get("run-uid") or "unnamed-run"),
+            total_rounds=int(config.get("total-rounds") or 0),
+            image_size=tuple(int(s) for s in config.get("image-size") or ()),
+            round_offset=int(config.get("round-offset", 0)),
+            server_round=int(config.get("server-round", 0)),
+            proximal_mu=float(config.get("proximal-mu", 0.0)),
+            recipe=json.loads(str(config.get("recipe") or "{}")),
+        )
+
+
+def reply(
+    msg: Message,
+    site: str,
+    status: str,
+    metrics: dict[str, Any],
+    reason: str = "",
+    arrays: ArrayRecord | None = None,
+) -> Message:
+    """A node's answer to `msg` (weights only with status ok), as the manifest allows."""
+    unlisted = sorted(set(metrics) - set(MANIFEST))
+    if unlisted:
+        raise ManifestError(f"not in the outbound manifest: {', '.join(unlisted)}")
+    metrics = {k: _ROUNDING[k](v) if k in _ROUNDING else v for k, v in metrics.items()}
+    content = RecordDict(
+        {
+            METRICS: MetricRecord(metrics),
+            NODE: ConfigRecord({"site": site, "status": status, "reason": reason}),
+        }
+    )
+    if arrays is not None:
+        content[ARRAYS] = arrays
+    return Message(content, reply_to=msg)
+
+
+@dataclass
+class NodeReply:
+    """What the server reads of one reply."""
+
+    site: str
+    status: str
+    reason: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+    message: Message | None = None  # the reply itself, for Flower's aggregation
+
+    @property
+    def ok(self) -> bool:
+        return self.status == OK
+
+    def summary(self) -> dict[str, Any]:
+        return {"site": self.site, "status": self.status, "reason": self.reason}
+
+
+def read_reply(msg: Message) -> NodeReply:
+    """The server's view of a reply; a Flower-level error (the app crashed) is `failed`."""
+    if msg.has_error():
+        return NodeReply(
+            f"node-{msg.metadata.src_node_id}", FAILED, "node error (details in the node's log)"
+        )
+    content = msg.content
+    node = dict(content.config_records.get(NODE, {}))
+    metrics = dict(content.metric_records.get(METRICS, {}))
+    return NodeReply(
+        site=str(node.get("site") or f"node-{msg.metadata.src_node_id}"),
+        status=str(node.get("status", OK)),
+        reason=str(node.get("reason", "")),
+        metrics=metrics,
+        message=msg,
+    )

@@ -1,0 +1,182 @@
+"""After every round: score the global model on the holdout, keep a checkpoint, write it down.
+
+`HoldoutEvaluator` is the one held-out evaluation of fedvox (the server's, every round, and the
+benchmarks' pooled reference): it picks the decision threshold and temperature from the
+hospitals' VALIDATION aggregates (`common.calibration`), predicts the holdout once, and
+measures the result. `RoundRecorder` adds what a round leaves behind: the checkpoint
+(`best` by the task's score), ROC points, the round's entry in summary.json (held-out
+metrics, every hospital's status, epsilon and local validation metrics) and one log line.
+"""
+
+from __future__ import annotations
+
+import time
+from logging import INFO
+from typing import TYPE_CHECKING, Any
+
+import torch
+from flwr.common.logger import log
+
+from common.calibration import Calibration, calibrated_metrics, choose_calibration
+from common.predict import predict_fields
+from common.protocol import NodeReply
+from common.site import SiteData
+from common.tasks import Evaluation, Task
+from common.validation import local_metrics
+from common.weights import fingerprint
+from server.run_dir import RunDir
+
+if TYPE_CHECKING:
+    from server.outputs import RunOutputs
+
+
+class HoldoutEvaluator:
+    def __init__(self, task: Task, holdout: SiteData) -> None:
+        self.task = task
+        self.holdout = holdout
+
+    def evaluate(
+        self, model: torch.nn.Module, validation: list[dict[str, Any]]
+    ) -> tuple[dict[str, float | None], Evaluation, Calibration | None]:
+        """(held-out metrics, the evaluation, the calibration) of `model`; `validation` are
+        the hospitals' releases about this very model (noisy validation histograms)."""
+        calib = choose_calibration(validation)
+        chosen = {"threshold": calib.threshold} if calib and calib.threshold is not None else {}
+        result = self.task.evaluate(model, self.holdout.images, self.holdout.labels, **chosen)
+        central = {k: result.metrics.get(k) for k in self.task.central_keys if k in result.metrics}
+        if calib is not None and result.logits is not None:
+            central.update(calibrated_metrics(result.probs, self.holdout.labels.numpy(), calib))
+        return central, result, calib
+
+
+class RoundRecorder:
+    def __init__(
+        self, run: RunDir, evaluator: HoldoutEvaluator, model: torch.nn.Module, offset: int
+    ) -> None:
+        self.run = run
+        self.evaluator = evaluator
+        self.model = model  # the server's copy of the global model
+        self.offset = offset  # rounds done before this invocation (resume)
+        self.best_score = run.best_score(evaluator.task.best_metric)
+        self.last_time = time.time()
+        self.threshold_margin: float | None = None  # the last calibration's
+        self.outputs: RunOutputs | None = None  # progress line, report (set by server/app.py)
+
+    def record(
+        self,
+        server_round: int,
+        state_dict: dict[str, torch.Tensor],
+        train: list[NodeReply] = (),
+        evaluate: list[NodeReply] = (),
+    ) -> dict[str, float | None]:
+        """Evaluate, checkpoint and log the global model after `server_round`."""
+        started = time.time()
+        global_round = self.offset + server_round
+        self.model.load_state_dict(state_dict)
+        validation = [r.metrics for r in evaluate if r.ok]
+        central, result, calib = self.evaluator.evaluate(self.model, validation)
+        self.threshold_margin = calib.threshold_margin if calib else None
+        task = self.evaluator.task
+        score = task.score(result.metrics)
+        is_best = score is not None and score > self.best_score
+        if is_best:
+            self.best_score = score
+            self.run.summary["best"] = {"round": global_round, task.best_metric: score}
+        holdout = self.evaluator.holdout
+        self.run.save_checkpoint(
+            global_round,
+            self.model.state_dict(),
+            self.run.summary["model"],
+            best=is_best,
+            predict=predict_fields(holdout.preprocess, holdout.spec.class_names, central),
+        )
+        for name, artifact in result.artifacts.items():
+            self.run.save_artifact(name, global_round, artifact)
+        self.run.summary["rounds"].append(
+            {
+                "round": global_round,
+                "central": central,
+                "weights_sha256": fingerprint(self.model.state_dict()),
+                # Wall clock since the previous round's evaluation ended (round 0: since start).
+                "wall_s": started - self.last_time,
+                "central_eval_s": time.time() - started,
+                "hospitals": hospitals_entry(
+                    train, evaluate, self.threshold_margin, self._class_names
+                ),
+            }
+        )
+        self.run.write_summary()
+        self.last_time = time.time()
+        self._log(global_round, central)
+        if self.outputs is not None:
+            self.outputs.after_round(global_round, result, self.model)
+        return central
+
+    def add_finetuned(self, replies: list[NodeReply]) -> None:
+        """Each hospital's fine-tuned-copy metrics, beside its last-round evaluation."""
+        hospitals = self.run.summary["rounds"][-1]["hospitals"]
+        for r in replies:
+            entry = hospitals.setdefault(r.site, {}).setdefault("eval", {})
+            if r.ok:
+                tuned = local_metrics(r.metrics, self.threshold_margin, self._class_names)
+                entry.update({f"finetuned-{k}": v for k, v in tuned.items()})
+                entry["finetuned-epsilon-run"] = r.metrics.get("epsilon-run")
+            else:
+                entry.update({"finetune-status": r.status, "finetune-reason": r.reason})
+        self.run.write_summary()
+
+    @property
+    def _class_names(self) -> tuple[str, ...]:
+        return tuple(self.evaluator.holdout.spec.class_names)
+
+    def _log(self, global_round: int, central: dict[str, float | None]) -> None:
+        hospitals = self.run.summary["rounds"][-1]["hospitals"].values()
+        eps = [h["epsilon_lifetime"] for h in hospitals if h.get("epsilon_lifetime") is not None]
+        shown = "  ".join(
+            f"{k} {v:.4f}" for k, v in central.items() if v is not None and k != "loss"
+        )
+        log(
+            INFO,
+            "fedvox round %d: held-out %s  max hospital epsilon %s",
+            global_round,
+            shown,
+            f"{max(eps):.2f}" if eps else "-",
+        )
+
+
+def hospitals_entry(
+    train: list[NodeReply],
+    evaluate: list[NodeReply],
+    threshold_margin: float | None = None,
+    class_names: tuple[str, ...] = (),
+) -> dict[str, dict]:
+    """Per-hospital view of one round: training status and epsilon; local validation metrics
+    computed here from the hospital's DP release (at the round's pooled threshold)."""
+    out: dict[str, dict[str, Any]] = {}
+    for r in train:
+        m = r.metrics
+        out.setdefault(r.site, {}).update(
+            {
+                "status": r.status,
+                "reason": r.reason or None,
+                "num_examples": int(m.get("num-examples", 0)),
+                "epsilon_run": m.get("epsilon-run"),
+                "epsilon_lifetime": m.get("epsilon-lifetime"),
+                "delta": m.get("delta"),
+                "noise_multiplier": m.get("noise-multiplier"),
+                "data_s": m.get("data-s"),
+                "compute_s": m.get("compute-s"),
+            }
+        )
+    for r in evaluate:
+        entry = out.setdefault(r.site, {"status": r.status})
+        if r.ok:
+            entry["eval"] = {
+                **local_metrics(r.metrics, threshold_margin, class_names),
+                "epsilon_run": r.metrics.get("epsilon-run"),
+                "data-s": r.metrics.get("data-s"),
+                "compute-s": r.metrics.get("compute-s"),
+            }
+        else:
+            entry["eval"] = {"status": r.status, "reason": r.reason}
+    return out

@@ -1,0 +1,32 @@
+"""`fedvox audit {privacy,attacks}`: measure privacy instead of assuming it.
+
+- `privacy` (simulations/audit_privacy.py): an empirical lower bound on a node's epsilon from
+  gradient canaries in one training run, next to the epsilon its ledger claims;
+- `attacks` (simulations/audit_attacks.py): the membership attacks a curious server can run
+  on everything a node returns, over many independent runs, next to the DP limit.
+
+Each is its own module with `add_arguments(parser)` and `run(args) -> int`; top-level imports
+stay light (the CLI imports them to build its parser).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+AUDITS: dict[str, tuple[str, str]] = {
+    "privacy": ("simulations.audit_privacy", "empirical epsilon lower bound (gradient canaries)"),
+    "attacks": ("simulations.audit_attacks", "a curious server's membership attacks (AUC, TPR)"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="audit", required=True)
+    for name, (module_name, help_text) in AUDITS.items():
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        sp.set_defaults(_audit_module=module_name)
+        importlib.import_module(module_name).add_arguments(sp)
+
+
+def run(args: argparse.Namespace) -> int:
+    return int(importlib.import_module(args._audit_module).run(args) or 0)

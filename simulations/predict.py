@@ -1,0 +1,65 @@
+"""`fedvox predict`: apply a run's global model to scans from a hospital's own archive.
+
+    fedvox predict --run RUN_DIR [--checkpoint best|last|round-N] INPUT... --out DIR [--saliency]
+
+INPUT is a NIfTI file or a hospital-layout folder. Classification writes predictions.csv (case,
+calibrated probability, label at the run's threshold, class name); segmentation one mask NIfTI
+per input on the input's own grid. The work is `common.predict`; this is the command line.
+An input that can't be predicted is named with its reason on stderr; the others still are.
+Exit code: 0 all predicted, 1 some failed, 2 none predicted or the run is unusable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("inputs", type=Path, nargs="+", help="NIfTI files or hospital folders")
+    parser.add_argument("--run", type=Path, required=True, help="a fedvox run folder")
+    parser.add_argument(
+        "--checkpoint",
+        default="last",
+        help="best | last | round-N (default last; best was chosen on the server's holdout)",
+    )
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument(
+        "--saliency", action="store_true", help="also write <case>_saliency.nii.gz (+ PNG in 2D)"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from common.predict import InputError, Predictor, find_inputs, predict_file
+    from common.progress import track
+
+    try:
+        predictor = Predictor.load(args.run, args.checkpoint)
+    except (OSError, ValueError, KeyError) as e:
+        print(f"fedvox predict: error: {e}", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows, failed = [], 0
+    for path, modality in track(find_inputs(args.inputs), "predicting"):
+        try:
+            rows.append(predict_file(predictor, path, modality, args.out, args.saliency).row)
+        except (InputError, OSError) as e:
+            failed += 1
+            print(f"fedvox predict: {e}", file=sys.stderr)
+    if rows:
+        write_csv(args.out / "predictions.csv", rows)
+    print(
+        f"fedvox predict: {len(rows)} predicted, {failed} failed; {predictor.source.name} "
+        f"(round {predictor.round}) -> {args.out}"
+    )
+    return 2 if not rows else (1 if failed else 0)
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)

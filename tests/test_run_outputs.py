@@ -1,0 +1,86 @@
+"""The server's per-round outputs in process, with real parts: a phantom holdout loaded by
+`load_site`, the real recorder and evaluator, a real run folder (no Flower simulation).
+
+* a report that cannot be written is logged and the round is still recorded;
+* the console filter keeps Flower's strategy chatter and the recorder's detail line off the
+  console, and server.log gets them;
+* the per-round report refresh reports its cost in server.log (printed, not asserted).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import torch
+from flwr.common.logger import log
+
+from common.config import RunConfig
+from common.site import load_site
+from common.tasks import ModelSpec, build_task_model, task_for
+from server.console import ConsoleFilter
+from server.outputs import RunOutputs
+from server.recorder import HoldoutEvaluator, RoundRecorder
+from server.run_dir import RunDir
+from simulations.phantoms import make_phantom_sites
+
+
+def _recorder(tmp_path, name: str) -> tuple[RoundRecorder, RunOutputs]:
+    make_phantom_sites("blobs-2d", tmp_path / "data", 1, cases_per_site=8, holdout_cases=24)
+    holdout = load_site(tmp_path / "data" / "holdout", split="all", log=lambda m: None)
+    task = task_for(holdout.spec)
+    spec = ModelSpec.of(holdout, {})
+    cfg = RunConfig.parse({"run-name": name, "num-server-rounds": 2})
+    run = RunDir.create(cfg, tmp_path / "runs", spec.as_dict(), {"holdout_cases": len(holdout)})
+    torch.manual_seed(0)
+    recorder = RoundRecorder(run, HoldoutEvaluator(task, holdout), build_task_model(spec), 0)
+    recorder.outputs = RunOutputs(run, holdout, 2)
+    return recorder, recorder.outputs
+
+
+def test_a_report_that_cannot_be_written_never_fails_the_round(tmp_path):
+    recorder, outputs = _recorder(tmp_path, "blocked")
+    run = recorder.run.path
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "report").write_text("a file where the figures folder should be")
+    with outputs:
+        for r in range(3):
+            outputs.report._next_at = 0.0  # no throttling: every round tries to write
+            recorder.record(r, recorder.model.state_dict())
+    summary = json.loads((run / "summary.json").read_text())
+    assert [r["round"] for r in summary["rounds"]] == [0, 1, 2]
+    assert (run / "holdout" / "round-002.json").is_file()
+    assert (run / "checkpoints" / "last.pt").is_file()
+    log_text = (run / "server.log").read_text()
+    assert "fedvox: report failed" in log_text and "the run goes on" in log_text
+    assert "Traceback" in log_text  # the details are kept for whoever investigates
+
+
+def test_report_and_log_after_each_round(tmp_path, capsys):
+    recorder, outputs = _recorder(tmp_path, "ok")
+    with outputs:
+        for r in range(2):
+            outputs.report._next_at = 0.0
+            recorder.record(r, recorder.model.state_dict())
+            log(logging.INFO, "configure_train: Sampled 2 nodes (out of 2)")
+    run = recorder.run.path
+    log_text = (run / "server.log").read_text()
+    lines = log_text.splitlines()
+    costs = [line.rsplit(" ", 2)[-2] for line in lines if "report refreshed" in line]
+    print(f"report refresh costs (s): {costs}")
+    assert len(costs) == 2
+    assert "fedvox round 1/2 · held-out AUC" in log_text
+    assert "fedvox round 1: held-out auc" in log_text  # the recorder's detail line
+    assert (run / "report.html").is_file() and (run / "model-card.md").is_file()
+    assert "| auc |" in (run / "model-card.md").read_text()
+
+
+def test_console_filter_keeps_warnings_and_progress_drops_details():
+    def record(level: int, path: str) -> logging.LogRecord:
+        return logging.LogRecord("flwr", level, path, 1, "msg", None, None)
+
+    keep = ConsoleFilter().filter
+    assert keep(record(logging.INFO, "/x/server/outputs.py"))
+    assert not keep(record(logging.INFO, "/x/server/recorder.py"))
+    assert not keep(record(logging.INFO, "/v/site-packages/flwr/serverapp/strategy/fedavg.py"))
+    assert keep(record(logging.WARNING, "/v/site-packages/flwr/serverapp/strategy/fedavg.py"))
