@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +39,7 @@ NODULE_OUT = (0.1, 0.6)  # ... centred this far (x radius) outside the surface, 
 DEFORM_MM = 1.0  # low-frequency shape variation (all cases), std of the surface displacement
 ROUGH_MM = 0.35  # fine surface undulation (all cases): bump-like, but smaller
 TILT_DEG = 25.0  # pose: random rotation up to this much about each axis
+FOV_VOXELS = 64  # the spacings below are for a 64^3 matrix (the real data's)
 
 
 @dataclass(frozen=True)
@@ -254,6 +255,10 @@ def organ_sites(
     counts: dict[str, list[int]] = {}
     sites = [(f"hospital-{h}", random_organ_site(rng)) for h in range(1, hospitals + 1)]
     for name, site in [*sites, ("holdout", HOLDOUT_ORGAN_SITE)]:
+        # A smaller matrix covers the same ~64 mm field of view with coarser voxels (the organ
+        # must fit; small sizes are for tests), a larger one finer voxels.
+        fov = tuple(s * FOV_VOXELS / n for s, n in zip(site.spacing, size, strict=True))
+        site = replace(site, spacing=fov)
         n = holdout_cases if name == "holdout" else cases_per_site
         volumes, labels = organ_cases(rng, n, size, site, ct)
         splits = None

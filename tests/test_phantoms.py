@@ -204,8 +204,8 @@ def test_organ_abnormality_is_a_small_local_bump():
         normal = organ_mask(np.random.default_rng(seed), (64,) * 3, HOLDOUT_ORGAN_SITE, False) > 0
         bump = organ_mask(np.random.default_rng(seed), (64,) * 3, HOLDOUT_ORGAN_SITE, True) > 0
         added = bump & ~normal
-        # A few to ~150 voxels of a 1,000-5,000 voxel organ, all of them touching it, in one spot.
-        assert 0 < added.sum() < 0.08 * normal.sum() and not (normal & ~bump).any()
+        # Tens to a few hundred voxels of a 1,000-5,000 voxel organ, touching it, in one spot.
+        assert 0 < added.sum() < 0.15 * normal.sum() and not (normal & ~bump).any()
         assert not (added & ~binary_dilation(normal, iterations=5)).any()
         spread = np.argwhere(added).std(axis=0)
         assert spread.max() < 4, spread
