@@ -196,7 +196,7 @@ def test_organ_sites_differ_in_scanner_and_orientation(organ_sites):
 
 
 def test_organ_abnormality_is_a_small_local_bump():
-    from scipy.ndimage import binary_dilation
+    from scipy.ndimage import distance_transform_edt
 
     from simulations.phantoms_organ import HOLDOUT_ORGAN_SITE, organ_mask
 
@@ -204,9 +204,10 @@ def test_organ_abnormality_is_a_small_local_bump():
         normal = organ_mask(np.random.default_rng(seed), (64,) * 3, HOLDOUT_ORGAN_SITE, False) > 0
         bump = organ_mask(np.random.default_rng(seed), (64,) * 3, HOLDOUT_ORGAN_SITE, True) > 0
         added = bump & ~normal
-        # Tens to a few hundred voxels of a 1,000-5,000 voxel organ, touching it, in one spot.
-        assert 0 < added.sum() < 0.15 * normal.sum() and not (normal & ~bump).any()
-        assert not (added & ~binary_dilation(normal, iterations=5)).any()
+        # Tens to a few hundred voxels added to a 1,000-5,000 voxel organ, near it, in one spot.
+        assert 0 < added.sum() < min(400, 0.25 * normal.sum()) and not (normal & ~bump).any()
+        # The ball (radius <= 5.5 mm, centre <= 0.6 radius out) stands <= 8.8 mm off the surface.
+        assert distance_transform_edt(~normal)[added].max() <= 9
         spread = np.argwhere(added).std(axis=0)
         assert spread.max() < 4, spread
 
