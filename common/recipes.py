@@ -63,6 +63,9 @@ RECIPES: dict[tuple[str, int], Recipe] = {
         },
         rates=((6.0, 0.05), (2.0, 0.02), (0.0, 0.01)),
     ),
+    # Placeholder (blob phantom only). The organ phantom's screen (docs/benchmarks.md, issue 16)
+    # has model="filterbank-3d" at FL-DP eps 8 0.70-0.78 vs pooled 0.84-0.89; it becomes the
+    # recipe once measured end to end through Flower.
     ("classification", 3): Recipe(
         "3d-classification",
         {

@@ -4,7 +4,9 @@ NIfTI image (or a numpy array already in RAS order) -> float32 tensor (C, *spati
   1. reorient to the closest canonical (RAS) orientation with nibabel and put the channel first,
   2. cast to float32,
   3. intensity normalisation per modality (CT: clip to a HU window then scale to [0, 1];
-     anything else: robust z-score = clip to the 0.5/99.5 percentiles, then mean/std),
+     "mask" (label-like inputs, e.g. segmented organ shapes) and any image with at most two
+     distinct values: scale min..max to [0, 1]; anything else: robust z-score = clip to the
+     0.5/99.5 percentiles, then mean/std),
   4. fit to the model's input size: resize keeping the *physical* aspect ratio (voxel spacing
      differs between scanners), then pad (with the image minimum, i.e. background) or
      centre-crop to exactly spatial_size.
@@ -30,13 +32,14 @@ import torch
 
 # Bump when the chain below changes in a way that changes its output: it is part of key(),
 # so every on-disk cache built by an older chain is ignored and rebuilt.
-PREPROCESS_VERSION = 1
+PREPROCESS_VERSION = 2  # 2: binary / "mask" images scaled to [0, 1] (issue 16)
 
 
 @dataclass(frozen=True)
 class PreprocessConfig:
     spatial_size: tuple[int, ...]  # model input size, (X, Y) or (X, Y, Z)
-    modality: str = "other"  # "CT" -> HU window scaled to [0, 1]; anything else -> robust z-score
+    # "CT" -> HU window scaled to [0, 1]; "mask" -> [0, 1]; anything else -> robust z-score
+    modality: str = "other"
     ct_window: tuple[float, float] = (-1000.0, 400.0)
 
     def __post_init__(self) -> None:
@@ -58,6 +61,11 @@ class PreprocessConfig:
     @property
     def is_ct(self) -> bool:
         return self.modality.strip().upper() == "CT"
+
+    @property
+    def is_mask(self) -> bool:
+        """Label-like input images (dataset.json modality "mask"): values are classes."""
+        return self.modality.strip().lower() == "mask"
 
     def key(self) -> str:
         """Stable short hash of every setting (plus the chain version): the disk-cache key."""
@@ -215,6 +223,41 @@ class FitToSize:
         return CenterSpatialCrop(self.spatial_size)(img)
 
 
+class IntensityByContent:
+    """Non-CT intensity step: [0, 1] for label-like images, robust z-score for the rest.
+
+    A binary image (e.g. a segmented organ, 0/255) has no tails to clip: the 0.5/99.5
+    percentile clip maps a foreground under 0.5 % of the voxels to background (a blank image),
+    and a z-score makes the foreground value depend on the organ's size (~13 at 0.6 %
+    foreground, ~4 at 6 %), so size leaks into contrast. Scaling min..max to [0, 1] keeps a
+    voxel's value = its occupancy. `mask=True` (modality "mask") does that for every image,
+    e.g. multi-label maps; otherwise only images with at most two distinct values get it, so
+    grey-value images (every 2D demo) go through the unchanged robust z-score.
+    """
+
+    def __init__(self, mask: bool = False):
+        from monai.transforms import (
+            ClipIntensityPercentiles,
+            Compose,
+            NormalizeIntensity,
+            ScaleIntensity,
+        )
+
+        self.mask = mask
+        self.unit = ScaleIntensity(minv=0.0, maxv=1.0)
+        # Robust z-score: a few saturated voxels (implants, burnt-in text) must not squash the
+        # contrast of everything else, so clip the tails before taking mean and std.
+        self.zscore = Compose(
+            [ClipIntensityPercentiles(lower=0.5, upper=99.5), NormalizeIntensity()]
+        )
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        lo, hi = img.min(), img.max()
+        if self.mask or bool(((img == lo) | (img == hi)).all()):
+            return self.unit(img)
+        return self.zscore(img)
+
+
 def _to_plain_tensor(img: torch.Tensor) -> torch.Tensor:
     # Drop MONAI metadata: the cache and DataLoader want a plain contiguous float32 tensor.
     t = img.as_tensor() if hasattr(img, "as_tensor") else torch.as_tensor(img)
@@ -225,21 +268,13 @@ def build_transform(cfg: PreprocessConfig) -> Callable:
     """Preprocessing chain for cfg: nibabel image or numpy array -> (C, *spatial_size) float32."""
     # MONAI is imported here, not at module top: `fedvox validate` never preprocesses and
     # should not pay MONAI's import time.
-    from monai.transforms import (
-        CastToType,
-        ClipIntensityPercentiles,
-        Compose,
-        NormalizeIntensity,
-        ScaleIntensityRange,
-    )
+    from monai.transforms import CastToType, Compose, ScaleIntensityRange
 
     if cfg.is_ct:
         lo, hi = cfg.ct_window
         intensity = [ScaleIntensityRange(a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)]
     else:
-        # Robust z-score: a few saturated voxels (implants, burnt-in text) must not squash the
-        # contrast of everything else, so clip the tails before taking mean and std.
-        intensity = [ClipIntensityPercentiles(lower=0.5, upper=99.5), NormalizeIntensity()]
+        intensity = [IntensityByContent(mask=cfg.is_mask)]
     return Compose(
         [
             ToCanonicalChannelFirst(cfg.spatial_size),

@@ -14,15 +14,19 @@ axial slices of the same generator; see the lung-ct section below.
 
 from __future__ import annotations
 
+import csv
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 
 from common.datasets import class_counts, write_hospital, write_site
 from common.prepare_output import atomic_output, locked, write_manifest
 from common.progress import track
+from simulations.phantoms_organ import ORGAN_CLASSES, organ_cases, organ_sites  # organ-3d
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,7 @@ class Phantom:
     task: str = "classification"
     # segmentation: dataset.json's image_size (model input) for the default image_size
     train_size: tuple[int, ...] | None = None
+    make_sites: Callable[..., dict[str, list[int]]] | None = None  # its own site writer
 
 
 def make_phantom_sites(
@@ -135,12 +140,13 @@ def make_phantom_sites(
         "image_size": list(size),
         "val_fraction": val_fraction,
     }
-    if phantom.task == "segmentation":
+    seg = phantom.task == "segmentation"  # counts: cases without / with a nodule
+    if writer := phantom.make_sites or (_make_segmentation_sites if seg else None):
         with locked(out), atomic_output(out) as tmp:
-            counts = _make_segmentation_sites(
+            counts = writer(
                 phantom, tmp, hospitals, cases_per_site, holdout_cases, rng, size, val_fraction
             )
-            write_manifest(tmp, params, counts, ["no-nodule", "nodule"])
+            write_manifest(tmp, params, counts, ["no-nodule", "nodule"] if seg else names)
         return counts
     with locked(out), atomic_output(out) as tmp:
         for h in range(1, hospitals + 1):
@@ -305,11 +311,6 @@ def write_segmentation_site(
     """images/<case>.nii.gz (int16 HU) + masks/<case>.nii.gz (uint8) on one affine per case,
     labels.csv (`case[,split]`) and dataset.json ("task": "segmentation").
     Arrays are (X, Y[, Z]) with voxel sizes in mm: written as they are, diagonal affine."""
-    import csv
-    import json
-
-    import nibabel as nib
-
     site_dir = Path(site_dir)
     (site_dir / "images").mkdir(parents=True, exist_ok=True)
     (site_dir / "masks").mkdir(parents=True, exist_ok=True)
@@ -389,4 +390,6 @@ PHANTOMS: dict[str, Phantom] = {
         lung_ct_case, (64, 64, 64), LUNG_CLASSES, "CT", "segmentation", (32, 32, 32)
     ),
     "lung-ct-2d": Phantom(lung_ct_case, (64, 64), LUNG_CLASSES, "CT", "segmentation", (64, 64)),
+    "organ-3d": Phantom(organ_cases, (64, 64, 64), ORGAN_CLASSES, "mask", make_sites=organ_sites),
+    "organ-ct-3d": Phantom(organ_cases, (64, 64, 64), ORGAN_CLASSES, "CT", make_sites=organ_sites),
 }

@@ -37,7 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument(
         "--phantom",
         default=None,
-        help="write a synthetic phantom instead (blobs-2d, blobs-3d, lung-ct, lung-ct-2d)",
+        help="write a synthetic phantom instead (blobs-2d, blobs-3d, lung-ct, lung-ct-2d, "
+        "organ-3d, organ-ct-3d)",
     )
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--hospitals", type=int, default=5, help="number of hospitals (default 5)")

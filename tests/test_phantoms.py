@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from common.site import validate_site
 from simulations import prepare
 from simulations.phantoms import PHANTOMS, make_phantom_sites
 
@@ -141,3 +142,86 @@ def test_output_passes_the_reader_validation(sites_2d):
         report = data.validate_site(sites_2d / site)
         assert report.exit_code == 0, report.format(only_bad=True)
         assert report.spec.spatial_dims == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# organ-3d / organ-ct-3d (issue 16): binary organ shapes with a subtle local abnormality
+
+
+@pytest.fixture(scope="module")
+def organ_sites(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("organ") / "sites"
+    make_phantom_sites("organ-3d", out, hospitals=3, cases_per_site=14, holdout_cases=9, seed=2)
+    return out
+
+
+def test_organ_3d_volumes_labels_and_contract(organ_sites):
+    from simulations.phantoms_organ import PREVALENCE
+
+    manifest = json.loads((organ_sites / "prepare.json").read_text())
+    assert manifest["sites"] == ["hospital-1", "hospital-2", "hospital-3", "holdout"]
+    for site in manifest["sites"]:
+        images, labels, splits = load_site(organ_sites / site)
+        assert images.shape[1:] == (64, 64, 64)
+        assert set(np.unique(images)) == {0.0, 255.0}  # binary 0/255
+        foreground = (images > 0).mean(axis=(1, 2, 3))
+        assert foreground.min() >= 0.002 and foreground.max() <= 0.06, foreground
+        assert manifest["counts"][site] == np.bincount(labels, minlength=2).tolist()
+        meta = json.loads((organ_sites / site / "dataset.json").read_text())
+        assert meta["modality"] == "mask" and meta["image_size"] == [32, 32, 32]
+        assert meta["task"] == "classification" and meta["spatial_dims"] == 3
+        if site == "holdout":  # exactly round(22 % of 9) abnormal cases
+            assert labels.sum() == round(PREVALENCE * 9) and splits == [""] * 9
+        else:  # hospitals draw their prevalence around 22 %
+            assert 2 <= labels.sum() <= 5 and {"train", "val"} == set(splits)
+        report = validate_site(organ_sites / site)
+        assert report.exit_code == 0, report.format(only_bad=True)
+
+
+def test_organ_sites_differ_in_scanner_and_orientation(organ_sites):
+    from common.transforms import to_canonical
+
+    headers = [
+        nib.load(next((organ_sites / f"hospital-{h}" / "images").iterdir())) for h in (1, 2, 3)
+    ]
+    geometry = {
+        (nib.aff2axcodes(i.affine), tuple(np.round(i.header.get_zooms(), 3))) for i in headers
+    }
+    assert len(geometry) == 3  # voxel sizes (and here orientations) differ between hospitals
+    assert len({nib.aff2axcodes(i.affine) for i in headers}) >= 2
+    for img in headers:  # reoriented to RAS, the organ is near the centre whatever the storage
+        data, _ = to_canonical(img)
+        centre = np.argwhere(data > 0).mean(axis=0)
+        assert np.all(np.abs(centre - 31.5) < 10), centre
+
+
+def test_organ_abnormality_is_a_small_local_bump():
+    from scipy.ndimage import distance_transform_edt
+
+    from simulations.phantoms_organ import HOLDOUT_ORGAN_SITE, organ_mask
+
+    for seed in range(4):
+        normal = organ_mask(np.random.default_rng(seed), (64,) * 3, HOLDOUT_ORGAN_SITE, False) > 0
+        bump = organ_mask(np.random.default_rng(seed), (64,) * 3, HOLDOUT_ORGAN_SITE, True) > 0
+        added = bump & ~normal
+        # Tens to a few hundred voxels added to a 1,000-5,000 voxel organ, near it, in one spot.
+        assert 0 < added.sum() < min(400, 0.25 * normal.sum()) and not (normal & ~bump).any()
+        # The ball (radius <= 5.5 mm, centre <= 0.6 radius out) stands <= 8.8 mm off the surface.
+        assert distance_transform_edt(~normal)[added].max() <= 9
+        spread = np.argwhere(added).std(axis=0)
+        assert spread.max() < 4, spread
+
+
+def test_organ_phantoms_are_deterministic_by_seed(tmp_path):
+    kw = dict(hospitals=2, cases_per_site=3, holdout_cases=2)
+    make_phantom_sites("organ-ct-3d", tmp_path / "a", seed=5, **kw)
+    make_phantom_sites("organ-ct-3d", tmp_path / "b", seed=5, **kw)
+    make_phantom_sites("organ-ct-3d", tmp_path / "c", seed=6, **kw)
+    a, b, c = (load_site(tmp_path / n / "hospital-2")[0] for n in "abc")
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    # CT variant: HU, fat around a soft-tissue organ, int16 on disk
+    first = next((tmp_path / "a" / "hospital-1" / "images").iterdir())
+    assert nib.load(first).get_data_dtype() == np.int16
+    assert -200 < np.median(a) < 0 and np.percentile(a, 99.9) > 0
+    meta = json.loads((tmp_path / "a" / "holdout" / "dataset.json").read_text())
+    assert meta["modality"] == "CT"

@@ -100,3 +100,30 @@ def test_key_is_stable_and_covers_every_setting():
     assert len({base.key(), *(o.key() for o in others)}) == 4
     with pytest.raises(ValueError):
         PreprocessConfig((28,))
+
+
+def test_binary_volume_keeps_a_small_foreground_at_one():
+    # A segmented organ as 0/255 with 0.1 % foreground: the percentile clip of the robust
+    # z-score would blank it; binary images are scaled to [0, 1] instead (issue 16).
+    a = np.zeros((32, 32, 32), np.uint8)
+    a[10:13, 10:13, 10:13] = 255  # 27 voxels = 0.08 %
+    b = np.zeros_like(a)
+    b[4:20, 4:20, 4:20] = 255  # 12.5 %: same foreground value whatever the organ's size
+    chain = build_transform(PreprocessConfig((32, 32, 32)))
+    for vol, n in ((a, 27), (b, 16**3)):
+        out = chain(nib.Nifti1Image(vol, np.eye(4)))[0]
+        assert float(out.min()) == 0.0 and float(out.max()) == 1.0
+        assert int((out == 1).sum()) == n and int((out == 0).sum()) == vol.size - n
+    # Resized, the foreground becomes partial volume (occupancy), not a blank image.
+    small = build_transform(PreprocessConfig((16, 16, 16)))(nib.Nifti1Image(a, np.eye(4)))
+    assert 0 < float(small.max()) <= 1 and float(small.sum()) == pytest.approx(27 / 8, rel=1e-4)
+
+
+def test_mask_modality_scales_label_maps_to_unit_range():
+    a = np.zeros((8, 8), np.float32)
+    a[:2], a[2:4] = 1, 2  # three labels: not binary, so only the declared modality scales it
+    mask = build_transform(PreprocessConfig((8, 8), modality="mask"))(nib.Nifti1Image(a, np.eye(4)))
+    np.testing.assert_allclose(np.unique(mask.numpy()), [0, 0.5, 1])
+    grey = build_transform(PreprocessConfig((8, 8)))(nib.Nifti1Image(a, np.eye(4)))
+    assert abs(float(grey.mean())) < 1e-5  # z-scored as before
+    assert PreprocessConfig((8, 8), modality="mask").key() != PreprocessConfig((8, 8)).key()
