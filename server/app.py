@@ -32,6 +32,7 @@ from server.outputs import RunOutputs
 from server.recorder import HoldoutEvaluator, RoundRecorder
 from server.rounds import finetune_round, run_rounds
 from server.run_dir import RunDir
+from server.secagg import secure_training
 from server.strategy import build_strategy
 
 app = ServerApp()
@@ -53,15 +54,17 @@ def main(grid: Grid, context: Context) -> None:
             if not opened.resumed:  # round 0 = the initial model (a resumed run has it already)
                 recorder.record(0, opened.model.state_dict())
             grid = ResponsiveGrid(grid)
+            strategy = build_strategy(cfg)
             arrays = run_rounds(
                 grid,
-                build_strategy(cfg),
+                strategy,
                 arrays,
                 plan,
                 cfg.num_server_rounds,
                 cfg.round_timeout,
                 recorder,
                 evaluate_after=lambda r: cfg.evaluates_in(r, plan.total_rounds),
+                secure=secure_training(grid, strategy, cfg),  # issue 18: None unless SecAgg+
             )
             if cfg.finetune_epochs and run.last_round >= plan.total_rounds:
                 last = replace(plan, server_round=cfg.num_server_rounds)

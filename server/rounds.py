@@ -18,13 +18,16 @@ from collections.abc import Callable
 from dataclasses import replace
 from logging import WARNING
 
-from flwr.app import ArrayRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from common.protocol import ARRAYS, CONFIG, FINETUNE, NodeReply, RoundPlan, read_reply
 from server.recorder import RoundRecorder
+
+# One secure training round: (round, global model, config) -> (new model, hospitals' replies).
+SecureTrain = Callable[[int, ArrayRecord, ConfigRecord], tuple[ArrayRecord, list[NodeReply]]]
 
 
 class EveryHospitalFailed(RuntimeError):
@@ -40,14 +43,19 @@ def run_rounds(
     timeout: float,
     recorder: RoundRecorder,
     evaluate_after: Callable[[int], bool] = lambda global_round: True,
+    secure: SecureTrain | None = None,
 ) -> ArrayRecord:
     """Rounds 1..`rounds` from `arrays`; returns the final global model. Hospitals evaluate
-    (each evaluation is a DP release charged to them) after the rounds `evaluate_after` says."""
+    (each evaluation is a DP release charged to them) after the rounds `evaluate_after` says.
+    `secure` (issue 18, server/secagg.py) trains each round under SecAgg+ instead."""
     for server_round in range(1, rounds + 1):
         config = replace(plan, server_round=server_round).record()
-        messages = strategy.configure_train(server_round, arrays, config, grid)
-        train = [read_reply(m) for m in grid.send_and_receive(messages, timeout=timeout)]
-        arrays = _aggregate(strategy, server_round, arrays, train)
+        if secure is not None:  # issue 18: the server sees only the sum of the updates
+            arrays, train = secure(server_round, arrays, config)
+        else:
+            messages = strategy.configure_train(server_round, arrays, config, grid)
+            train = [read_reply(m) for m in grid.send_and_receive(messages, timeout=timeout)]
+            arrays = _aggregate(strategy, server_round, arrays, train)
         evaluate = []
         if evaluate_after(plan.round_offset + server_round):
             config = replace(plan, server_round=server_round).record()
