@@ -16,7 +16,7 @@ app, and then through `_train_masked`, which:
    clear, WITHOUT `num-examples`.
 
 After `secaggplus_mod` has masked the vector it leaves the plain count it read in the reply;
-`secagg_mod` removes it, so the weight, like the update, leaves the node only masked.
+`secagg_mod` overwrites it with 0, so the weight, like the update, leaves the node only masked.
 Every other message passes through untouched.
 """
 
@@ -53,10 +53,10 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
         return _train_masked(inner, ctx, call_next)
 
     reply = secaggplus_mod(msg, context, masked_stage)
-    if reply.has_content():
-        content = reply.content
-        content.metric_records.pop(PLAIN_COUNT, None)  # masked inside the vector already
-        content.array_records.pop(f"{FITRES}.parameters", None)  # emptied by secaggplus_mod
+    if reply.has_content() and PLAIN_COUNT in reply.content.metric_records:
+        # Masked inside the vector already. The workflow still reads a legacy fit result
+        # (recorddict_to_fitres) from this reply, so the record stays, saying nothing.
+        reply.content.metric_records[PLAIN_COUNT] = MetricRecord({"num_examples": 0})
     return reply
 
 

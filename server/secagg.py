@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.common import FitIns, Parameters, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.logger import log
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
@@ -140,7 +140,7 @@ def secure_train_round(
 ) -> SecAggRound:
     """One training round under SecAgg+; `sharing` = run config (secagg-shares, -threshold)."""
     messages = list(strategy.configure_train(server_round, arrays, config, grid))
-    node_ids = [m.dst_node_id for m in messages]
+    node_ids = [m.metadata.dst_node_id for m in messages]
     if len(node_ids) < 2:
         raise SecureAggregationFailed(
             f"round {server_round}: secure aggregation needs at least 2 hospitals, "
@@ -191,8 +191,8 @@ def _apply(
     new = {}
     for (name, value), update in zip(state.items(), mean_update, strict=True):
         base = value.numpy()
-        new[name] = (base.astype(np.float64) + update).astype(base.dtype)
-    content = RecordDict({ARRAYS: ArrayRecord(new), METRICS: MetricRecord({"num-examples": 1.0})})
+        new[name] = Array((base.astype(np.float64) + update).astype(base.dtype))
+    content = RecordDict({ARRAYS: ArrayRecord(array_dict=new), METRICS: MetricRecord({"num-examples": 1.0})})
     template = trained[0].message
     one = Message(content, metadata=copy.copy(template.metadata))
     aggregated, _ = strategy.aggregate_train(server_round, [one])
