@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -31,9 +32,10 @@ from flwr.app.message_type import MessageType
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import Code, FitRes, Status, bytes_to_ndarray, ndarrays_to_parameters
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.compat.common import recorddict_compat as compat
 
+from client.audit import append_record, audit_path
 from common.protocol import ARRAYS, CONFIG, METRICS, NODE, OK
 from common.secagg import ARRAY_NAMES, QUANTIZATION
 
@@ -48,6 +50,7 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
     """SecAgg+ for training messages that carry its configs; everything else untouched."""
     if not _is_secagg(msg):
         return call_next(msg, context)
+    _audit_stage(msg, context)
 
     def masked_stage(inner: Message, ctx: Context) -> Message:
         return _train_masked(inner, ctx, call_next)
@@ -58,6 +61,26 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
         # (recorddict_to_fitres) from this reply, so the record stays, saying nothing.
         reply.content.metric_records[PLAIN_COUNT] = MetricRecord({"num_examples": 0})
     return reply
+
+
+def _audit_stage(msg: Message, context: Context) -> None:
+    """One audit line per SecAgg+ stage as it arrives (the masked-vector stage's train
+    message and reply are audited by audit_mod as always)."""
+    path = audit_path(context)
+    if path is None:
+        return
+    stage = msg.content.config_records[RECORD_KEY_CONFIGS].get(Key.STAGE)
+    record = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "run_id": msg.metadata.run_id,
+        "node_id": context.node_id,
+        "message_id": msg.metadata.message_id,
+        "action": f"secagg.{stage}",
+        "round": int(msg.metadata.group_id) if msg.metadata.group_id.isdigit() else None,
+        "site": context.node_config.get("site-name"),
+        "status": "received",
+    }
+    append_record(path, record)
 
 
 def _is_secagg(msg: Message) -> bool:

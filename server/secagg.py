@@ -192,7 +192,8 @@ def _apply(
     for (name, value), update in zip(state.items(), mean_update, strict=True):
         base = value.numpy()
         new[name] = Array((base.astype(np.float64) + update).astype(base.dtype))
-    content = RecordDict({ARRAYS: ArrayRecord(array_dict=new), METRICS: MetricRecord({"num-examples": 1.0})})
+    one_reply = {ARRAYS: ArrayRecord(array_dict=new), METRICS: MetricRecord({"num-examples": 1.0})}
+    content = RecordDict(one_reply)
     template = trained[0].message
     one = Message(content, metadata=copy.copy(template.metadata))
     aggregated, _ = strategy.aggregate_train(server_round, [one])
