@@ -87,7 +87,8 @@ def sim(tmp_path_factory):
     (app / "pyproject.toml").write_text(text)
     shutil.copy(ROOT / "tests" / "secagg_recording_server.py", app)
     record = root / "received"
-    with LocalFederation(root / "sim", app_dir=app, extra_env={"FEDVOX_TEST_RECORD": str(record)}) as fed:
+    env = {"FEDVOX_TEST_RECORD": str(record)}
+    with LocalFederation(root / "sim", app_dir=app, extra_env=env) as fed:
         fed.root, fed.record = root, record
         fed.base = {
             "data-dir": str(root / "data"),
