@@ -190,7 +190,7 @@ def test_status_and_epsilon_come_back_in_the_clear_and_a_refusal_is_handled(firs
         assert h["status"] == "ok" and 0 < h["epsilon_run"] <= 8.0, h
         assert h["num_examples"] is None  # never seen in the clear
     refused = hospitals["hospital-3"]
-    assert refused["status"] == "refused" and "lifetime" in refused["reason"], refused
+    assert refused["status"] == "refused" and "max-epsilon 1" in refused["reason"], refused
     assert summary["rounds"][1]["central"]["auc"] is not None
 
 
