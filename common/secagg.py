@@ -55,3 +55,14 @@ QUANTIZATION = Quantization()
 # The fit config key with the global model's state_dict names, in the order of the arrays
 # (Flower's legacy Parameters have no names).
 ARRAY_NAMES = "array-names"
+
+# What a SecAgg+ reply may carry besides fedvox's `metrics` (without num-examples) and `node`
+# (tests/test_secagg.py checks every reply the server receives against it).
+SECAGG_REPLY_RECORDS = {
+    "secaggplus_configs": "the stage's protocol values: public keys, encrypted key shares, "
+    "the masked vector, unmask shares",
+    "fitres.parameters": "empty: secaggplus_mod clears it once the vector is masked",
+    "fitres.num_examples": "0: the weight travels inside the masked vector",
+    "fitres.metrics": "empty",
+    "fitres.status": "Flower's legacy status code (ok)",
+}

@@ -51,6 +51,7 @@ class RecordingGrid(ResponsiveGrid):
             entry = {
                 "arrays": _arrays_in(msg),
                 "metrics": {k: dict(v) for k, v in msg.content.metric_records.items()},
+                "records": sorted(msg.content.keys()),
             }
             (out / f"{next(_numbers):05d}.pkl").write_bytes(pickle.dumps(entry))
         return got

@@ -11,6 +11,7 @@ secagg-threshold 3 it cannot, and summary.json says why.
 from __future__ import annotations
 
 import json
+from itertools import count
 from pathlib import Path
 
 from procs import wait_for
@@ -19,6 +20,7 @@ from test_deployment import OPERATOR, ROOT, _write_sites, federation  # noqa: F4
 from client.audit import AUDIT_FILE, read_records
 
 SITES = ("hospital-1", "hospital-2", "hospital-3")
+_calls = count()
 
 
 def _start(fed, site: str, attempt: int):  # noqa: ANN202
@@ -38,8 +40,9 @@ def _start(fed, site: str, attempt: int):  # noqa: ANN202
 
 
 def _online(fed) -> int:
+    # A fresh log name per call: Procs appends to a name's log, and returns all of it.
     rc, out = fed.procs.run(
-        "supernode-list",
+        f"supernode-list-{next(_calls)}",
         ["flwr", "supernode", "list", OPERATOR, "--format", "json"],
         fed.env,
         cwd=fed.root,
@@ -47,7 +50,8 @@ def _online(fed) -> int:
     )
     if rc != 0:
         return 0
-    nodes = json.loads(out[out.index("{") :])["nodes"]
+    listing, _ = json.JSONDecoder().raw_decode(out[out.index("{") :])  # logs may follow
+    nodes = listing["nodes"]
     return sum(1 for n in nodes if n.get("status") == "online")
 
 

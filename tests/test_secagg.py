@@ -21,7 +21,7 @@ import torch
 
 from common.config import ConfigError, RunConfig
 from common.protocol import _ROUNDING
-from common.secagg import QUANTIZATION
+from common.secagg import QUANTIZATION, SECAGG_REPLY_RECORDS
 from server.secagg import SecureAggregationFailed, Sharing
 from simulations.local import LocalFederation
 from simulations.phantoms import make_phantom_sites
@@ -58,6 +58,12 @@ def test_shares_and_threshold_per_round(hospitals, shares, threshold, expected):
     plan = Sharing.for_round(hospitals, shares, threshold)
     assert (plan.shares, plan.threshold) == expected
     assert plan.tolerated_dropouts == expected[0] - expected[1]
+
+
+def test_docs_list_what_a_secagg_reply_carries():
+    text = (ROOT / "docs" / "privacy.md").read_text()
+    for key in SECAGG_REPLY_RECORDS:
+        assert f"`{key}`" in text, key
 
 
 def test_a_threshold_above_the_shares_is_refused():
@@ -160,7 +166,9 @@ def test_the_server_never_holds_one_hospitals_update(first):
                         assert abs(_corr(x_, own)) < 0.5, (site, name)
     # Each of the three nodes' masked vectors had every large tensor, so none went unchecked.
     assert checked >= 3 * len(big)
+    allowed = {"metrics", "node", *SECAGG_REPLY_RECORDS}
     for entry in received:  # the weight leaves only masked
+        assert set(entry["records"]) <= allowed, entry["records"]
         assert all("num-examples" not in m for m in entry["metrics"].values())
         assert entry["metrics"].get("fitres.num_examples", {}).get("num_examples", 0) == 0
 
