@@ -24,8 +24,9 @@ _calls = count()
 
 
 def _start(fed, site: str, attempt: int):  # noqa: ANN202
-    key = fed.node_key(site)
+    key = fed.root / "keys" / site  # the hospital's key, made and registered once
     if attempt == 0:
+        key = fed.node_key(site)
         fed.register(key)
     node_config = {
         "data-dir": str(fed.root / "data" / site),
