@@ -9,10 +9,11 @@ modulus_range, and the server dequantises the unmasked sum. The choices (docs/pr
 - fedvox sends the UPDATE (trained - global weights), not the weights: a round moves a
   coordinate by far less than a weight's size (measured below), so a small clipping range
   buys fine quantisation. The server adds the mean update to the global model it sent.
-- clipping_range 2.0: the largest coordinate change of one round measured on the demo's 2D
-  recipe (scatter-cnn, 4 local epochs, learning rate 0.05, first round: the largest steps of a
-  run) was 0.32 with DP (hospitals 1 and 3) and 0.35 without; 2.0 leaves 5x headroom.
-  A larger change is clipped (the node logs it); the sum of the others stays right.
+- clipping_range 2.0: the clip applies to (w / max_weight) x update, so an update coordinate
+  passes up to 2.0 x max_weight / w (>= 2.0). The largest coordinate change of one round
+  measured on the demo's 2D recipe (scatter-cnn, 4 local epochs, learning rate 0.05, first
+  round: the largest steps of a run) was 0.32 with DP (hospitals 1 and 3) and 0.35 without.
+  A larger change would be clipped (the node logs it); the others' sum stays right.
 - quantization_range 2**24: one step is 2 * 2.0 / 2**24 = 2.4e-7 per coordinate, below the
   float32 resolution of a weight near 1 (6e-8 .. 1.2e-7) times a few; the masked sum of k
   hospitals needs k * 2**24 < modulus_range = 2**32, i.e. at most 256 hospitals per round.
@@ -22,8 +23,8 @@ modulus_range, and the server dequantises the unmasked sum. The choices (docs/pr
   The smaller max_weight, the finer the mean (the error below divides by sum w / max_weight);
   10000 training cases is more than any one site of fedvox's tasks holds.
 
-The quantisation error of the mean is at most one step / (sum of w / max_weight) per
-coordinate and unbiased; tests/test_secagg.py measures it against plain FedAvg of the same
+The quantisation error of the mean is unbiased and at most k steps / (sum of w / max_weight)
+per coordinate for k hospitals; tests/test_secagg.py measures it against plain FedAvg of the same
 updates, and docs/privacy.md reports its utility cost.
 """
 
