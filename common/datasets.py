@@ -265,6 +265,25 @@ def _locked_on_out(prepare: Callable[..., T]) -> Callable[..., T]:
     return under_lock
 
 
+def _names_and_modality(
+    source: Path,
+    pool_y: np.ndarray,
+    test_y: np.ndarray,
+    names: list[str] | None,
+    modality: str | None,
+) -> tuple[list[str], str]:
+    """The class names and modality given, else those known for this MedMNIST file."""
+    known_names, known_modality = KNOWN_DATASETS.get(source.stem.lower(), (None, None))
+    num_classes = int(max(pool_y.max(initial=0), test_y.max(initial=0))) + 1
+    names = list(names or known_names or [f"class-{i}" for i in range(num_classes)])
+    if len(names) < num_classes:
+        raise ValueError(
+            f"{source}: labels go up to {num_classes - 1} but only {len(names)} class "
+            f"names were given ({names})"
+        )
+    return names, modality or known_modality or "unknown"
+
+
 @_locked_on_out
 def prepare_from_npz(
     source: Path,
@@ -288,15 +307,7 @@ def prepare_from_npz(
     pool_y = np.concatenate([data["train_labels"], data["val_labels"]])
     test_x, test_y = data["test_images"], data["test_labels"]
 
-    known_names, known_modality = KNOWN_DATASETS.get(source.stem.lower(), (None, None))
-    num_classes = int(max(pool_y.max(initial=0), test_y.max(initial=0))) + 1
-    class_names = list(class_names or known_names or [f"class-{i}" for i in range(num_classes)])
-    if len(class_names) < num_classes:
-        raise ValueError(
-            f"{source}: labels go up to {num_classes - 1} but only {len(class_names)} class "
-            f"names were given ({class_names})"
-        )
-    modality = modality or known_modality or "unknown"
+    class_names, modality = _names_and_modality(source, pool_y, test_y, class_names, modality)
     parts = partition_indices(pool_y, hospitals, partition, alpha, seed, min_per_hospital)
 
     rng = np.random.default_rng([seed, 1])  # separate stream: shuffling, val parts, holdout order
