@@ -40,6 +40,14 @@ def _start(fed, site: str, attempt: int):  # noqa: ANN202
     return fed.supernode(f"sn-{site}-{attempt}", key, node_config)
 
 
+def _running(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+
+
 def _online(fed) -> int:
     # A fresh log name per call: Procs appends to a name's log, and returns all of it.
     rc, out = fed.procs.run(
@@ -82,6 +90,11 @@ def _run_and_kill(fed, run_name: str, threshold: int, victim) -> dict:  # noqa: 
     stage = "hospital-3 in the masked-vector stage"
     wait_for(lambda: masked_stages() > before, 300, stage, fed.logs)
     fed.procs.stop(victim, grace=0.0)
+    gone = [victim.pid, *victim.known]
+    wait_for(lambda: not any(_running(pid) for pid in gone), 60, "hospital-3 ended", fed.logs)
+    # Ended and checked: the teardown must not signal its PIDs again (this busy machine reuses
+    # PIDs within minutes; a late signal could hit someone else's process).
+    fed.procs.procs.remove(victim)
     summary_path = out / run_name / "summary.json"
 
     def ended() -> bool:
