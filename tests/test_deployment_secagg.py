@@ -88,7 +88,7 @@ def _run_and_kill(fed, run_name: str, threshold: int, victim) -> dict:  # noqa: 
     before = masked_stages()  # the earlier run's, in the same audit log
 
     stage = "hospital-3 in the masked-vector stage"
-    wait_for(lambda: masked_stages() > before, 300, stage, fed.logs)
+    wait_for(lambda: masked_stages() > before, 900, stage, fed.logs)
     fed.procs.stop(victim, grace=0.0)
     gone = [victim.pid, *victim.known]
     wait_for(lambda: not any(_running(pid) for pid in gone), 60, "hospital-3 ended", fed.logs)
