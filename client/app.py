@@ -41,6 +41,7 @@ from client.gate import (
 )
 from client.node import Node, NodeConfigError, RunRefused
 from client.releases import settle_releases
+from client.secagg import secagg_mod
 from client.train import LocalTraining, local_sgd
 from common.files import atomic_write
 from common.privacy import PrivacyRefusal
@@ -53,7 +54,9 @@ from common.weights import fingerprint, to_record, unwrap
 log = logging.getLogger("fedvox.client")
 
 # Every message this node handles is appended to <state-dir>/audit.jsonl (deployment).
-app = ClientApp(mods=[audit_mod])
+# secagg_mod (issue 18): SecAgg+ training messages go through Flower's secaggplus_mod first;
+# the audit log sees the train message and reply the handler sees.
+app = ClientApp(mods=[secagg_mod, audit_mod])
 
 
 @app.train()

@@ -66,6 +66,10 @@ class RunConfig:
     trim_beta: float = 0.2
     min_nodes: int = 2
     round_timeout: float = 3600.0
+    # -- secure aggregation (Flower SecAgg+, server/secagg.py, client/secagg.py)
+    secure_aggregation: bool = False
+    secagg_shares: int = 0  # 0 = every hospital of the round holds a share of every other's keys
+    secagg_threshold: int = 0  # 0 = a majority of the shares
     # -- model
     model: str = AUTO
     model_width: int = 0
@@ -147,6 +151,7 @@ class RunConfig:
         _in_range(self, "trim_beta", 0.0, 0.5, high_open=True)
         _at_least_zero(self, "proximal_mu")
         _choice(self, "strategy", STRATEGIES)
+        _check_secure_aggregation(self)
         _choice(self, "accountant", ACCOUNTANTS)
         _choice(self, "learning_rate_schedule", SCHEDULES)
         _choice(self, "local_evaluation", LOCAL_EVALUATION)
@@ -370,6 +375,32 @@ def _in_range(
     if not ok:
         lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
         raise ConfigError(f"{_dashed(name)}={value}: expected a value in {lo}{low:g}, {high:g}{hi}")
+
+
+# A masked sum has no per-hospital values left to take a median of or to trim.
+ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg")
+
+
+def _check_secure_aggregation(cfg: Any) -> None:
+    _at_least_zero(cfg, "secagg_shares", "secagg_threshold")
+    if cfg.secure_aggregation and cfg.strategy in ROBUST_STRATEGIES:
+        raise ConfigError(
+            f'strategy="{cfg.strategy}" with secure-aggregation=true: a robust aggregate '
+            "(median, trimmed mean) needs every hospital's update, and secure aggregation shows "
+            'the server only their sum; use strategy="fedavg" (or fedprox, fedadam, ...) or '
+            "secure-aggregation=false"
+        )
+    if cfg.secagg_shares in (1, 2):
+        raise ConfigError(
+            f"secagg-shares={cfg.secagg_shares}: expected 0 (every hospital) or at least 3"
+        )
+    if cfg.secagg_threshold == 1:
+        raise ConfigError("secagg-threshold=1: expected 0 (a majority of the shares) or >= 2")
+    if cfg.secagg_shares and cfg.secagg_threshold > cfg.secagg_shares:
+        raise ConfigError(
+            f"secagg-threshold={cfg.secagg_threshold} is more than secagg-shares="
+            f"{cfg.secagg_shares}: a key could never be rebuilt"
+        )
 
 
 def _choice(cfg: Any, name: str, allowed: tuple[str, ...]) -> None:

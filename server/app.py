@@ -36,6 +36,7 @@ from server.outputs import RunOutputs
 from server.recorder import HoldoutEvaluator, RoundRecorder
 from server.rounds import RoundLoop
 from server.run_dir import FAILED, FINISHED, STOPPED, RunDir, write_failed
+from server.secagg import secure_training
 from server.strategy import build_strategy
 
 app = ServerApp()
@@ -84,9 +85,10 @@ def _round_loop(cfg: RunConfig, opened: OpenedRun, grid: ResponsiveGrid) -> Roun
     )
     # fedbn: each site keeps its own norm layers, so they are not bounded by one round's DP
     skip = tuple(norm_parameter_names(opened.model)) if cfg.fedbn else ()
+    strategy = build_strategy(cfg)
     return RoundLoop(
         grid=grid,
-        strategy=build_strategy(cfg),
+        strategy=strategy,
         plan=plan,
         timeout=cfg.round_timeout,
         recorder=recorder,
@@ -95,6 +97,7 @@ def _round_loop(cfg: RunConfig, opened: OpenedRun, grid: ResponsiveGrid) -> Roun
         evaluate_after=lambda r: cfg.evaluates_in(r, plan.total_rounds),
         used=_used_releases(run.summary),
         names=node_names(grid.inner),  # registered names, until a reply names its site
+        secure=secure_training(grid, strategy, cfg),  # issue 18: None unless SecAgg+
     )
 
 

@@ -120,7 +120,7 @@ def _data(view: RunView) -> list[str]:
             (r["hospitals"][site] for r in reversed(view.rounds) if site in r.get("hospitals", {})),
             {},
         )
-        lines.append(f"- {site}: {last.get('num_examples', '-')} training cases (last round)")
+        lines.append(f"- {site}: {last.get('num_examples') or '-'} training cases (last round)")
     lines += ["", "Hospitals' images never left them; only weights and aggregate metrics did.", ""]
     return lines
 

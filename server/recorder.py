@@ -165,7 +165,8 @@ def hospitals_entry(
             {
                 "status": r.status,
                 "reason": r.reason or None,
-                "num_examples": int(m.get("num-examples", 0)),
+                # None under secure aggregation: the count left the hospital only masked.
+                "num_examples": int(m["num-examples"]) if "num-examples" in m else None,
                 "epsilon_run": m.get("epsilon-run"),
                 "epsilon_lifetime": m.get("epsilon-lifetime"),
                 "delta": m.get("delta"),

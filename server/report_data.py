@@ -138,7 +138,7 @@ def site_table(view: RunView) -> tuple[list[str], list[list[str]]]:
         last = next((e for e in reversed(entries) if e), {})
         ev = last.get("eval", {}) if isinstance(last.get("eval"), dict) else {}
         row = [site, status, _fmt(last.get("epsilon_run")), _fmt(last.get("epsilon_lifetime"))]
-        row += [_fmt(last.get("delta"), "g"), str(last.get("num_examples", "-"))]
+        row += [_fmt(last.get("delta"), "g"), str(last.get("num_examples") or "-")]
         row += [_fmt(ev.get(k)) for k in metric_keys]
         rows.append(row)
     return header, rows

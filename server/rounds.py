@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from logging import WARNING
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedTrimmedAvg
@@ -40,6 +40,8 @@ from server.checks import UpdateChecker, trim_fraction
 from server.recorder import RoundRecorder
 
 REJECTED = "rejected"  # a hospital said ok, the server refused its update (server/checks.py)
+# One secure training round: (round, global model, config) -> (new model, hospitals' replies).
+SecureTrain = Callable[[int, ArrayRecord, ConfigRecord], tuple[ArrayRecord, list[NodeReply]]]
 
 
 class NoUsableUpdate(RuntimeError):
@@ -60,6 +62,9 @@ class RoundLoop:
     evaluate_after: Callable[[int], bool] = lambda global_round: True
     names: dict[int, str] = field(default_factory=dict)  # node id -> site name, this run
     used: list[str] = field(default_factory=list)  # hashes of releases used in this run
+    # issue 18 (server/secagg.py): trains each round under SecAgg+; the server sees only the
+    # sum of the updates, so the per-update checks (server/checks.py) cannot apply there.
+    secure: SecureTrain | None = None
 
     def run(self, arrays: ArrayRecord, rounds: int) -> ArrayRecord:
         """Rounds 1..`rounds` from `arrays`; returns the final global model. Hospitals evaluate
@@ -72,9 +77,13 @@ class RoundLoop:
     def one_round(self, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
         global_round = self.plan.round_offset + server_round
         config = self._plan(server_round, settled=global_round - 1).record()
-        messages = self.strategy.configure_train(server_round, arrays, config, self.grid)
-        train = self._send(messages)
-        arrays = self._aggregate(server_round, arrays, train)
+        if self.secure is not None:
+            arrays, train = self.secure(server_round, arrays, config)
+            self.used += [r.release for r in train if r.ok and r.release]
+        else:
+            messages = self.strategy.configure_train(server_round, arrays, config, self.grid)
+            train = self._send(messages)
+            arrays = self._aggregate(server_round, arrays, train)
         evaluate: list[NodeReply] = []
         if self.evaluate_after(global_round):
             config = self._plan(server_round, settled=global_round - 1).record()

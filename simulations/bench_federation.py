@@ -157,3 +157,25 @@ def measure_scale(
         "peak_rss_mb": out["peak_rss_mb"],
         "hospital_rounds_ok": done,
     }
+
+
+def measure_secagg(
+    workdir: Path, data_dir: Path, hospitals: int, rounds: int = 3
+) -> dict[str, Any]:
+    """SecAgg+'s cost per round (issue 18): the same run without and with secure aggregation,
+    median wall time of rounds 2.. (round 1 pays the one-off data decoding)."""
+    walls = {}
+    for secure in (False, True):
+        extra = {"secure-aggregation": secure}
+        out = run_federation(
+            workdir / ("secagg" if secure else "plain"), data_dir, hospitals, rounds, 2, extra
+        )
+        costs = _round_costs(out["summary"])
+        walls[secure] = statistics.median(c["wall_s"] for c in (costs[1:] or costs))
+    return {
+        "hospitals": hospitals,
+        "rounds": rounds,
+        "round_wall_s": walls[False],
+        "secagg_round_wall_s": walls[True],
+        "overhead": walls[True] / walls[False],
+    }

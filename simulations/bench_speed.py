@@ -32,6 +32,9 @@ FULL = {"2d": (2, (1, 28, 28), 64), "3d": (3, (1, 64, 64, 64), 8)}
 QUICK = {"2d": (2, (1, 28, 28), 16), "3d": (3, (1, 16, 16, 16), 2)}
 
 
+SECAGG_DEFAULT = "5,20"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, help="write the JSON result here")
     parser.add_argument(
@@ -51,6 +54,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--scale-hospitals", type=int, default=100, help="hospitals in the scale run (default 100)"
+    )
+    parser.add_argument(
+        "--secagg-hospitals",
+        default=SECAGG_DEFAULT,
+        help="hospital counts at which to measure SecAgg+'s cost per round, each a run without "
+        "and one with secure-aggregation=true (default 5,20; '' = skip)",
     )
     parser.add_argument(
         "--workdir",
@@ -158,12 +167,24 @@ def dp_section(quick: bool, threads: list[int], repeats: int | None) -> dict:
     }
 
 
-def federation_section(skip: bool, quick: bool, scale_hospitals: int, workdir: Path | None) -> dict:
+def federation_section(
+    skip: bool,
+    quick: bool,
+    scale_hospitals: int,
+    workdir: Path | None,
+    secagg_hospitals: tuple[int, ...] = (),
+) -> dict:
     """Simulation numbers: overhead + start-up + data share at 5 hospitals, then the scale run.
 
     Both run on the vendored PneumoniaMNIST (quick: small phantoms) prepared into `workdir`.
     """
-    empty = {"federation_overhead": None, "startup_s": None, "data_share": None, "scale": None}
+    empty = {
+        "federation_overhead": None,
+        "startup_s": None,
+        "data_share": None,
+        "scale": None,
+        "secagg": None,
+    }
     if skip:
         return empty
     import tempfile
@@ -189,7 +210,24 @@ def federation_section(skip: bool, quick: bool, scale_hospitals: int, workdir: P
         prepare_from_npz(DEFAULT_SOURCE, root / "data-scale", scale_n, "iid", 0.5, 0)
     fed = measure_federation(root / "fed", root / "data-fed", hospitals, rounds)
     scale = measure_scale(root / "scale", root / "data-scale", scale_n, scale_rounds)
-    return {**fed, "scale": scale}
+    return {**fed, "scale": scale, "secagg": secagg_section(root, quick, secagg_hospitals)}
+
+
+def secagg_section(root: Path, quick: bool, counts: tuple[int, ...]) -> list[dict]:
+    """SecAgg+'s overhead per round (issue 18) at each hospital count (demo data, IID)."""
+    from common.datasets import DEFAULT_SOURCE, prepare_from_npz
+    from simulations.bench_federation import measure_secagg
+    from simulations.phantoms import make_phantom_sites
+
+    out = []
+    for n in counts:
+        data = root / f"data-secagg-{n}"
+        if quick:
+            make_phantom_sites("blobs-2d", data, n, cases_per_site=16, holdout_cases=16)
+        else:
+            prepare_from_npz(DEFAULT_SOURCE, data, n, "iid", 0.5, 0)
+        out.append(measure_secagg(root / f"secagg-{n}", data, n, 2 if quick else 3))
+    return out
 
 
 def format_table(result: dict) -> str:
@@ -211,6 +249,17 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _secagg_counts(args: argparse.Namespace) -> tuple[int, ...]:
+    """--secagg-hospitals as ints; --quick measures 3 phantom hospitals unless told."""
+    text = str(args.secagg_hospitals)
+    if args.quick and text == SECAGG_DEFAULT:
+        text = "3"
+    try:
+        return tuple(int(n) for n in text.split(",") if n.strip())
+    except ValueError:
+        raise SystemExit(f"--secagg-hospitals: expected e.g. 5,20, got {text!r}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     threads_arg = args.threads or ("1" if args.quick else "1,2")
     try:
@@ -229,7 +278,13 @@ def run(args: argparse.Namespace) -> int:
         "machine": machine_info(),
         "quick": bool(args.quick),
         **dp_section(args.quick, threads, args.repeats),
-        **federation_section(args.no_federation, args.quick, args.scale_hospitals, args.workdir),
+        **federation_section(
+            args.no_federation,
+            args.quick,
+            args.scale_hospitals,
+            args.workdir,
+            _secagg_counts(args),
+        ),
     }
     print(format_table(result))
     print(
@@ -243,6 +298,11 @@ def run(args: argparse.Namespace) -> int:
             f"startup {result['startup_s']:.1f}s  data_share {result['data_share']:.1%}  "
             f"scale {sc['hospitals']} hospitals x {sc['rounds']} rounds: {sc['wall_s']:.0f}s, "
             f"peak RSS {sc['peak_rss_mb']:.0f} MB"
+        )
+    for sa in result.get("secagg") or []:
+        print(
+            f"secagg {sa['hospitals']} hospitals: {sa['secagg_round_wall_s']:.1f} s per round vs "
+            f"{sa['round_wall_s']:.1f} s without ({sa['overhead']:.2f}x)"
         )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

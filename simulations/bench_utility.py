@@ -63,7 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--settings",
         default="centralised,fl",
-        help="which of centralised,fl to run (fl covers fl and fl-dp; default both)",
+        help="which of centralised,fl,secagg to run (fl covers fl and fl-dp; secagg: the same "
+        "federations with secure-aggregation=true, rows fl-dp-secagg; default centralised,fl)",
     )
     parser.add_argument(
         "-c",
@@ -125,10 +126,14 @@ def parse_epsilons(text: str) -> list[float]:
 # ------------------------------------------------------------------------------- one run
 
 
-def run_federation(fed, base: dict, epsilon: float, seed: int, hospitals: int, name: str) -> dict:
+def run_federation(
+    fed, base: dict, epsilon: float, seed: int, hospitals: int, name: str, secure: bool = False
+) -> dict:
     # Each run is a fresh dataset history (its own simulated ledgers), as a benchmark models.
     state = Path(base["output-dir"]).parent / "node-state" / name
     cfg = {**base, "seed": seed, "run-name": name, "state-dir": str(state)}
+    if secure:  # issue 18: SecAgg+ training rounds (server/secagg.py)
+        cfg["secure-aggregation"] = True
     if math.isinf(epsilon):
         cfg["dp"] = False
     else:
@@ -163,9 +168,11 @@ def run(args: argparse.Namespace) -> int:
         "8,inf" if quick and args.epsilons == DEFAULT_EPSILONS else args.epsilons
     )
     settings = {s.strip() for s in args.settings.split(",") if s.strip()}
-    unknown = settings - {"centralised", "fl"}
+    unknown = settings - {"centralised", "fl", "secagg"}
     if unknown:
-        raise SystemExit(f"--settings: unknown {sorted(unknown)}; choose from centralised,fl")
+        raise SystemExit(
+            f"--settings: unknown {sorted(unknown)}; choose from centralised,fl,secagg"
+        )
     overrides = parse_overrides(args.run_config)
     if quick:
         overrides = {"num-server-rounds": 2, "batch-size": 16, **overrides}
@@ -176,8 +183,8 @@ def run(args: argparse.Namespace) -> int:
         data_dir, hospitals, data_desc = _data(args, quick, cfg, work)
         bench = _Bench(Path(args.out), quick, data_desc, overrides, cfg)
         bench.runs += merged_runs(getattr(args, "merge", None), data_desc, overrides)
-        if "fl" in settings:
-            _federations(bench, work, data_dir, hospitals, epsilons, seeds)
+        for secure in [False] * ("fl" in settings) + [True] * ("secagg" in settings):
+            _federations(bench, work, data_dir, hospitals, epsilons, seeds, secure)
         if "centralised" in settings:
             from simulations.centralised import run_centralised
 
@@ -231,8 +238,11 @@ def _data(args: argparse.Namespace, quick: bool, cfg: RunConfig, work: Path):
     return data_dir, hospitals, desc
 
 
-def _federations(bench, work: Path, data_dir: Path, hospitals: int, epsilons, seeds) -> None:
-    """One real Flower simulation per (epsilon, seed) on a private SuperLink."""
+def _federations(
+    bench, work: Path, data_dir: Path, hospitals: int, epsilons, seeds, secure: bool = False
+) -> None:
+    """One real Flower simulation per (epsilon, seed) on a private SuperLink; `secure`: under
+    SecAgg+ (rows fl-dp-secagg)."""
     from simulations.local import LocalFederation
 
     base = {**bench.overrides, "data-dir": str(data_dir), "output-dir": str(work / "runs")}
@@ -240,9 +250,9 @@ def _federations(bench, work: Path, data_dir: Path, hospitals: int, epsilons, se
     with LocalFederation(work / "sim") as fed:
         runs = [(epsilon, seed) for epsilon in epsilons for seed in seeds]
         for epsilon, seed in track(runs, "federations"):
-            name = f"{stamp}-eps{epsilon:g}-seed{seed}"
-            res = run_federation(fed, base, epsilon, seed, hospitals, name)
-            setting = "fl" if math.isinf(epsilon) else "fl-dp"
+            name = f"{stamp}-eps{epsilon:g}-seed{seed}" + ("-secagg" if secure else "")
+            res = run_federation(fed, base, epsilon, seed, hospitals, name, secure)
+            setting = ("fl" if math.isinf(epsilon) else "fl-dp") + ("-secagg" if secure else "")
             bench.record(setting, None if math.isinf(epsilon) else epsilon, seed, res)
 
 

@@ -186,6 +186,11 @@ class Procs:
             proc.popen.wait(timeout=5)
         except subprocess.TimeoutExpired:
             pass
+        # A killed process in uninterruptible sleep (a loaded machine's disk) dies a moment
+        # later: wait for that, so a leak check right after does not see it still running.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(_alive(p) for p in pids):
+            time.sleep(0.1)
 
     def close(self) -> None:
         # Snapshot descendants of everything first: once a parent dies its children are
