@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 import uuid
 from pathlib import Path
@@ -80,7 +81,10 @@ class RunDir:
                 f"{SUMMARY} ends at round {run.last_round}"
             )
         server = previous.get("server") or {}
-        if server.get("host") == this_process()["host"] and server.get("pid") is not None:
+        # Only a run still marked running can have a live ServerApp; one process can host
+        # several runs in turn (the Simulation Engine), so our own pid is not "another" server.
+        still_marked = previous.get("status") == RUNNING and server.get("pid") != os.getpid()
+        if still_marked and server.get("host") == this_process()["host"]:
             if alive(server.get("pid"), server.get("started")):
                 raise RuntimeError(
                     f"resume-from={resume_from}: its ServerApp (pid {server['pid']}) is still "

@@ -19,6 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from server.app import app as fedvox
 from server.grid import ResponsiveGrid
+from server.rounds import RoundLoop
 
 app = ServerApp()
 _numbers = count()
@@ -59,4 +60,8 @@ class RecordingGrid(ResponsiveGrid):
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    # The test compares what the server received with what each node released. At the end of
+    # a run the server tells the nodes which releases it used and they delete the kept updates
+    # (issue 15); skip that message here so the test can still read them.
+    RoundLoop.settle = lambda self, last_round, timeout=120.0: None
     fedvox(grid=RecordingGrid(grid), context=context)

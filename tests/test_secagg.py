@@ -205,7 +205,7 @@ def test_status_and_epsilon_come_back_in_the_clear_and_a_refusal_is_handled(firs
 def test_resume_continues_under_secure_aggregation(sim, first):
     run_dir = sim.root / "runs" / "sa"
     res = sim.run(
-        {**sim.base, "resume-from": str(run_dir), "num-server-rounds": 1},
+        {**sim.base, "resume-from": str(run_dir), "num-server-rounds": 1, "total-rounds": 2},
         num_supernodes=3,
         timeout=600,
         name="sa-resume",
@@ -213,6 +213,6 @@ def test_resume_continues_under_secure_aggregation(sim, first):
     assert res.returncode == 0, res.output[-6000:]
     summary = _summary(sim, "sa")
     assert summary["status"] == "finished", summary.get("error")
-    assert [r["round"] for r in summary["rounds"]] == [0, 1, 2]
+    assert [r["round"] for r in summary["rounds"]] == [0, 1, 2], res.output[-3000:]
     assert summary["rounds"][2]["hospitals"]["hospital-1"]["status"] == "ok"
     assert (run_dir / "checkpoints" / "round-002.pt").is_file()
