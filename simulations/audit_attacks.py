@@ -32,7 +32,13 @@ from pathlib import Path
 
 from common.config import RunConfig
 from common.files import atomic_write_text
-from simulations.audit_privacy import audit_config, demo_site, for_site, provenance
+from simulations.audit_privacy import (
+    add_common_arguments,
+    audit_config,
+    demo_site,
+    for_site,
+    provenance,
+)
 
 THREAT_MODEL = (
     "curious server: knows the target and every other case, chooses the weights it sends, reads "
@@ -271,20 +277,9 @@ def _evaluate_attack(scores, members, replies) -> dict:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--data", type=Path, default=None, help="a hospital folder (default: demo hospital-1)"
-    )
-    parser.add_argument(
-        "-c",
-        "--run-config",
-        action="append",
-        default=[],
-        help='run-config overrides, e.g. -c "target-epsilon=1" (repeatable)',
-    )
+    add_common_arguments(parser)
     parser.add_argument("--trials", type=int, default=200, help="independent runs per message")
     parser.add_argument("--seed", type=int, default=0, help="the server's weights")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    parser.add_argument("--out", type=Path, required=True, help="JSON result")
 
 
 def run(args: argparse.Namespace) -> int:

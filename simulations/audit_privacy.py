@@ -180,7 +180,8 @@ def _statistics(canaries, delta: float, confidence: float) -> dict:
 # ------------------------------------------------------------------------------ command line
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """--data, -c, --threads, --out: what both audit commands take."""
     parser.add_argument(
         "--data", type=Path, default=None, help="a hospital folder (default: demo hospital-1)"
     )
@@ -191,13 +192,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         help='run-config overrides, e.g. -c "target-epsilon=1" (repeatable)',
     )
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--out", type=Path, required=True, help="JSON result")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_common_arguments(parser)
     # 400: the 2D recipe's scatter-cnn has 418 weights with per-sample gradients of their own
     # (its wide layers are ghost-normed); the plain CNN has room for 1000 (a higher ceiling).
     parser.add_argument("--canaries", type=int, default=400, help="gradient canaries (m)")
     parser.add_argument("--confidence", type=float, default=0.95, help="of the lower bound")
     parser.add_argument("--seed", type=int, default=0, help="canaries, model init, noise")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    parser.add_argument("--out", type=Path, required=True, help="JSON result")
 
 
 def run(args: argparse.Namespace) -> int:

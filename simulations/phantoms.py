@@ -207,6 +207,28 @@ def _segment_distance(points: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.nd
     return np.linalg.norm(points - (a + t[:, None] * ab), axis=1)
 
 
+def _draw_vessels(
+    rng: np.random.Generator,
+    hu: np.ndarray,
+    lungs: np.ndarray,
+    pts: np.ndarray,
+    hila: list[np.ndarray],
+    lz: float,
+) -> None:
+    """Vessels (in place): tubes from each hilum towards random points of the lung, inside
+    the lung only. `pts` are the lung voxels' positions (mm)."""
+    vessel = np.zeros(len(pts), dtype=bool)
+    for hilum in hila:
+        near = pts[np.linalg.norm(pts - hilum, axis=1) < 0.9 * lz]
+        if not len(near):
+            continue
+        for end in near[rng.choice(len(near), size=8)]:
+            vessel |= _segment_distance(pts, hilum, end) <= rng.uniform(1.5, 3.0)
+    lung_hu = hu[lungs]
+    lung_hu[vessel] = 40.0
+    hu[lungs] = lung_hu
+
+
 def chest_ct(
     rng: np.random.Generator,
     shape: tuple[int, int, int],
@@ -241,18 +263,8 @@ def chest_ct(
         hila.append(np.array([cx - side * 0.6 * sx, 0.0, zc]))
     hu[lungs] = -850.0 + 25.0 * smooth_noise(rng, shape, sigma=2.0)[lungs]
     label[lungs] = 1
-    # Vessels: tubes from each hilum towards random points of the lung, inside the lung only.
     pts = np.stack([x[lungs], y[lungs], z[lungs]], axis=1)
-    vessel = np.zeros(len(pts), dtype=bool)
-    for hilum in hila:
-        near = pts[np.linalg.norm(pts - hilum, axis=1) < 0.9 * lz]
-        if not len(near):
-            continue
-        for end in near[rng.choice(len(near), size=8)]:
-            vessel |= _segment_distance(pts, hilum, end) <= rng.uniform(1.5, 3.0)
-    lung_hu = hu[lungs]
-    lung_hu[vessel] = 40.0
-    hu[lungs] = lung_hu
+    _draw_vessels(rng, hu, lungs, pts, hila, lz)
     # Nodules: spheres well inside a lung, 6-15 mm radius, soft-tissue HU with a blurred rim.
     centres: list[np.ndarray] = []
     for _ in range(nodules):
