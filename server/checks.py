@@ -9,7 +9,9 @@ A reply that says "ok" still goes through four checks; the first that fails refu
    `num-examples` is the site's count plus Gaussian noise, released ONCE per run and rounded to
    10s, so a claim must be a multiple of 10, at least 10, the same every round of the run, and
    at most `COUNT_RATIO` times the median claim of the round's other hospitals (one site may be
-   much larger than the rest, never so large that its weight alone decides the model);
+   much larger than the rest, never so large that its weight alone decides the model); that
+   median is taken as at least the count noise's standard deviation, because small sites'
+   released counts are mostly noise (30 cases come out as 10 about a quarter of the time);
 4. **update norm** ||w_site - w_global|| inside the bound the run's DP settings imply
    (`dp_update_bound`, derived in docs/reliability.md): an honest DP-SGD update can never
    exceed it, a scaled or forged one does.
@@ -75,11 +77,15 @@ def max_noise_multiplier(cfg: RunConfig, total_rounds: int) -> float:
     return sigma * SIGMA_SLACK
 
 
+def count_noise_std(cfg: RunConfig, total_rounds: int) -> float:
+    """The largest standard deviation of the noise on a site's released count."""
+    releases = ALLOWANCE_FACTOR * max(1, cfg.planned_releases(total_rounds))
+    return 3.0 * release_noise(cfg.target_epsilon, releases)  # client/gate.py COUNT_FACTOR
+
+
 def count_margin(cfg: RunConfig, total_rounds: int) -> float:
     """How far a site's released count may lie from its true count (noise + rounding)."""
-    releases = ALLOWANCE_FACTOR * max(1, cfg.planned_releases(total_rounds))
-    std = 3.0 * release_noise(cfg.target_epsilon, releases)  # client/gate.py COUNT_FACTOR
-    return COUNT_STD_SLACK * std + 5.0
+    return COUNT_STD_SLACK * count_noise_std(cfg, total_rounds) + 5.0
 
 
 def dp_update_bound(
@@ -111,6 +117,9 @@ class UpdateChecker:
         self.counts: dict[str, float] = {}  # site -> the count it released for this run
         self.sigma_max = max_noise_multiplier(cfg, total_rounds) if cfg.dp else math.inf
         self.margin = count_margin(cfg, total_rounds)
+        # Small sites' counts are mostly noise (a count of 30 is released as 10 as often as
+        # not), so the ratio check never takes a median below one noise std as the others' size.
+        self.count_floor = count_noise_std(cfg, total_rounds) if cfg.dp else 0.0
 
     def check(
         self, replies: list[NodeReply], global_arrays: ArrayRecord
@@ -149,10 +158,11 @@ class UpdateChecker:
         first = self.counts.get(site)
         if first is not None and claim != first:
             return f"num-examples {claim:g} differs from the {first:g} it released for this run"
-        if others and claim > COUNT_RATIO * statistics.median(others):
+        if others and claim > COUNT_RATIO * max(statistics.median(others), self.count_floor):
+            floor = f", taken as at least {self.count_floor:.3g}" if self.count_floor else ""
             return (
                 f"num-examples {claim:g} is over {COUNT_RATIO:g}x the median of the other "
-                f"hospitals ({statistics.median(others):g})"
+                f"hospitals ({statistics.median(others):g}{floor})"
             )
         return None
 

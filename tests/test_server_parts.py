@@ -6,12 +6,16 @@ import math
 
 import numpy as np
 import pytest
+from flwr.app import Array, ArrayRecord
 from flwr.serverapp import strategy as fl
+from node_messages import message as train_message
 from sklearn.metrics import roc_auc_score
 
 from common.config import ConfigError, RunConfig
 from common.files import atomic_write_json
 from common.metrics import classification_metrics, roc_points
+from common.protocol import NodeReply
+from server.checks import UpdateChecker
 from server.run_dir import RunDir
 from server.strategy import STRATEGIES, build_strategy
 
@@ -76,3 +80,31 @@ def test_summary_json_is_valid_json_with_nan_as_null(tmp_path):
 def test_resume_from_a_folder_without_a_run_names_it(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path)):
         RunDir.resume(tmp_path)
+
+
+def _train_reply(site: str, count: float, sigma: float, arrays: dict) -> NodeReply:
+    message = train_message(
+        {k: Array(v) for k, v in arrays.items()}, 1
+    )  # a real Flower message carrying `arrays`
+    metrics = {"num-examples": count, "noise-multiplier": sigma}
+    return NodeReply(site=site, status="ok", reason="", metrics=metrics, message=message)
+
+
+def test_a_large_site_among_small_noisy_counts_is_accepted_an_inflated_one_is_not():
+    # Small sites' released counts sit at the floor of 10 (their noise is larger than they are);
+    # a real 300-case site next to them is honest, a claim of 1e5 is not.
+    cfg = RunConfig.parse({"target-epsilon": 8.0, "num-server-rounds": 3}).resolved(
+        "classification", 2
+    )
+    weights = {"w": np.zeros((4, 3), dtype=np.float32)}
+    checker = UpdateChecker(cfg, total_rounds=3)
+    sigma = checker.sigma_max / 2
+    small = [_train_reply(f"h{i}", 10.0, sigma, weights) for i in range(4)]
+    big = _train_reply("big", 270.0, sigma, weights)
+    accepted, rejected = checker.check([*small, big], ArrayRecord({"w": Array(weights["w"])}))
+    assert sorted(r.site for r in accepted) == ["big", "h0", "h1", "h2", "h3"] and not rejected
+
+    checker = UpdateChecker(cfg, total_rounds=3)
+    liar = _train_reply("liar", 1e5, sigma, weights)
+    accepted, rejected = checker.check([*small, liar], ArrayRecord({"w": Array(weights["w"])}))
+    assert [r.site for r in rejected] == ["liar"] and "over 20x the median" in rejected[0].reason
