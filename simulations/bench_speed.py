@@ -62,6 +62,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "and one with secure-aggregation=true (default 5,20; '' = skip)",
     )
     parser.add_argument(
+        "--only-secagg",
+        action="store_true",
+        help="measure only the SecAgg+ pairs of --secagg-hospitals (no step costs, no scale run)",
+    )
+    parser.add_argument(
         "--workdir",
         type=Path,
         default=None,
@@ -273,6 +278,8 @@ def run(args: argparse.Namespace) -> int:
     if args.repeats is not None and args.repeats < 1:
         raise SystemExit(f"--repeats must be >= 1, got {args.repeats}")
 
+    if args.only_secagg:
+        return _run_secagg_only(args)
     result = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": machine_info(),
@@ -299,13 +306,34 @@ def run(args: argparse.Namespace) -> int:
             f"scale {sc['hospitals']} hospitals x {sc['rounds']} rounds: {sc['wall_s']:.0f}s, "
             f"peak RSS {sc['peak_rss_mb']:.0f} MB"
         )
+    _print_secagg_and_write(result, args.out)
+    return 0
+
+
+def _run_secagg_only(args: argparse.Namespace) -> int:
+    import tempfile
+
+    counts = _secagg_counts(args)
+    if not counts:
+        raise SystemExit("--only-secagg needs --secagg-hospitals, e.g. 5,20")
+    root = args.workdir or Path(tempfile.mkdtemp(prefix="fedvox-bench-"))
+    result = {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "quick": bool(args.quick),
+        "secagg": secagg_section(root, args.quick, counts),
+    }
+    _print_secagg_and_write(result, args.out)
+    return 0
+
+
+def _print_secagg_and_write(result: dict, out: Path | None) -> None:
     for sa in result.get("secagg") or []:
         print(
             f"secagg {sa['hospitals']} hospitals: {sa['secagg_round_wall_s']:.1f} s per round vs "
             f"{sa['round_wall_s']:.1f} s without ({sa['overhead']:.2f}x)"
         )
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.out}")
-    return 0
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {out}")

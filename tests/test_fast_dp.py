@@ -354,3 +354,10 @@ def test_bench_speed_quick_writes_json(tmp_path):
         assert key in res and res[key] is None
     assert {"cpu", "cores", "torch", "opacus", "flwr"} <= set(res["machine"])
     assert res["date"]
+
+
+def test_bench_speed_only_secagg_needs_hospital_counts():
+    from simulations.cli import main
+
+    with pytest.raises(SystemExit, match="--only-secagg needs --secagg-hospitals"):
+        main(["bench", "speed", "--only-secagg", "--secagg-hospitals", ""])
