@@ -48,17 +48,23 @@ TIMING = ("data-s", "compute-s")  # documented as not protected (docs/privacy.md
 
 
 def attack_trials(
-    site: Path, cfg: RunConfig, overrides: dict, trials: int, workdir: Path, seed: int = 0
+    site: Path,
+    cfg: RunConfig,
+    overrides: dict,
+    trials: int,
+    workdir: Path,
+    seed: int = 0,
+    workers: int = 1,
 ) -> dict:
-    """Run `trials` train and `trials` evaluate messages (target in/out alternating); `cfg` is
-    the run config those `overrides` of the project's defaults make."""
+    """Run `trials` train and `trials` evaluate messages (target in/out alternating) in
+    `workers` processes; `cfg` is the run config those `overrides` of the project's defaults
+    make."""
     import numpy as np
     import torch
 
-    from client.app import evaluate, train
     from common.site import load_site
 
-    started, cpu = time.perf_counter(), time.process_time()
+    started, cpu, children = time.perf_counter(), time.process_time(), _children_cpu()
     torch.manual_seed(seed)
     cfg = for_site(cfg, site)
     train_part = load_site(site, "train", cache_dir=workdir / "cache", log=lambda _m: None)
@@ -70,8 +76,8 @@ def attack_trials(
     t_val = next((i for i, label in enumerate(val_part.labels.tolist()) if label == 1), 0)
     folders = _trial_sites(site, workdir, [train_part.cases[t_train], val_part.cases[t_val]])
     members = np.arange(trials) % 2 == 0
-    train_replies = _run(train, "train", members, folders, overrides, weights, workdir)
-    val_replies = _run(evaluate, "evaluate", members, folders, overrides, weights, workdir)
+    replies = _run_all(members, folders, overrides, weights, workdir, workers)
+    train_replies, val_replies = replies["train"], replies["evaluate"]
     scores = _weight_scores(train_replies, train_part, t_train, cfg, weights)
     scores.update(_reply_scores([m for m, _ in train_replies]))
     val_score = _bin_scores(val_replies, val_part, t_val, cfg, weights)
@@ -82,9 +88,18 @@ def attack_trials(
         "threat_model": THREAT_MODEL,
         "site": site.name,
         "attacks": attacks,
+        "workers": workers,
         "wall_s": round(time.perf_counter() - started, 1),
-        "cpu_s": round(time.process_time() - cpu, 1),  # the machine is shared: CPU time too
+        # the machine is shared: CPU time too (this process and its finished workers)
+        "cpu_s": round(time.process_time() - cpu + _children_cpu() - children, 1),
     }
+
+
+def _children_cpu() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _server_weights(data, cfg) -> dict:
@@ -149,16 +164,54 @@ def _trial_sites(site: Path, workdir: Path, targets: list) -> dict[bool, Path]:
     return {True: inside, False: outside}
 
 
-def _run(handler, kind: str, members, folders, overrides: dict, weights: dict, workdir: Path):
+def _run_all(members, folders, overrides: dict, weights: dict, workdir: Path, workers: int):
+    """Every train and evaluate trial, split over `workers` processes: {kind: replies}.
+
+    Trials are independent runs, so they split freely; each worker is a fresh (spawned)
+    Python that imports the node's code once and decodes the site once (the disk cache)."""
+    kinds = ("train", "evaluate")
+    if workers <= 1:
+        trials = range(len(members))
+        return {
+            k: _as_torch(_run_trials(k, trials, members, folders, overrides, weights, workdir))
+            for k in kinds
+        }
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    jobs = [(k, list(range(w, len(members), workers))) for k in kinds for w in range(workers)]
+    context = multiprocessing.get_context("spawn")  # no fork of a process with torch threads
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_one_thread) as pool:
+        futures = [
+            pool.submit(_run_trials, k, idx, members, folders, overrides, weights, workdir)
+            for k, idx in jobs
+        ]
+        done = {k: {} for k in kinds}
+        for (kind, idx), future in zip(jobs, futures, strict=True):
+            done[kind].update(zip(idx, future.result(), strict=True))
+    return {k: _as_torch([done[k][i] for i in range(len(members))]) for k in kinds}
+
+
+def _one_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)  # one core per worker: `workers` of them share the machine
+
+
+def _run_trials(
+    kind: str, indices, members, folders, overrides: dict, weights: dict, workdir: Path
+) -> list:
     """One message per trial through the real handler; (metrics, returned weights) each."""
+    from client.app import evaluate, train
     from common.progress import track
 
+    handler = train if kind == "train" else evaluate
     replies = []
-    for i, member in enumerate(track(list(members), f"audit attacks: {kind} trials")):
+    for i in track(list(indices), f"audit attacks: {kind} trials"):
         # A fresh state dir (ledger) per trial: independent runs; decoded images stay cached
         # in this process's memory, so a trial does not decode its data again.
         state_dir = workdir / f"state-{kind}-{i}"
-        run = {**overrides, "data-dir": str(folders[bool(member)]), "state-dir": str(state_dir)}
+        run = {**overrides, "data-dir": str(folders[bool(members[i])]), "state-dir": str(state_dir)}
         reply = handler(_message(weights, kind, f"audit-{kind}-{i}"), _context(run))
         shutil.rmtree(state_dir, ignore_errors=True)
         status = str(reply.content.config_records["node"]["status"])
@@ -166,9 +219,18 @@ def _run(handler, kind: str, members, folders, overrides: dict, weights: dict, w
             reason = reply.content.config_records["node"]["reason"]
             raise RuntimeError(f"trial {i}: the node answered {status}: {reason}")
         arrays = reply.content.array_records.get("arrays")
-        state = arrays.to_torch_state_dict() if arrays is not None else None
+        # numpy, not torch: a worker's tensors would cross to the parent as shared-memory
+        # handles, one per tensor (file descriptors run out over hundreds of trials)
+        state = {k: v.numpy() for k, v in arrays.items()} if arrays is not None else None
         replies.append((dict(reply.content.metric_records["metrics"]), state))
     return replies
+
+
+def _as_torch(replies: list) -> list:
+    import torch
+
+    return [(m, None if s is None else {k: torch.from_numpy(v) for k, v in s.items()})
+            for m, s in replies]  # fmt: skip
 
 
 def _context(run: dict):
@@ -280,6 +342,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser)
     parser.add_argument("--trials", type=int, default=200, help="independent runs per message")
     parser.add_argument("--seed", type=int, default=0, help="the server's weights")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=_usable_cores(),
+        help="processes the trials are split over, one torch thread each (default: the usable "
+        "cores; 1 = in this process with --threads)",
+    )
+
+
+def _usable_cores() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def run(args: argparse.Namespace) -> int:
@@ -288,10 +363,14 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(max(1, args.threads))
     if args.trials < 4:
         raise SystemExit("--trials: at least 4 (half with the target, half without)")
+    if args.workers < 1:
+        raise SystemExit(f"--workers: at least 1, got {args.workers}")
     cfg, overrides = audit_config(args.run_config)
     site = args.data.resolve() if args.data else demo_site(cfg)
     with tempfile.TemporaryDirectory(prefix="fedvox-attacks-") as tmp:
-        result = attack_trials(site, cfg, overrides, args.trials, Path(tmp), args.seed)
+        result = attack_trials(
+            site, cfg, overrides, args.trials, Path(tmp), args.seed, min(args.workers, args.trials)
+        )
     result.update(run_config=overrides, **provenance())
     atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
     for name, a in result["attacks"].items():

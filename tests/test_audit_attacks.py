@@ -23,7 +23,7 @@ def test_every_attack_is_reported_with_its_dp_limit(tmp_path):
         image_size=(12, 12),
     )  # fmt: skip
     site, out = tmp_path / "data" / "hospital-1", tmp_path / "attacks.json"
-    argv = ["audit", "attacks", "--data", str(site), "-c", TINY, "--trials", "8"]
+    argv = ["audit", "attacks", "--data", str(site), "-c", TINY, "--trials", "8", "--workers", "2"]
     assert main([*argv, "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     attacks = result["attacks"]
@@ -47,3 +47,4 @@ def test_every_attack_is_reported_with_its_dp_limit(tmp_path):
     val, weights = attacks["validation-release/target-bin"], attacks["weights/loss-threshold"]
     assert val["dp_bound"]["epsilon"] < weights["dp_bound"]["epsilon"]
     assert str(tmp_path) not in out.read_text()  # no hospital path in a report
+    assert result["workers"] == 2  # the trials were split over two processes
