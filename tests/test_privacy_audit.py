@@ -112,7 +112,7 @@ def test_the_dp_limits_of_an_attack():
 @pytest.mark.parametrize("fault", [NO_NOISE, NO_CLIPPING, WRONG_SAMPLE_RATE])
 def test_broken_dp_is_detected(site, tmp_path, fault):
     result = _audit(site, tmp_path, 1.0, fault)
-    assert result["claimed_epsilon"] == pytest.approx(1.0, abs=0.01)  # the ledger is fooled
+    assert 0.95 < result["claimed_epsilon"] <= 1.0  # the ledger is fooled
     assert result["lower_bound_epsilon"] > result["claimed_epsilon"], result
     assert result["flagged"]
 
@@ -120,7 +120,9 @@ def test_broken_dp_is_detected(site, tmp_path, fault):
 @pytest.mark.parametrize("epsilon", [1.0, 8.0])
 def test_the_real_code_is_not_flagged(site, tmp_path, epsilon):
     result = _audit(site, tmp_path, epsilon)
-    assert result["claimed_epsilon"] == pytest.approx(epsilon, rel=0.01)
+    # The claim is the training's share of the run's epsilon: the planned validation releases
+    # (which the audit does not make) hold back a few percent of the target.
+    assert 0.95 * epsilon < result["claimed_epsilon"] <= epsilon
     assert result["lower_bound_epsilon"] < result["claimed_epsilon"], result
     assert not result["flagged"]
     assert result["canaries_in"] + result["training_cases"] > CANARIES // 2
