@@ -42,8 +42,10 @@ from client.gate import (
 from client.node import Node, NodeConfigError, RunRefused
 from client.releases import settle_releases
 from client.secagg import secagg_mod
+from client.statistics import ensure_statistics
 from client.train import LocalTraining, local_sgd
 from common.files import atomic_write
+from common.filterbank3d import STATISTICS_MODELS
 from common.privacy import PrivacyRefusal
 from common.protocol import FAILED, OK, REFUSED, reply
 from common.site import SiteData
@@ -115,7 +117,8 @@ def _open_gate(node: Node, num_train: int) -> tuple[PrivacyGate, dict]:
         node.state_dir, node.plan.run_uid, node.cfg, node.policy, num_train, node.plan.total_rounds
     )
     steps = node.steps(num_train)
-    return gate, gate.plan(num_train, steps.sample_rate, steps.planned)
+    statistics = node.cfg.model in STATISTICS_MODELS
+    return gate, gate.plan(num_train, steps.sample_rate, steps.planned, statistics)
 
 
 def _refuse(msg: Message, node: Node, reason: str, gate: PrivacyGate | None) -> Message:
@@ -145,6 +148,7 @@ def _train(msg: Message, node: Node) -> Message:
         gate, plan = _open_gate(node, len(data))
         sigma, q = float(plan["noise_multiplier"]), float(plan["sample_rate"])
         model = node.global_model(msg, data)
+        ensure_statistics(gate, plan, model, data.images)  # once per run (filterbank-3d)
         path = node.release_path(TRAIN)
 
         def compute() -> tuple[dict, list, str]:
@@ -191,6 +195,7 @@ def _train_without_dp(
         )
         return _refuse(msg, node, reason, None)
     model = node.global_model(msg, data)
+    ensure_statistics(None, None, model, data.images)
     local_sgd(
         model, data.images, data.labels, node.round_training(), None, task_for(data.spec).loss_fn()
     )

@@ -35,10 +35,12 @@ from common.privacy import (
     calibrate_noise_multiplier,
     release_noise,
     resolve_budget,
+    statistics_entry,
 )
 
 SLACK = 1 + 1e-6  # the calibration search lands within tolerance of the target
 EVALUATE, FINETUNE, FINETUNE_EVALUATE, TRAIN = "evaluate", "finetune", "finetune-evaluate", "train"
+STATISTICS = "statistics"  # a model's data statistic, released once per run (client/statistics.py)
 # A validation release is the Gaussian mechanism on counts of sensitivity 1: (noise, q=1, 1 step)
 # in the accountant's terms. Its noise comes from the run's plan (`release_noise`), as does the
 # training-set size the node reports (the FedAvg weight): the count plus Gaussian noise of
@@ -87,14 +89,19 @@ class PrivacyGate:
         return cls(PrivacyLedger.open(state_dir, budget.accountant), budget, run_uid)
 
     # -- the run's plan -------------------------------------------------------------------
-    def plan(self, num_examples: int, sample_rate: float, planned_steps: int) -> dict[str, Any]:
-        """The run's calibration: made once, reused by every later message of the run."""
+    def plan(
+        self, num_examples: int, sample_rate: float, planned_steps: int, statistics: bool = False
+    ) -> dict[str, Any]:
+        """The run's calibration: made once, reused by every later message of the run.
+        `statistics`: the model needs one release of a data statistic (planned in too)."""
         with self.ledger.transaction():
             plan = self.ledger.runs.get(self.run_uid)
             if plan is None:
                 b = self.budget
                 noise = release_noise(b.epsilon_run, b.max_releases)
                 releases = ((noise, 1.0, b.max_releases), (COUNT_FACTOR * noise, 1.0, 1))
+                if statistics:
+                    releases += (statistics_entry(b.epsilon_run),)
                 sigma = calibrate_noise_multiplier(
                     self.budget.epsilon_run,
                     self.budget.delta,
@@ -108,7 +115,8 @@ class PrivacyGate:
                     noise_multiplier=sigma,
                     sample_rate=sample_rate,
                     planned_steps=planned_steps,
-                    planned_releases=b.max_releases + 1,
+                    planned_releases=b.max_releases + 1 + int(statistics),
+                    statistics=statistics,
                     release_noise=noise,
                     num_examples=num_examples,
                     num_examples_released=_noisy_count(num_examples, COUNT_FACTOR * noise),

@@ -72,7 +72,7 @@ class RunConfig:
     secagg_threshold: int = 0  # 0 = a majority of the shares
     # -- model
     model: str = AUTO
-    model_width: int = 0
+    model_width: int | str = AUTO  # 0 = the model's own default width
     model_depth: int = 3
     image_size: str = AUTO
     seed: int = 0
@@ -156,6 +156,14 @@ class RunConfig:
         _choice(self, "learning_rate_schedule", SCHEDULES)
         _choice(self, "local_evaluation", LOCAL_EVALUATION)
         _choice(self, "model", MODELS)
+        if self.model == "filterbank-3d" and self.strategy in SERVER_OPTIMISERS:
+            # its released feature mean travels with the weights: a server optimiser's step
+            # (Adam, momentum) would move it away from the mean instead of averaging it
+            raise ConfigError(
+                f'strategy="{self.strategy}" with model="filterbank-3d": its feature mean must be '
+                'averaged, not stepped; use strategy="fedavg", "fedprox", "fedmedian" or '
+                '"fedtrimmedavg"'
+            )
         if not (self.target_epsilon > 0 and math.isfinite(self.target_epsilon)):
             raise ConfigError(
                 f"target-epsilon={self.target_epsilon}: expected a positive finite number"
@@ -210,6 +218,8 @@ class RunConfig:
     @property
     def model_options(self) -> dict[str, Any]:
         """`build_model` keywords: server, nodes and the pooled reference build one model."""
+        if AUTO in (self.model, self.model_width):  # models are built from the recipe's values
+            raise ConfigError('model_options of a config with "auto" keys: resolve it first')
         return {"arch": self.model, "width": self.model_width or None, "depth": self.model_depth}
 
 
@@ -300,6 +310,7 @@ PLACEHOLDERS = {
     "num-server-rounds": 1,
     "augmentation": False,
     "image-size": "",
+    "model-width": 0,
 }
 
 
@@ -379,6 +390,9 @@ def _in_range(
 
 # A masked sum has no per-hospital values left to take a median of or to trim.
 ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg")
+
+
+SERVER_OPTIMISERS = ("fedadam", "fedyogi", "fedadagrad", "fedavgm")
 
 
 def _check_secure_aggregation(cfg: Any) -> None:

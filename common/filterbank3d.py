@@ -27,8 +27,18 @@ The fixed part, per input channel:
    badly conditioned, and a data-dependent (e.g. batch or population) centring would need
    its own privacy budget.
 
-All filters are non-persistent buffers: they are rebuilt by every node and never travel in a
-message or a checkpoint; `state_dict` holds only the linear layer.
+5. Centring by the population's mean feature vector (`feature_mean`, a persistent buffer
+   that travels with the weights). The statistics above are all positive-ish log-counts:
+   uncentred, every clipped per-case gradient points mostly along the common mean, and DP-SGD
+   learns the small differences between cases through that (FL-DP AUC 0.75 where centred
+   features reach 0.80-0.82 on the organ phantom, docs/benchmarks.md). The mean is data: each
+   hospital releases it ONCE per run with Gaussian noise, on its privacy ledger
+   (`client/statistics.py`, planned into the run's epsilon from the start), in its first
+   update; FedAvg's weighting by the released counts makes the global buffer the pooled
+   estimate, and from then on it is fixed (the server refuses an update that changes it).
+
+The filters are non-persistent buffers: they are rebuilt by every node and never travel in a
+message or a checkpoint; `state_dict` holds the linear layer and `feature_mean`.
 """
 
 from __future__ import annotations
@@ -50,6 +60,9 @@ RAW_THRESHOLDS = (0.02, 0.05, 0.1, 0.2, 0.4)  # on the raw invariants of a [0, 1
 STATS = 2 * (2 + 2 * len(STD_THRESHOLDS))  # per map: 2 extremes + 2 signs x thresholds, twice
 # Memoised features (see FilterBank3D.features): ~4 kB a case, so this is at most ~64 MB.
 CACHE_ENTRIES = 16384
+CHUNK = 16  # cases whose features are computed at once (memory, see FilterBank3D.features)
+STATISTICS_KEY = "feature_mean"  # the state_dict key of the released feature mean
+STATISTICS_MODELS = ("filterbank-3d",)  # run-config `model`s whose nodes release it
 _CACHE: OrderedDict[bytes, torch.Tensor] = OrderedDict()
 
 
@@ -175,6 +188,23 @@ class FilterBank3D(nn.Module):
                 self.register_buffer(f"d{axis}{i}", derivative_matrices(n, sigma), persistent=False)
         self.maps = in_channels * len(self.scales) * INVARIANTS
         self.head = nn.Linear(STATS * self.maps, num_classes)
+        # all zeros = not set yet (a released mean is never exactly zero); see module doc
+        self.register_buffer(STATISTICS_KEY, torch.zeros(STATS * self.maps))
+
+    @property
+    def feature_norm(self) -> float:
+        """Every case's feature vector has exactly this norm (the per-case normalisation):
+        the sensitivity of a sum of them, and the clipping bound `feature_sum` enforces."""
+        return math.sqrt(STATS * self.maps)
+
+    def feature_sum(self, images: torch.Tensor, batch: int = 32) -> torch.Tensor:
+        """The sum of the cases' feature vectors, each clipped to `feature_norm` (float64)."""
+        total = torch.zeros(STATS * self.maps, dtype=torch.float64)
+        for i in range(0, len(images), batch):
+            f = self.features(images[i : i + batch]).double()
+            scale = (self.feature_norm / f.norm(dim=1).clamp(min=1e-12)).clamp(max=1.0)
+            total += (f * scale[:, None]).sum(0)
+        return total
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, X, Y, Z) -> (N, STATS * maps) normalised statistics (fixed, no gradient).
@@ -191,7 +221,11 @@ class FilterBank3D(nn.Module):
         keys = [self._key(sample) for sample in x]
         missing = [i for i, k in enumerate(keys) if k not in _CACHE]
         if missing:
-            fresh = self._compute(x[missing])
+            # in chunks: the invariant maps of one case take ~6 MB at 32^3 and their statistics
+            # a few times that, so a whole logical batch of 128 at once would need GBs
+            fresh = torch.cat(
+                [self._compute(x[missing[i : i + CHUNK]]) for i in range(0, len(missing), CHUNK)]
+            )
             for i, f in zip(missing, fresh, strict=True):
                 _CACHE[keys[i]] = f
             while len(_CACHE) > CACHE_ENTRIES:
@@ -220,4 +254,19 @@ class FilterBank3D(nn.Module):
             return F.group_norm(s, self.maps).cpu()  # each map across its statistics
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D401 - torch convention
-        return self.head(self.features(x))
+        return self.head(self.features(x) - self.feature_mean)
+
+
+def has_statistics(model: nn.Module) -> bool:
+    """Does this model centre its features by a data statistic (that a node must release)?"""
+    return isinstance(model, FilterBank3D)
+
+
+def statistics_set(model: nn.Module) -> bool:
+    return bool(getattr(model, STATISTICS_KEY).abs().sum() > 0)
+
+
+def set_exact_mean(model: FilterBank3D, images: torch.Tensor) -> None:
+    """The non-private case (dp = false, the pooled reference): the exact mean."""
+    mean = model.feature_sum(images) / max(1, len(images))
+    getattr(model, STATISTICS_KEY).copy_(mean.float())

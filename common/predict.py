@@ -240,13 +240,13 @@ def write_saliency(
     stem: Path,
 ) -> list[Path]:
     """<case>_saliency.nii.gz on the input's grid (+ a PNG overlay for 2D)."""
-    from common.saliency import foreground_probability, gradcam, overlay_png
+    from common.saliency import class_saliency, foreground_probability, overlay_png
 
     if predictor.segmentation:
-        heat = foreground_probability(torch.softmax(logits.float(), dim=0))
+        heat, what = foreground_probability(torch.softmax(logits.float(), dim=0)), "P(foreground)"
     else:
         target = 1 if len(logits) == 2 else int(logits.argmax())
-        heat = gradcam(predictor.model, image, target)
+        heat, what = class_saliency(predictor.model, image, target)
     heat_file = geometry.to_file_grid(heat)[0]
     written = [_save(Path(f"{stem}_saliency.nii.gz"), like(img, heat_file))]
     if predictor.spec.spatial_dims == 2:
@@ -255,7 +255,6 @@ def write_saliency(
         scan_ras, _ = to_canonical(img)
         heat_ras, _ = to_canonical(like(img, heat_file))
         png = Path(f"{stem}_saliency.png")
-        what = "P(foreground)" if predictor.segmentation else "Grad-CAM"
         overlay_png(png, scan_ras, heat_ras, f"{stem.name}: {what}")
         written.append(png)
     return written

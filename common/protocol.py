@@ -30,7 +30,12 @@ TRAIN, EVALUATE, FINETUNE, SETTLE = "train", "evaluate", "train.finetune", "quer
 # the real ClientApp against it.
 DP, COARSE, PUBLIC = "dp", "coarse", "public"
 MANIFEST: dict[str, tuple[str, str]] = {
-    ARRAYS: (DP, "the locally trained model weights (DP-SGD, the run's noise multiplier)"),
+    ARRAYS: (
+        DP,
+        "the locally trained model weights (DP-SGD, the run's noise multiplier); with "
+        "filterbank-3d also its feature mean, released once per run (Gaussian mechanism, "
+        "client/statistics.py)",
+    ),
     "val-hist-neg": (DP, "validation cases of class 0 per logit-margin bin, Gaussian noise"),
     "val-hist-pos": (DP, "validation cases of class 1 per logit-margin bin, Gaussian noise"),
     "val-confusion": (DP, "validation (label, prediction) counts, Gaussian noise"),

@@ -16,6 +16,11 @@ A reply that says "ok" still goes through four checks; the first that fails refu
    (`dp_update_bound`, derived in docs/reliability.md): an honest DP-SGD update can never
    exceed it, a scaled or forged one does.
 
+A model's released data statistic (filterbank-3d's `feature_mean`, client/statistics.py) is
+not a DP-SGD step and has its own rule: while the global model has none (all zeros), an update
+may set it within the norm an honest noisy mean can have (`statistics_bound`); once set it is
+fixed, and an update that changes it is refused.
+
 The claimed noise multiplier enters the bound, so it is checked too: it can be no larger than
 the run's calibration at sampling rate 1 (the largest any site can need, `max_noise_multiplier`).
 Runs with dp = false have no clipping, hence no norm bound: checks 1-3 only.
@@ -34,9 +39,11 @@ import numpy as np
 from flwr.app import ArrayRecord
 
 from common.config import RunConfig
-from common.privacy import calibrate_noise_multiplier, release_noise
+from common.filterbank3d import STATISTICS_KEY
+from common.privacy import calibrate_noise_multiplier, release_noise, statistics_noise
 from common.protocol import ARRAYS, NodeReply
 
+STATISTICS_KEYS = {STATISTICS_KEY}  # released data statistics (set once per run, then fixed)
 COUNT_RATIO = 20.0  # a site may claim up to 20x the median of the others (documented)
 GAUSS_TAIL = 10.0  # ||N(0, I_d)|| <= sqrt(d) + 10 except with probability e^-50 per step
 SIGMA_SLACK = 2.0  # see max_noise_multiplier
@@ -86,6 +93,15 @@ def count_noise_std(cfg: RunConfig, total_rounds: int) -> float:
 def count_margin(cfg: RunConfig, total_rounds: int) -> float:
     """How far a site's released count may lie from its true count (noise + rounding)."""
     return COUNT_STD_SLACK * count_noise_std(cfg, total_rounds) + 5.0
+
+
+def statistics_bound(dim: int, claim: float, margin: float, epsilon: float) -> float:
+    """The largest norm of an honest released feature mean: (sum of <= N vectors of norm C +
+    Gaussian noise of std z x C per coordinate) / the released count, C = sqrt(dim) (the
+    per-case normalisation), z = the run's `statistics_noise`, N <= claim + margin."""
+    c = math.sqrt(dim)
+    noise = statistics_noise(epsilon) * c * (math.sqrt(dim) + GAUSS_TAIL)
+    return ((claim + margin) * c + noise) / max(1.0, claim)
 
 
 def dp_update_bound(
@@ -149,8 +165,30 @@ class UpdateChecker:
             _shape_problem(update, reference)
             or _finite_problem(update)
             or self._count_problem(reply.site, _claimed(reply), others)
+            or self._statistics_problem(reply, update, reference)
             or self._norm_problem(reply, update, reference)
         )
+
+    def _statistics_problem(
+        self, reply: NodeReply, update: dict[str, np.ndarray], reference: dict[str, np.ndarray]
+    ) -> str | None:
+        for key in STATISTICS_KEYS & set(reference):
+            ref, new = reference[key], update[key]
+            if np.any(ref != 0):
+                if not np.array_equal(new, ref):
+                    return (
+                        f"array {key} is the run's released statistic; an update may not change it"
+                    )
+                continue
+            if not self.cfg.dp:
+                continue  # the non-private reference: the exact mean, nothing to bound
+            bound = statistics_bound(
+                ref.size, _claimed(reply), self.margin, self.cfg.target_epsilon
+            )
+            norm = float(np.linalg.norm(new.astype(np.float64)))
+            if norm > bound:
+                return f"array {key} (a released mean) has norm {norm:.4g}, above {bound:.4g}"
+        return None
 
     def _count_problem(self, site: str, claim: float, others: list[float]) -> str | None:
         if not math.isfinite(claim) or claim < 10 or claim % 10:
@@ -177,7 +215,8 @@ class UpdateChecker:
                 f"noise-multiplier {sigma:g} is outside what this run's DP settings allow "
                 f"(0, {self.sigma_max:.3g}]"
             )
-        keys = [k for k in reference if k not in self.skip_norm and _is_float(reference[k])]
+        skip = self.skip_norm | STATISTICS_KEYS  # checked by _statistics_problem
+        keys = [k for k in reference if k not in skip and _is_float(reference[k])]
         diff = math.sqrt(
             sum(float(np.sum((update[k].astype(np.float64) - reference[k]) ** 2)) for k in keys)
         )

@@ -16,6 +16,7 @@ import torch
 
 from client.train import LocalTraining, local_sgd, scheduled_learning_rate
 from common.config import RunConfig
+from common.filterbank3d import has_statistics, set_exact_mean
 from common.paths import list_sites
 from common.site import default_image_size, load_site, read_spec
 from common.tasks import ModelSpec, build_task_model, task_for
@@ -43,6 +44,8 @@ def run_centralised(data_dir: Path, cfg: RunConfig, seed: int, cache_dir: Path) 
     model = build_task_model(ModelSpec.of(holdout, cfg.model_options))
     images = torch.cat([d.images for d in train])
     labels = torch.cat([d.labels for d in train])
+    if has_statistics(model):  # filterbank-3d: the exact pooled feature mean (no privacy here)
+        set_exact_mean(model, images)
     for settings in _schedule(cfg):
         local_sgd(model, images, labels, settings, None, task.loss_fn())
 

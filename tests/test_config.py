@@ -80,7 +80,7 @@ def test_node_policy_reads_strings_as_toml_cli_values_arrive():
     "task, dims, model, rounds",
     [
         ("classification", 2, "scatter-cnn", 20),
-        ("classification", 3, "cnn", 10),
+        ("classification", 3, "filterbank-3d", 30),
         ("segmentation", 2, "cnn", 20),
         ("segmentation", 3, "cnn", 10),
     ],
@@ -96,14 +96,20 @@ def test_auto_keys_take_the_recipe_of_the_data_and_explicit_keys_stay(task, dims
     assert (kept.learning_rate, kept.num_server_rounds, kept.model) == (0.3, 2, model)
 
 
-def test_the_2d_recipe_lowers_the_learning_rate_with_epsilon():
-    rates = [
+def test_the_2d_recipe_lowers_the_learning_rate_and_head_width_with_epsilon():
+    runs = [
         RunConfig.parse({**PYPROJECT, "target-epsilon": eps}).resolved("classification", 2)
         for eps in (8.0, 3.0, 1.0)
     ]
-    assert [r.learning_rate for r in rates] == [0.05, 0.02, 0.01]
-    no_dp = RunConfig.parse({**PYPROJECT, "dp": False}).resolved("classification", 2)
-    assert no_dp.learning_rate == 0.05
+    assert [r.learning_rate for r in runs] == [0.05, 0.02, 0.01]
+    assert [r.model_options["width"] for r in runs] == [None, None, 16]
+    no_dp = RunConfig.parse({**PYPROJECT, "dp": False, "target-epsilon": 1.0})
+    assert (
+        no_dp.resolved("classification", 2).learning_rate,
+        no_dp.resolved("classification", 2).model_width,
+    ) == (0.05, 0)
+    mine = RunConfig.parse({**PYPROJECT, "target-epsilon": 1.0, "model-width": 24})
+    assert mine.resolved("classification", 2).model_width == 24
 
 
 def test_a_node_takes_the_servers_resolved_recipe():

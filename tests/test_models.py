@@ -56,9 +56,12 @@ def test_model_setting_errors_name_the_setting():
     with pytest.raises(ValueError, match="segmentation uses its U-Net"):
         spec = ModelSpec("segmentation", 2, 1, 3, (32, 32), arch="scatter-cnn")
         task_for("segmentation").build_model(spec)
-    assert RunConfig(model="cnn").model_options == {"arch": "cnn", "width": None, "depth": 3}
+    plain = RunConfig().resolved("classification", 2)
+    assert plain.model_options == {"arch": "scatter-cnn", "width": None, "depth": 3}
     opts = RunConfig.parse({"model": "scatter-cnn", "model-width": 8, "model-depth": 3})
-    assert opts.model_options == {"arch": "scatter-cnn", "width": 8, "depth": 3}
+    assert opts.resolved("classification", 2).model_options["width"] == 8
+    with pytest.raises(ValueError, match="resolve it first"):
+        _ = RunConfig(model="cnn").model_options
 
 
 def test_scatter_cnn_learns_a_phantom_under_real_dp_sgd(tmp_path: Path, sgd):
@@ -67,7 +70,11 @@ def test_scatter_cnn_learns_a_phantom_under_real_dp_sgd(tmp_path: Path, sgd):
     holdout = load_site(tmp_path / "holdout", split="all", log=lambda m: None)
     task = task_for(train.spec)
     torch.manual_seed(0)
-    model = task.build_model(ModelSpec.of(train, RunConfig(model="scatter-cnn").model_options))
+    model = task.build_model(
+        ModelSpec.of(
+            train, RunConfig(model="scatter-cnn").resolved("classification", 2).model_options
+        )
+    )
     before = task.evaluate(model, holdout.images, holdout.labels).metrics["auc"]
     n, batch, epochs = len(train.labels), 32, 8
     steps = epochs * -(-n // batch)
