@@ -98,10 +98,13 @@ def count_margin(cfg: RunConfig, total_rounds: int) -> float:
 def statistics_bound(dim: int, claim: float, margin: float, epsilon: float) -> float:
     """The largest norm of an honest released feature mean: (sum of <= N vectors of norm C +
     Gaussian noise of std z x C per coordinate) / the released count, C = sqrt(dim) (the
-    per-case normalisation), z = the run's `statistics_noise`, N <= claim + margin."""
+    per-case normalisation), z = the run's `statistics_noise`. The node divides by its noisy
+    count before rounding to 10s (>= 1; within 5 of the claim above the floor of 10), and its
+    true count is within `margin` of that."""
     c = math.sqrt(dim)
     noise = statistics_noise(epsilon) * c * (math.sqrt(dim) + GAUSS_TAIL)
-    return ((claim + margin) * c + noise) / max(1.0, claim)
+    divisor = 1.0 if claim <= 10 else claim - 5
+    return ((claim + 5 + margin) * c + noise) / divisor
 
 
 def dp_update_bound(
