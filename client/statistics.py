@@ -37,7 +37,6 @@ def ensure_statistics(
     `gate` None = training without DP (the exact mean; nothing private is claimed then)."""
     if not has_statistics(model) or statistics_set(model):
         return
-    buffer = getattr(model, STATISTICS_KEY)
     if gate is None:
         set_exact_mean(model, images)
         return
@@ -51,6 +50,7 @@ def ensure_statistics(
         return {"mean": mean.tolist()}, [entry], digest
 
     spent = gate.spend(0, STATISTICS, entry, compute)
+    buffer = getattr(model, STATISTICS_KEY)
     buffer.copy_(torch.tensor(spent.result["mean"], dtype=buffer.dtype))
 
 

@@ -197,14 +197,12 @@ class FilterBank3D(nn.Module):
         the sensitivity of a sum of them, and the clipping bound `feature_sum` enforces."""
         return math.sqrt(STATS * self.maps)
 
-    def feature_sum(self, images: torch.Tensor, batch: int = 32) -> torch.Tensor:
-        """The sum of the cases' feature vectors, each clipped to `feature_norm` (float64)."""
-        total = torch.zeros(STATS * self.maps, dtype=torch.float64)
-        for i in range(0, len(images), batch):
-            f = self.features(images[i : i + batch]).double()
-            scale = (self.feature_norm / f.norm(dim=1).clamp(min=1e-12)).clamp(max=1.0)
-            total += (f * scale[:, None]).sum(0)
-        return total
+    def feature_sum(self, images: torch.Tensor) -> torch.Tensor:
+        """The sum of the cases' feature vectors, each clipped to `feature_norm` (float64).
+        (`features` computes in chunks and memoises: training reuses these.)"""
+        f = self.features(images).double()
+        scale = (self.feature_norm / f.norm(dim=1).clamp(min=1e-12)).clamp(max=1.0)
+        return (f * scale[:, None]).sum(0)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, X, Y, Z) -> (N, STATS * maps) normalised statistics (fixed, no gradient).
