@@ -155,6 +155,9 @@ def local_sgd(
             model, optimizer, loader, noise_multiplier, s.max_grad_norm, s.accountant
         )
     loss_fn = loss_fn or nn.CrossEntropyLoss()
+    # A model may train on a view of each case (slice-unet: one slice of each volume); it is
+    # taken per case after sampling, so each case still gives one clipped gradient a step.
+    training_view = getattr(model, "training_view", None)
     losses: list[float] = []
     with warnings.catch_warnings():
         # Expected with Opacus hooks: image inputs never require gradients.
@@ -162,6 +165,8 @@ def local_sgd(
         for _ in range(s.epochs):
             for x, y in _physical_batches(dp_loader, dp_optimizer, s.max_physical_batch):
                 dp_optimizer.zero_grad(set_to_none=True)
+                if training_view is not None:
+                    x, y = training_view(x, y)
                 if s.augmentation and len(x):
                     x = augment(x)
                 out = dp_model(x)

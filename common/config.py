@@ -33,7 +33,7 @@ STRATEGIES = (
 ACCOUNTANTS = ("rdp", "prv")  # Opacus' approximate "gdp" under-reports epsilon: never offered
 SCHEDULES = ("constant", "cosine")
 LOCAL_EVALUATION = ("last", "every")  # rounds in which hospitals release validation counts
-MODELS = ("cnn", "scatter-cnn", "filterbank-3d")
+MODELS = ("cnn", "scatter-cnn", "filterbank-3d", "slice-unet")
 
 
 class ConfigError(ValueError):

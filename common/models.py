@@ -156,4 +156,9 @@ def build_model(
         from common.filterbank3d import FilterBank3D  # 3D only: keep 2D imports light
 
         return FilterBank3D(tuple(image_size), in_channels, num_classes)
+    if arch == "slice-unet":
+        raise ValueError(
+            'model="slice-unet" segments 3D volumes; classifiers are "cnn", '
+            '"scatter-cnn" and "filterbank-3d"'
+        )
     raise ValueError(f"model={arch!r} (run config) is not one of {', '.join(MODELS)}")

@@ -25,7 +25,7 @@ from common.metrics import (
     roc_points,
 )
 from common.models import build_model
-from common.unet import build_unet
+from common.unet import SliceUNet, build_unet
 
 
 @dataclass(frozen=True)
@@ -128,9 +128,17 @@ class SegmentationTask:
         return ("dice-mean", *(f"dice-{n}" for n in fg), "loss")
 
     def build_model(self, spec: ModelSpec) -> nn.Module:
+        if spec.arch == "slice-unet":
+            if spec.spatial_dims != 3:
+                raise ValueError(
+                    f'model="slice-unet" is for 3D volumes; these are {spec.spatial_dims}D '
+                    '(2D segmentation uses model="cnn", its U-Net)'
+                )
+            return SliceUNet(spec.in_channels, spec.num_classes, spec.width)
         if spec.arch != "cnn":
             raise ValueError(
-                f'model="{spec.arch}" is a classifier; segmentation uses its U-Net (model="cnn")'
+                f'model="{spec.arch}" is a classifier; segmentation uses a U-Net '
+                '(model="cnn", or "slice-unet" for 3D)'
             )
         return build_unet(spec.spatial_dims, spec.in_channels, spec.num_classes, spec.width)
 

@@ -10,12 +10,15 @@ Checked against Opacus 1.6 (tests/test_segmentation.py runs a real DP step of ea
   a 1-voxel conv) uses only Conv layers, which have fast unfold-based grad samplers.
 * GroupNorm, never BatchNorm/InstanceNorm-with-running-stats: normalisation must not mix the
   samples of a batch, or per-sample gradients (and DP) break.
+`SliceUNet` (model="slice-unet") is the 2D U-Net for 3D volumes: trained on one axial slice per
+case, applied slice by slice (the 3D segmentation recipe, common/recipes.py).
 BasicUNet always has 4 down-sampling levels, so every input side should be >= 16 (a multiple
 of 16 avoids the 1-voxel padding its decoder adds otherwise).
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 
@@ -60,3 +63,92 @@ def build_unet(
         norm=("group", {"num_groups": _groups(w)}),
         upsample="nontrainable",
     )
+
+
+# Slices per forward pass when a volume is segmented slice by slice (bounds the activations:
+# 64 slices of 64^2 at width 16 are ~70 MB a level).
+SLICE_CHUNK = 64
+# Share of training slices drawn through the case's rarest structure (e.g. a nodule): a
+# uniformly drawn slice misses a small structure most of the time, so it would hardly be learnt.
+FOCUS_SHARE = 0.5
+# Neighbouring slices each side given as extra channels ("2.5D"): a nodule is round in 3D, a
+# vessel or the tip of a lung is not, which one slice alone cannot tell.
+CONTEXT = 1
+
+
+class SliceUNet(nn.Module):
+    """model="slice-unet": a 2D U-Net over the axial (last, RAS "S") slices of a 3D volume.
+
+    Why: a DP-SGD step of the 3D U-Net at 64^3 costs ~0.18 s a case on 2 CPU cores, so the
+    steps a DP run needs take over an hour; a 64^2 slice stack costs ~0.015 s (a hospital's DP
+    training of a round, 4 steps of batch 96, takes 4-6 s; docs/benchmarks.md).
+    The patient stays the privacy unit: `training_view` keeps ONE slice per sampled case, so
+    every case still gives exactly one clipped gradient per step, as the accountant assumes.
+
+    `forward` takes volumes (N, C, X, Y, Z) -> logits (N, K, X, Y, Z), segmented slice by slice
+    (evaluation, predict, the holdout), or the stacks `training_view` makes, (N, C * (2k + 1),
+    X, Y) -> (N, K, X, Y): each slice with its `context` k neighbours either side.
+    """
+
+    def __init__(
+        self, in_channels: int, num_classes: int, width: int | None = None, context: int = CONTEXT
+    ):
+        super().__init__()
+        self.context = int(context)
+        self.unet = build_unet(2, in_channels * (2 * self.context + 1), num_classes, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D401 - torch convention
+        if x.dim() == 4:  # slices already stacked with their neighbours (training_view)
+            return self.unet(x)
+        if x.dim() != 5:
+            raise ValueError(f"slice-unet takes (N, C, X, Y[, Z]) tensors, got {tuple(x.shape)}")
+        sz = x.shape[-1]
+        step = max(1, SLICE_CHUNK // max(1, x.shape[0]))  # heights per pass: bounded memory
+        out = [self._logits_at(x, torch.arange(h, min(sz, h + step))) for h in range(0, sz, step)]
+        return torch.cat(out, dim=-1)
+
+    def _stack(self, x: torch.Tensor, heights: torch.Tensor) -> torch.Tensor:
+        """(N, C, X, Y, Z) and one height per case -> (N, C * (2k + 1), X, Y): each case's slice
+        with its k neighbours either side (the edge slice repeated beyond the volume)."""
+        n, c, sx, sy, sz = x.shape
+        offsets = torch.arange(-self.context, self.context + 1)
+        z = (heights[:, None] + offsets).clamp(0, sz - 1)  # (N, 2k + 1)
+        rows = torch.arange(n)[:, None]
+        picked = x.permute(0, 4, 1, 2, 3)[rows, z]  # (N, 2k + 1, C, X, Y)
+        return picked.transpose(1, 2).reshape(n, c * len(offsets), sx, sy)
+
+    def _logits_at(self, x: torch.Tensor, heights: torch.Tensor) -> torch.Tensor:
+        """Logits (N, K, X, Y, len(heights)) of every case at each of `heights`."""
+        n = x.shape[0]
+        stacks = [self._stack(x, torch.full((n,), int(h))) for h in heights]
+        logits = self.unet(torch.cat(stacks))  # (len(heights) * N, K, X, Y)
+        return logits.reshape(len(heights), n, *logits.shape[1:]).permute(1, 2, 3, 4, 0)
+
+    def training_view(
+        self, images: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One axial slice per case, with its neighbours as channels: images (N, C, X, Y, Z)
+        -> (N, C * (2k + 1), X, Y); labels (N, 1, X, Y, Z) -> the slice's (N, 1, X, Y).
+
+        With probability FOCUS_SHARE the slice goes through the case's rarest labelled
+        structure (fewest voxels), at the height of a random voxel of it; otherwise it is
+        uniform over all slices, so slices with no structure (above and below the organ) are
+        learnt as background. The choice depends on the case alone: it is part of the per-case
+        computation DP-SGD clips.
+        """
+        if images.dim() != 5:
+            return images, labels
+        n, depth = images.shape[0], images.shape[-1]
+        z = torch.randint(depth, (n,))
+        for i in torch.nonzero(torch.rand(n) < FOCUS_SHARE).flatten().tolist():
+            label = labels[i, 0].long()
+            counts = torch.bincount(label.flatten())
+            counts[0] = 0  # background is not a structure
+            present = torch.nonzero(counts).flatten()
+            if len(present):
+                # the height of a random voxel of the structure: slices through its middle,
+                # where it is largest, are drawn most often (like MONAI's RandCropByLabelClasses)
+                rarest = present[counts[present].argmin()]
+                voxels = torch.nonzero(label.flatten() == rarest).flatten()
+                z[i] = voxels[torch.randint(len(voxels), ())] % depth
+        return self._stack(images, z), labels[torch.arange(n), :, :, :, z]

@@ -182,6 +182,7 @@ def test_changed_modality_invalidates_tensors(tmp_path, load_spy):
 
 def test_default_image_size_shrinks_only_large_3d_volumes(tmp_path):
     from common.site import AUTO_3D_SIZE, default_image_size
+    from common.site.spec import AUTO_3D_SEG_SIZE
 
     rng = np.random.default_rng(0)
     big = make_site(
@@ -199,6 +200,15 @@ def test_default_image_size_shrinks_only_large_3d_volumes(tmp_path):
     assert default_image_size(small) is None  # already small: keep it
     assert default_image_size(flat) is None  # 2D keeps its size
     assert default_image_size(declared) == (24, 24, 24)  # dataset.json wins
+    # Segmentation (slice-unet's cost grows with the slice size only) keeps up to 64^3.
+    seg_spec = '{"task": "segmentation", "class_names": ["background", "lung"]}'
+    seg_big = make_site(tmp_path / "seg-big", {"a": (rng.random((80, 72, 40)), 0)})
+    seg_mid = make_site(tmp_path / "seg-mid", {"a": (rng.random((40, 36, 40)), 0)})
+    for site in (seg_big, seg_mid):
+        (site / "dataset.json").write_text(seg_spec)
+    assert AUTO_3D_SEG_SIZE == (64, 64, 64)
+    assert default_image_size(seg_big) == AUTO_3D_SEG_SIZE
+    assert default_image_size(seg_mid) is None
 
     # `fedvox prepare` declares the same model input for the 3D volumes it writes.
     from common.datasets import write_site

@@ -53,9 +53,14 @@ def test_model_setting_errors_name_the_setting():
     ).shape == (1, 2)
     with pytest.raises(ValueError, match="model='resnet': expected one of cnn, scatter-cnn"):
         RunConfig.parse({"model": "resnet"})
-    with pytest.raises(ValueError, match="segmentation uses its U-Net"):
+    with pytest.raises(ValueError, match="segmentation uses a U-Net"):
         spec = ModelSpec("segmentation", 2, 1, 3, (32, 32), arch="scatter-cnn")
         task_for("segmentation").build_model(spec)
+    with pytest.raises(ValueError, match='model="slice-unet" is for 3D volumes; these are 2D'):
+        spec = ModelSpec("segmentation", 2, 1, 3, (32, 32), arch="slice-unet")
+        task_for("segmentation").build_model(spec)
+    with pytest.raises(ValueError, match='model="slice-unet" segments 3D volumes'):
+        build_model(3, 1, 2, arch="slice-unet", image_size=(16, 16, 16))
     plain = RunConfig().resolved("classification", 2)
     assert plain.model_options == {"arch": "scatter-cnn", "width": None, "depth": 3}
     opts = RunConfig.parse({"model": "scatter-cnn", "model-width": 8, "model-depth": 3})

@@ -155,3 +155,29 @@ def test_a_checkpoint_without_predict_fields_is_a_clear_error(tmp_path, capsys):
     code = fedvox(["predict", "--run", str(run.path), str(tmp_path), "--out", str(tmp_path)])
     assert code == 2
     assert "no 'predict' fields" in capsys.readouterr().err
+
+
+def test_a_slice_unet_checkpoint_predicts_a_mask_on_a_volumes_own_grid(tmp_path):
+    """The 3D segmentation recipe's model goes through predict like any other: rebuilt from its
+    checkpoint, run slice by slice, its label map written on the input's grid."""
+    torch.manual_seed(0)
+    prep = PreprocessConfig((16, 16, 16), "CT")
+    spec = ModelSpec("segmentation", 3, 1, 3, (16, 16, 16), arch="slice-unet")
+    model = build_task_model(spec)
+    with torch.no_grad():  # a fixed model: "lung" everywhere
+        model.unet.final_conv.weight.zero_()
+        model.unet.final_conv.bias.copy_(torch.tensor([0.0, 1.0, -5.0]))
+    run = RunDir(tmp_path / "run", {})
+    fields = predict_fields(prep, ("background", "lung", "nodule"), {})
+    run.save_checkpoint(1, model.state_dict(), spec.as_dict(), best=True, predict=fields)
+    scan = np.full((20, 18, 12), -1000.0, np.float32)  # air around a soft-tissue body
+    scan[3:17, 3:15] = 40.0
+    write_nifti(tmp_path / "in" / "case-1.nii.gz", scan, np.diag([1.5, 1.5, 2.5, 1.0]))
+    out = tmp_path / "out"
+    assert fedvox(["predict", "--run", str(run.path), str(tmp_path / "in"), "--out", str(out)]) == 0
+    mask = nib.load(out / "case-1_mask.nii.gz")
+    assert mask.shape == scan.shape and np.allclose(mask.affine, np.diag([1.5, 1.5, 2.5, 1.0]))
+    assert (np.asarray(mask.dataobj) == 1).all()
+    rows = list(csv.DictReader(open(out / "predictions.csv")))
+    assert rows[0]["case"] == "case-1"
+    assert (rows[0]["lung_voxels"], rows[0]["nodule_voxels"]) == (str(scan.size), "0")

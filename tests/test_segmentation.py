@@ -151,6 +151,58 @@ def test_one_dp_step_of_each_unet(dims, size, sgd):
     assert not any(k.startswith("_module") for k in model.state_dict())
 
 
+def test_slice_unet_trains_on_one_slice_per_case_and_segments_volumes_slice_by_slice(sgd):
+    torch.manual_seed(0)
+    task = SegmentationTask(tuple(CLASSES))
+    model = task.build_model(ModelSpec("segmentation", 3, 1, 3, (16, 16, 12), arch="slice-unet"))
+    images = torch.randn(8, 1, 16, 16, 12)
+    masks = torch.zeros(8, 1, 16, 16, 12, dtype=torch.long)
+    masks[:, :, 2:14, 2:14, 2:10] = 1  # the "lung": slices 2-9
+    masks[:, :, 6:8, 6:8, 5] = 2  # a small "nodule": 4 voxels in slice 5, its tip in slice 6
+    masks[:, :, 6, 6, 6] = 2
+
+    # Training view: one slice per case with its neighbour either side as channels (the edge
+    # slice repeated past the ends), and the label slice at the same height.
+    views = [model.training_view(images, masks) for _ in range(40)]
+    x, y = views[0]
+    assert x.shape == (8, 3, 16, 16) and y.shape == (8, 1, 16, 16)
+    heights = []
+    for x, y in views:
+        for i in range(8):  # which slice of case i was taken (images are distinct per slice)
+            hit = [z for z in range(12) if torch.equal(images[i, 0, :, :, z], x[i, 1])]
+            assert len(hit) == 1 and torch.equal(masks[i, :, :, :, hit[0]], y[i])
+            below, above = max(hit[0] - 1, 0), min(hit[0] + 1, 11)
+            assert torch.equal(x[i, 0], images[i, 0, :, :, below])
+            assert torch.equal(x[i, 2], images[i, 0, :, :, above])
+            heights.append(hit[0])
+    heights = np.array(heights)
+    # About half go through the rarest structure (0.5 + 0.5 * 2/12 expected), mostly where it
+    # is largest; the rest are uniform over all 12 (so empty slices are seen too).
+    assert 0.45 < np.mean((heights == 5) | (heights == 6)) < 0.72
+    assert np.mean(heights == 5) > 2 * np.mean(heights == 6)
+    assert set(heights) == set(range(12))
+    empty = model.training_view(images[:0], masks[:0])  # an empty Poisson batch stays empty
+    assert empty[0].shape == (0, 3, 16, 16) and empty[1].shape == (0, 1, 16, 16)
+
+    # A volume's logits are the 2D U-Net's on each of its slice stacks, in place.
+    model.eval()
+    with torch.no_grad():
+        volume = model(images)
+        assert volume.shape == (8, 3, 16, 16, 12)
+        x, _ = views[-1]
+        for i, z in enumerate(heights[-8:]):
+            assert torch.allclose(volume[i, :, :, :, z], model(x[i : i + 1])[0], atol=1e-5)
+
+    # A DP step: per-sample gradients are per case (one slice each), every layer updated.
+    before = [p.detach().clone() for p in model.parameters()]
+    result = sgd(model.train(), images, masks, batch_size=4, loss_fn=task.loss_fn())
+    assert result.history and result.history[0][2] == 2 and np.isfinite(result.loss)
+    after = list(model.parameters())
+    assert all(not torch.equal(a, b.detach()) for a, b in zip(before, after, strict=True))
+    metrics = task.evaluate(model, images, masks).metrics  # evaluation takes whole volumes
+    assert set(metrics) >= {"dice-lung", "dice-nodule", "dice-mean", "loss"}
+
+
 class _Threshold(torch.nn.Module):
     """A fixed 'model': class k where the image is nearest to k (logits = -|x - k|)."""
 
@@ -185,7 +237,7 @@ def test_lung_ct_phantom_hospitals_differ_and_validate(tmp_path):
     for site in counts:
         report = validate_site(tmp_path / "d" / site)
         assert report.n_bad == 0 and not report.warnings, report.format(only_bad=True)
-        assert report.spec.task == "segmentation" and report.spec.image_size == (16, 16, 16)
+        assert report.spec.task == "segmentation" and report.spec.image_size == (32, 32, 32)
         img = nib.load(report.cases[0].image)
         msk = nib.load(report.cases[0].mask)
         assert np.allclose(img.affine, msk.affine) and img.shape == msk.shape
@@ -196,11 +248,16 @@ def test_lung_ct_phantom_hospitals_differ_and_validate(tmp_path):
     assert PHANTOMS["lung-ct-2d"].task == "segmentation"
 
 
-def test_two_round_two_hospital_segmentation_simulation(tmp_path):
+@pytest.mark.parametrize(
+    "phantom, size, arch",
+    [("lung-ct-2d", (32, 32), "cnn"), ("lung-ct", (32, 32, 32), "slice-unet")],
+)
+def test_two_round_two_hospital_segmentation_simulation(tmp_path, phantom, size, arch):
+    """2D and 3D: the 3D recipe ("auto") trains slice-unet and scores whole volumes."""
     clear_memory_cache()
     make_phantom_sites(
-        "lung-ct-2d", tmp_path / "data", hospitals=2, cases_per_site=12, holdout_cases=6,
-        seed=0, image_size=(32, 32),
+        phantom, tmp_path / "data", hospitals=2, cases_per_site=12, holdout_cases=6,
+        seed=0, image_size=size,
     )  # fmt: skip
     with LocalFederation(tmp_path / "sim") as fed:
         result = fed.run(
@@ -222,6 +279,7 @@ def test_two_round_two_hospital_segmentation_simulation(tmp_path):
     summary = json.loads((tmp_path / "runs" / "seg" / "summary.json").read_text())
     assert summary["status"] == "finished", summary.get("error")
     assert summary["model"]["task"] == "segmentation"
+    assert summary["model"]["arch"] == arch and summary["model"]["image_size"] == list(size)
     assert [r["round"] for r in summary["rounds"]] == [0, 1, 2]
     for r in summary["rounds"]:
         c = r["central"]

@@ -26,6 +26,10 @@ MAX_SEG_CLASSES = 256  # masks are cached as uint8
 # budget: ~1,300 volumes of 64^3 over 3 hospitals, DP, <= 30 min on 2 cores; a DP step of the 3D
 # CNN costs ~8x more at 64^3 than at 32^3 (measured in simulations/results/utility-3d.json).
 AUTO_3D_SIZE = (32, 32, 32)
+# Segmentation trains slice-unet (a 2D U-Net over slices), whose cost grows with the in-plane
+# size only: 64^3 keeps small structures (lung nodules of 6-15 mm are 1.5-4 voxels in radius at
+# 4 mm voxels, under 2 at 32^3) at ~35 s a DP round for 3 hospitals (docs/benchmarks.md).
+AUTO_3D_SEG_SIZE = (64, 64, 64)
 
 
 @dataclass(frozen=True)
@@ -165,15 +169,17 @@ def read_spec(site: Path | str) -> DatasetSpec:
     return DatasetSpec(**spec)
 
 
-def auto_input_size(shape: Sequence[int]) -> tuple[int, ...]:
+def auto_input_size(shape: Sequence[int], task: str = "classification") -> tuple[int, ...]:
     """The model input size for images of `shape` when nobody chose one: 2D and small 3D keep
-    their size, larger 3D volumes get AUTO_3D_SIZE."""
+    their size, larger 3D volumes get AUTO_3D_SIZE (AUTO_3D_SEG_SIZE for segmentation)."""
     shape = tuple(int(s) for s in shape)
-    return AUTO_3D_SIZE if len(shape) == 3 and max(shape) > max(AUTO_3D_SIZE) else shape
+    size = AUTO_3D_SEG_SIZE if task == "segmentation" else AUTO_3D_SIZE
+    return size if len(shape) == 3 and max(shape) > max(size) else shape
 
 
 def default_image_size(site: Path | str) -> tuple[int, ...] | None:
-    """dataset.json's image_size; else AUTO_3D_SIZE for 3D volumes larger than it; else None
+    """dataset.json's image_size; else the task's automatic size (`auto_input_size`) for 3D
+    volumes larger than it; else None
     (2D images keep their size). Reads one image header at most, no voxels."""
     spec = read_spec(site)
     if spec.image_size is not None or spec.spatial_dims != 3:
@@ -184,6 +190,6 @@ def default_image_size(site: Path | str) -> tuple[int, ...] | None:
         except Exception:
             continue  # validate_site names the bad file
         if len(shape) == 3:
-            size = auto_input_size(shape)
+            size = auto_input_size(shape, spec.task)
             return size if size != shape else None
     return None
