@@ -89,12 +89,20 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
     return max(1, -(-num_examples // batch_size))
 
 
-def augment(x: torch.Tensor, shift: float = 0.1, rotate_deg: float = 10.0, scale: float = 0.1):
+def augment(
+    x: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    shift: float = 0.1,
+    rotate_deg: float = 10.0,
+    scale: float = 0.1,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Random small affine per case (shift up to `shift` of the size, rotation, zoom), 2D or 3D.
 
     Batched with torch's affine_grid/grid_sample so it costs ~nothing next to a DP step.
     It changes the inputs, not the sampling: each case still contributes one clipped
-    gradient per step, so the privacy accounting is unaffected.
+    gradient per step, so the privacy accounting is unaffected. Label maps (segmentation:
+    `labels` with the images' spatial shape) move with their image (nearest neighbour,
+    background outside); class labels are returned as they are.
     """
     n, d = x.shape[0], x.dim() - 2
     theta = torch.zeros(n, d, d + 1, dtype=x.dtype)
@@ -106,7 +114,11 @@ def augment(x: torch.Tensor, shift: float = 0.1, rotate_deg: float = 10.0, scale
         theta[:, 2, 2] = 1 / zoom
     theta[:, :, d] = (torch.rand(n, d) * 2 - 1) * 2 * shift  # grid units span [-1, 1]
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, padding_mode="border", align_corners=False)
+    moved = F.grid_sample(x, grid, padding_mode="border", align_corners=False)
+    if labels is None or labels.shape[2:] != x.shape[2:]:
+        return moved, labels
+    masks = F.grid_sample(labels.float(), grid, mode="nearest", align_corners=False)
+    return moved, masks.round().to(labels.dtype)
 
 
 def _physical_batches(loader, optimizer, max_physical_batch: int):
@@ -168,7 +180,7 @@ def local_sgd(
                 if training_view is not None:
                     x, y = training_view(x, y)
                 if s.augmentation and len(x):
-                    x = augment(x)
+                    x, y = augment(x, y)
                 out = dp_model(x)
                 # An empty Poisson batch is still a DP step (noise only): skipping it
                 # would change the sampling the accountant assumes.

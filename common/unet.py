@@ -72,8 +72,9 @@ SLICE_CHUNK = 64
 # uniformly drawn slice misses a small structure most of the time, so it would hardly be learnt.
 FOCUS_SHARE = 0.5
 # Neighbouring slices each side given as extra channels ("2.5D"): a nodule is round in 3D, a
-# vessel or the tip of a lung is not, which one slice alone cannot tell.
-CONTEXT = 1
+# vessel or the tip of a lung is not, which one slice alone cannot tell. Screen (pooled DP, lung
+# phantom, 60 epochs, one seed each; nodule Dice): 1 each side 0.31, 2 each side 0.40.
+CONTEXT = 2
 
 
 class SliceUNet(nn.Module):

@@ -161,19 +161,21 @@ def test_slice_unet_trains_on_one_slice_per_case_and_segments_volumes_slice_by_s
     masks[:, :, 6:8, 6:8, 5] = 2  # a small "nodule": 4 voxels in slice 5, its tip in slice 6
     masks[:, :, 6, 6, 6] = 2
 
-    # Training view: one slice per case with its neighbour either side as channels (the edge
-    # slice repeated past the ends), and the label slice at the same height.
+    # Training view: one slice per case with its k neighbours either side as channels (the
+    # edge slice repeated past the ends), and the label slice at the same height.
+    k = model.context
+    assert k >= 1
     views = [model.training_view(images, masks) for _ in range(40)]
     x, y = views[0]
-    assert x.shape == (8, 3, 16, 16) and y.shape == (8, 1, 16, 16)
+    assert x.shape == (8, 2 * k + 1, 16, 16) and y.shape == (8, 1, 16, 16)
     heights = []
     for x, y in views:
         for i in range(8):  # which slice of case i was taken (images are distinct per slice)
-            hit = [z for z in range(12) if torch.equal(images[i, 0, :, :, z], x[i, 1])]
+            hit = [z for z in range(12) if torch.equal(images[i, 0, :, :, z], x[i, k])]
             assert len(hit) == 1 and torch.equal(masks[i, :, :, :, hit[0]], y[i])
-            below, above = max(hit[0] - 1, 0), min(hit[0] + 1, 11)
-            assert torch.equal(x[i, 0], images[i, 0, :, :, below])
-            assert torch.equal(x[i, 2], images[i, 0, :, :, above])
+            for offset in range(-k, k + 1):
+                z = min(max(hit[0] + offset, 0), 11)
+                assert torch.equal(x[i, k + offset], images[i, 0, :, :, z])
             heights.append(hit[0])
     heights = np.array(heights)
     # About half go through the rarest structure (0.5 + 0.5 * 2/12 expected), mostly where it
@@ -182,7 +184,7 @@ def test_slice_unet_trains_on_one_slice_per_case_and_segments_volumes_slice_by_s
     assert np.mean(heights == 5) > 2 * np.mean(heights == 6)
     assert set(heights) == set(range(12))
     empty = model.training_view(images[:0], masks[:0])  # an empty Poisson batch stays empty
-    assert empty[0].shape == (0, 3, 16, 16) and empty[1].shape == (0, 1, 16, 16)
+    assert empty[0].shape == (0, 2 * k + 1, 16, 16) and empty[1].shape == (0, 1, 16, 16)
 
     # A volume's logits are the 2D U-Net's on each of its slice stacks, in place.
     model.eval()
@@ -201,6 +203,24 @@ def test_slice_unet_trains_on_one_slice_per_case_and_segments_volumes_slice_by_s
     assert all(not torch.equal(a, b.detach()) for a, b in zip(before, after, strict=True))
     metrics = task.evaluate(model, images, masks).metrics  # evaluation takes whole volumes
     assert set(metrics) >= {"dice-lung", "dice-nodule", "dice-mean", "loss"}
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_augmentation_moves_a_mask_with_its_image(dims):
+    from client.train import augment
+
+    torch.manual_seed(0)
+    masks = torch.zeros(16, 1, *(24,) * dims, dtype=torch.long)
+    masks[(slice(None), 0, *(slice(6, 15),) * dims)] = 1
+    masks[(slice(None), 0, *(slice(9, 12),) * dims)] = 2
+    images = masks.float() * 100.0  # the image is its mask, scaled
+    moved, moved_masks = augment(images, masks)
+    assert moved_masks.dtype == masks.dtype and moved_masks.shape == masks.shape
+    assert not torch.equal(moved_masks, masks)  # the cases did move
+    agree = (torch.round(moved / 100.0).long() == moved_masks).float().mean()
+    assert agree > 0.97, float(agree)  # ... and their masks moved with them
+    labels = torch.arange(16)  # class labels are not spatial: left alone
+    assert torch.equal(augment(images, labels)[1], labels)
 
 
 class _Threshold(torch.nn.Module):
