@@ -111,10 +111,10 @@ RECIPES: dict[tuple[str, int], Recipe] = {
             "model-width": 0,
         },
     ),
-    # slice-unet: the 2D U-Net of the 2D recipe on one axial slice (+ a neighbour either side)
+    # slice-unet: the 2D U-Net of the 2D recipe on one axial slice (+ 2 neighbours either side)
     # per sampled case, half of them through the case's rarest structure, applied slice by
-    # slice. Lung-CT phantom at 64^3, 3 hospitals, epsilon 8: Dice lung 0.980, nodule 0.343
-    # (pooled non-DP 0.992 / 0.000), 15.5 min; the 3D U-Net took 6 min 45 s a DP round at 64^3
+    # slice. Lung-CT phantom at 64^3, 3 hospitals, epsilon 8: Dice lung 0.976, nodule 0.367
+    # (pooled non-DP 0.995 / 0.686), 14.6 min; the 3D U-Net took 6 min 45 s a DP round at 64^3
     # (docs/benchmarks.md).
     ("segmentation", 3): Recipe(
         "3d-segmentation",
