@@ -132,6 +132,20 @@ def _physical_batches(loader, optimizer, max_physical_batch: int):
         yield from physical
 
 
+def _training_inputs(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, augmentation: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a sampled batch trains on: the model's view of each case (slice-unet: one slice
+    stack of each volume), then augmented. Both act per case after sampling, so each case
+    still gives one clipped gradient a step."""
+    training_view = getattr(model, "training_view", None)
+    if training_view is not None:
+        x, y = training_view(x, y)
+    if augmentation and len(x):
+        x, y = augment(x, y)
+    return x, y
+
+
 def local_sgd(
     model: nn.Module,
     images: torch.Tensor,
@@ -167,9 +181,6 @@ def local_sgd(
             model, optimizer, loader, noise_multiplier, s.max_grad_norm, s.accountant
         )
     loss_fn = loss_fn or nn.CrossEntropyLoss()
-    # A model may train on a view of each case (slice-unet: one slice of each volume); it is
-    # taken per case after sampling, so each case still gives one clipped gradient a step.
-    training_view = getattr(model, "training_view", None)
     losses: list[float] = []
     with warnings.catch_warnings():
         # Expected with Opacus hooks: image inputs never require gradients.
@@ -177,10 +188,7 @@ def local_sgd(
         for _ in range(s.epochs):
             for x, y in _physical_batches(dp_loader, dp_optimizer, s.max_physical_batch):
                 dp_optimizer.zero_grad(set_to_none=True)
-                if training_view is not None:
-                    x, y = training_view(x, y)
-                if s.augmentation and len(x):
-                    x, y = augment(x, y)
+                x, y = _training_inputs(model, x, y, s.augmentation)
                 out = dp_model(x)
                 # An empty Poisson batch is still a DP step (noise only): skipping it
                 # would change the sampling the accountant assumes.
