@@ -154,7 +154,7 @@ def _train(msg: Message, node: Node) -> Message:
         def compute() -> tuple[dict, list, str]:
             result = local_sgd(
                 model, data.images, data.labels, node.round_training(), sigma,
-                task_for(data.spec).loss_fn(),
+                node.round_loss(data.spec),
             )  # fmt: skip
             node.remember(model)
             state = unwrap(model).state_dict()
@@ -197,7 +197,12 @@ def _train_without_dp(
     model = node.global_model(msg, data)
     ensure_statistics(None, None, model, data.images)
     local_sgd(
-        model, data.images, data.labels, node.round_training(), None, task_for(data.spec).loss_fn()
+        model,
+        data.images,
+        data.labels,
+        node.round_training(),
+        None,
+        node.round_loss(data.spec),
     )
     node.remember(model)
     metrics.update(
@@ -301,9 +306,9 @@ def _finetune(msg: Message, node: Node) -> Message:
 
 def _finetune_model(node: Node, model: torch.nn.Module, data: SiteData) -> None:
     """Train `model` in place for finetune-epochs (DP through the gate) and keep it here."""
-    settings = LocalTraining.from_config(node.cfg, epochs=node.cfg.finetune_epochs)
+    settings = LocalTraining.from_config(node.cfg, epochs=node.cfg.finetune_epochs, progress=1.0)
     path = node.personalised_model_path()
-    loss_fn = task_for(data.spec).loss_fn()
+    loss_fn = task_for(data.spec).loss_fn(node.cfg.structure_weight, progress=1.0)
     if not node.cfg.dp:
         if not node.policy.may_train_without_dp:
             raise PrivacyRefusal("this hospital trains only with DP (allow-non-dp is not set)")

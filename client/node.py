@@ -12,9 +12,10 @@ import hashlib
 import logging
 import os
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from flwr.app import Context, Message, RecordDict
@@ -24,8 +25,9 @@ from common.config import ConfigError, NodePolicy, RunConfig
 from common.paths import demo_data_dir, fedvox_home, list_sites
 from common.privacy import PrivacyRefusal
 from common.protocol import ARRAYS, RoundPlan
+from common.schedule import run_progress
 from common.site import SiteData, load_site, read_spec
-from common.tasks import ModelSpec, build_task_model
+from common.tasks import ModelSpec, build_task_model, task_for
 from common.weights import (
     fingerprint,
     keep_local,
@@ -135,8 +137,17 @@ class Node:
             self.plan.total_rounds,
         )
         return LocalTraining.from_config(
-            self.cfg, learning_rate=rate, proximal_mu=self.plan.proximal_mu
+            self.cfg,
+            learning_rate=rate,
+            proximal_mu=self.plan.proximal_mu,
+            progress=run_progress(self.plan.global_round, self.plan.total_rounds),
         )
+
+    def round_loss(self, spec: Any) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """This round's training loss for data of `spec` (segmentation: the structure weight
+        at the run's progress)."""
+        progress = run_progress(self.plan.global_round, self.plan.total_rounds)
+        return task_for(spec).loss_fn(self.cfg.structure_weight, progress)
 
     def steps(self, num_examples: int) -> Steps:
         """DP-SGD steps of this site: per epoch, per round, and all the run may take."""

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from common.config import RunConfig
 from common.privacy import HistoryEntry, make_private, steps_taken
+from common.schedule import cosine_decay, run_progress
 from common.weights import unwrap
 
 
@@ -45,6 +46,10 @@ class LocalTraining:
     proximal_mu: float = 0.0
     augmentation: bool = False
     max_physical_batch: int = 0
+    # How far the run is: 0 in its first round, (r - 1) / R in round r of R, 1 after it (local
+    # fine-tuning). A model whose training view changes over a run reads it (slice-unet's
+    # focus share); it changes what is drawn from a case, never how cases are sampled.
+    progress: float = 0.0
 
     @classmethod
     def from_config(
@@ -54,6 +59,7 @@ class LocalTraining:
         epochs: int | None = None,
         learning_rate: float | None = None,
         proximal_mu: float = 0.0,
+        progress: float = 0.0,
     ) -> LocalTraining:
         """The run config's settings; `epochs`/`learning_rate` override (schedule, fine-tuning)."""
         return cls(
@@ -66,6 +72,7 @@ class LocalTraining:
             proximal_mu=proximal_mu,
             augmentation=cfg.augmentation,
             max_physical_batch=cfg.max_physical_batch,
+            progress=progress,
         )
 
 
@@ -79,8 +86,7 @@ def scheduled_learning_rate(base: float, schedule: str, round_: int, total_round
     if schedule == "constant":
         return base
     if schedule == "cosine":
-        progress = min(max(round_ - 1, 0), total_rounds) / max(total_rounds, 1)
-        return base * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return base * cosine_decay(run_progress(round_, total_rounds))
     raise ValueError(f'learning-rate-schedule="{schedule}": expected "constant" or "cosine"')
 
 
@@ -133,15 +139,15 @@ def _physical_batches(loader, optimizer, max_physical_batch: int):
 
 
 def _training_inputs(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, augmentation: bool
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: LocalTraining
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """What a sampled batch trains on: the model's view of each case (slice-unet: one slice
     stack of each volume), then augmented. Both act per case after sampling, so each case
     still gives one clipped gradient a step."""
     training_view = getattr(model, "training_view", None)
     if training_view is not None:
-        x, y = training_view(x, y)
-    if augmentation and len(x):
+        x, y = training_view(x, y, settings.progress)
+    if settings.augmentation and len(x):
         x, y = augment(x, y)
     return x, y
 
@@ -188,7 +194,7 @@ def local_sgd(
         for _ in range(s.epochs):
             for x, y in _physical_batches(dp_loader, dp_optimizer, s.max_physical_batch):
                 dp_optimizer.zero_grad(set_to_none=True)
-                x, y = _training_inputs(model, x, y, s.augmentation)
+                x, y = _training_inputs(model, x, y, s)
                 out = dp_model(x)
                 # An empty Poisson batch is still a DP step (noise only): skipping it
                 # would change the sampling the accountant assumes.

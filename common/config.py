@@ -54,6 +54,7 @@ class RunConfig:
     learning_rate_schedule: str = AUTO
     momentum: float = 0.9
     augmentation: bool | str = AUTO
+    structure_weight: float | str = AUTO  # segmentation loss: a small structure's top weight
     max_physical_batch: int | str = AUTO
     fedbn: bool = False
     finetune_epochs: int = 0
@@ -144,6 +145,8 @@ class RunConfig:
         _at_least_zero(self, "model_width", "seed", "demo_hospitals")
         _positive_int(self, "model_depth")
         _positive_float(self, "max_grad_norm", "round_timeout", "demo_alpha")
+        if not (self.structure_weight >= 1 and math.isfinite(self.structure_weight)):
+            raise ConfigError(f"structure-weight={self.structure_weight}: expected a number >= 1")
         _at_least_zero(self, "learning_rate")  # 0 = weights stay (tests use it as a probe)
         _positive_float(self, "server_learning_rate")
         for key in ("momentum", "server_momentum"):
@@ -311,6 +314,7 @@ PLACEHOLDERS = {
     "augmentation": False,
     "image-size": "",
     "model-width": 0,
+    "structure-weight": 1.0,
 }
 
 

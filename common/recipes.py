@@ -26,6 +26,7 @@ AUTO_KEYS = (
     "augmentation",
     "image-size",
     "model-width",
+    "structure-weight",
 )
 
 
@@ -67,6 +68,7 @@ RECIPES: dict[tuple[str, int], Recipe] = {
             "augmentation": False,
             "image-size": "",
             "model-width": 0,
+            "structure-weight": 1.0,
         },
         by_epsilon={
             "learning-rate": ((6.0, 0.05), (2.0, 0.02), (0.0, 0.01)),
@@ -92,6 +94,7 @@ RECIPES: dict[tuple[str, int], Recipe] = {
             "augmentation": False,
             "image-size": "",
             "model-width": 0,
+            "structure-weight": 1.0,
         },
     ),
     # lung-CT phantom 2D, 3 hospitals, epsilon 8: Dice lung 0.986, nodule 0.847 (batch 96 in
@@ -109,6 +112,7 @@ RECIPES: dict[tuple[str, int], Recipe] = {
             "augmentation": False,
             "image-size": "",
             "model-width": 0,
+            "structure-weight": 1.0,
         },
     ),
     # slice-unet: the 2D U-Net of the 2D recipe on one axial slice (+ 2 neighbours either side)
@@ -125,10 +129,11 @@ RECIPES: dict[tuple[str, int], Recipe] = {
             "local-epochs": 2,
             "batch-size": 96,
             "max-physical-batch": 48,
-            "num-server-rounds": 30,
+            "num-server-rounds": 40,
             "augmentation": False,
             "image-size": "",
             "model-width": 0,
+            "structure-weight": 10.0,
         },
     ),
 }

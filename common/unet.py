@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from common.schedule import cosine_decay
+
 
 def default_unet_width(spatial_dims: int) -> int:
     """First-level channels: 16 in 2D, 8 in 3D (activations are ~Z times larger there)."""
@@ -70,7 +72,21 @@ def build_unet(
 SLICE_CHUNK = 64
 # Share of training slices drawn through the case's rarest structure (e.g. a nodule): a
 # uniformly drawn slice misses a small structure most of the time, so it would hardly be learnt.
+# It starts at FOCUS_SHARE and follows a half cosine over the run down to FOCUS_FLOOR: the
+# over-drawn structure is learnt early, and the last rounds see slices nearly as prediction
+# does (whole volumes), so the model stops predicting the structure wherever it is unsure.
+# Screen (pooled DP, lung phantom, 60 epochs, seed 0): constant 0.5 gave nodule Dice 0.40 with
+# 250-400 false-positive voxels in each nodule-free case; annealed to 0.1 gave 0.49 with ~40.
 FOCUS_SHARE = 0.5
+FOCUS_FLOOR = 0.1
+
+
+def focus_share(progress: float) -> float:
+    """The share of focus-drawn training slices at `progress` of a run (0 = its first round,
+    (r - 1) / R in round r of R, 1 = after it, e.g. local fine-tuning)."""
+    return max(FOCUS_FLOOR, FOCUS_SHARE * cosine_decay(progress))
+
+
 # Neighbouring slices each side given as extra channels ("2.5D"): a nodule is round in 3D, a
 # vessel or the tip of a lung is not, which one slice alone cannot tell. Screen (pooled DP, lung
 # phantom, 60 epochs, one seed each; nodule Dice): 1 each side 0.31, 2 each side 0.40.
@@ -126,22 +142,22 @@ class SliceUNet(nn.Module):
         return logits.reshape(len(heights), n, *logits.shape[1:]).permute(1, 2, 3, 4, 0)
 
     def training_view(
-        self, images: torch.Tensor, labels: torch.Tensor
+        self, images: torch.Tensor, labels: torch.Tensor, progress: float = 0.0
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One axial slice per case, with its neighbours as channels: images (N, C, X, Y, Z)
         -> (N, C * (2k + 1), X, Y); labels (N, 1, X, Y, Z) -> the slice's (N, 1, X, Y).
 
-        With probability FOCUS_SHARE the slice goes through the case's rarest labelled
-        structure (fewest voxels), at the height of a random voxel of it; otherwise it is
-        uniform over all slices, so slices with no structure (above and below the organ) are
-        learnt as background. The choice depends on the case alone: it is part of the per-case
-        computation DP-SGD clips.
+        With probability `focus_share(progress)` (the run's progress, 0..1) the slice goes
+        through the case's rarest labelled structure (fewest voxels), at the height of a random
+        voxel of it; otherwise it is uniform over all slices, so slices with no structure
+        (above and below the organ) are learnt as background. The choice depends on the case
+        alone (and the public progress): it is part of the per-case computation DP-SGD clips.
         """
         if images.dim() != 5:
             return images, labels
         n, depth = images.shape[0], images.shape[-1]
         z = torch.randint(depth, (n,))
-        for i in torch.nonzero(torch.rand(n) < FOCUS_SHARE).flatten().tolist():
+        for i in torch.nonzero(torch.rand(n) < focus_share(progress)).flatten().tolist():
             label = labels[i, 0].long()
             counts = torch.bincount(label.flatten())
             counts[0] = 0  # background is not a structure

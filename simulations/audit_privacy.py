@@ -133,7 +133,6 @@ def _round(node, data, images, labels, state: dict, canaries, fault: str) -> tup
     """One training round, call for call as client/app.py `_train` makes it."""
     from client.gate import TRAIN, PrivacyGate
     from client.train import local_sgd
-    from common.tasks import task_for
     from common.weights import fingerprint, unwrap
 
     n = len(labels)
@@ -150,7 +149,8 @@ def _round(node, data, images, labels, state: dict, canaries, fault: str) -> tup
 
     def compute() -> tuple[dict, list, str]:
         result = local_sgd(
-            model, images, labels, node.round_training(), sigma, task_for(data.spec).loss_fn(),
+            model, images, labels, node.round_training(), sigma,
+            node.round_loss(data.spec),
             private=canaries.private(node.plan.global_round, fault),
         )  # fmt: skip
         history = result.history

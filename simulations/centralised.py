@@ -18,6 +18,7 @@ from client.train import LocalTraining, local_sgd, scheduled_learning_rate
 from common.config import RunConfig
 from common.filterbank3d import has_statistics, set_exact_mean
 from common.paths import list_sites
+from common.schedule import run_progress
 from common.site import default_image_size, load_site, read_spec
 from common.tasks import ModelSpec, build_task_model, task_for
 from common.validation import release
@@ -47,7 +48,8 @@ def run_centralised(data_dir: Path, cfg: RunConfig, seed: int, cache_dir: Path) 
     if has_statistics(model):  # filterbank-3d: the exact pooled feature mean (no privacy here)
         set_exact_mean(model, images)
     for settings in _schedule(cfg):
-        local_sgd(model, images, labels, settings, None, task.loss_fn())
+        loss_fn = task.loss_fn(cfg.structure_weight, settings.progress)
+        local_sgd(model, images, labels, settings, None, loss_fn)
 
     site_eval = {
         name: task.evaluate(model, d.images, d.labels) for name, d in val.items() if len(d)
@@ -75,7 +77,8 @@ def run_centralised(data_dir: Path, cfg: RunConfig, seed: int, cache_dir: Path) 
 
 def _schedule(cfg: RunConfig) -> list[LocalTraining]:
     """A constant rate trains in one go; a schedule trains as many "rounds" as the federation,
-    each with a fresh optimiser at that round's rate, like a hospital's local training."""
+    each with a fresh optimiser at that round's rate and progress (slice-unet's focus share),
+    like a hospital's local training."""
     rounds = cfg.num_server_rounds
     if cfg.learning_rate_schedule == "constant":
         return [LocalTraining.from_config(cfg, epochs=rounds * cfg.local_epochs)]
@@ -85,6 +88,7 @@ def _schedule(cfg: RunConfig) -> list[LocalTraining]:
             learning_rate=scheduled_learning_rate(
                 cfg.learning_rate, cfg.learning_rate_schedule, r, rounds
             ),
+            progress=run_progress(r, rounds),
         )
         for r in range(1, rounds + 1)
     ]

@@ -66,7 +66,14 @@ def _train_round(
         model = build_task_model(ModelSpec.of(data, cfg.model_options))
         model.load_state_dict(state)
         settings = LocalTraining.from_config(cfg)
-        local_sgd(model, data.images, data.labels, settings, sigma, task_for(data.spec).loss_fn())
+        local_sgd(
+            model,
+            data.images,
+            data.labels,
+            settings,
+            sigma,
+            task_for(data.spec).loss_fn(cfg.structure_weight),
+        )
         trained = getattr(model, "_module", model).state_dict()
         updates.append([(trained[k] - state[k]).double().numpy() for k in state])
     return updates

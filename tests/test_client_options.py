@@ -115,12 +115,16 @@ def test_norm_parameter_names_cover_the_unet_too():
 
 def test_cosine_schedule_starts_at_the_base_rate_and_decays_every_round():
     from client.train import scheduled_learning_rate
+    from common.schedule import run_progress
 
     rates = [scheduled_learning_rate(0.5, "cosine", r, 10) for r in range(1, 11)]
     assert rates[0] == pytest.approx(0.5)
     assert all(a > b for a, b in zip(rates, rates[1:], strict=False))
     assert 0 < rates[-1] < 0.02  # the last round still trains, with a small step
     assert scheduled_learning_rate(0.5, "constant", 7, 10) == 0.5
+    # The same progress drives slice-unet's focus share (common/unet.py).
+    assert [run_progress(r, 4) for r in (1, 2, 4, 9)] == [0.0, 0.25, 0.75, 1.0]
+    assert run_progress(3, 0) == 0.0  # total unknown: as the first round
     with pytest.raises(ValueError, match="learning-rate-schedule"):
         scheduled_learning_rate(0.5, "linear", 1, 10)
 

@@ -35,6 +35,7 @@ def test_pyproject_defaults_are_the_dataclass_defaults():
         ({"image-size": "28;28"}, "image-size='28;28': expected"),
         ({"trim-beta": 0.5}, "trim-beta=0.5: expected a value in [0, 0.5)"),
         ({"model": 3}, "model=3: expected a string"),
+        ({"structure-weight": 0.5}, "structure-weight=0.5: expected a number >= 1"),
     ],
 )
 def test_a_bad_value_is_refused_with_its_key_named(override, message):
@@ -82,7 +83,7 @@ def test_node_policy_reads_strings_as_toml_cli_values_arrive():
         ("classification", 2, "scatter-cnn", 20),
         ("classification", 3, "filterbank-3d", 30),
         ("segmentation", 2, "cnn", 20),
-        ("segmentation", 3, "slice-unet", 30),
+        ("segmentation", 3, "slice-unet", 40),
     ],
 )
 def test_auto_keys_take_the_recipe_of_the_data_and_explicit_keys_stay(task, dims, model, rounds):

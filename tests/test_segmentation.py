@@ -14,6 +14,7 @@ from opacus.validators import ModuleValidator
 
 from common.site import DataError, clear_memory_cache, load_site, validate_site
 from common.tasks import ModelSpec, SegmentationTask, task_for
+from common.unet import FOCUS_FLOOR, FOCUS_SHARE, focus_share
 from simulations.local import LocalFederation
 from simulations.phantoms import PHANTOMS, make_phantom_sites
 
@@ -183,6 +184,13 @@ def test_slice_unet_trains_on_one_slice_per_case_and_segments_volumes_slice_by_s
     assert 0.45 < np.mean((heights == 5) | (heights == 6)) < 0.72
     assert np.mean(heights == 5) > 2 * np.mean(heights == 6)
     assert set(heights) == set(range(12))
+    # Over a run the focus share follows a half cosine from FOCUS_SHARE down to FOCUS_FLOOR:
+    # at the end most slices are drawn as prediction sees them: slice 5 (4 of the 5 nodule
+    # voxels) expected 0.1 * 0.8 + 0.9 / 12 = 0.155 of the time, against 0.44 at the start.
+    assert focus_share(0.0) == FOCUS_SHARE > focus_share(0.5) > focus_share(1.0) == FOCUS_FLOOR
+    late = [model.training_view(images, masks, progress=1.0)[0] for _ in range(100)]
+    at_nodule = [torch.equal(v[i, k], images[i, 0, :, :, 5]) for v in late for i in range(8)]
+    assert 0.09 < np.mean(at_nodule) < 0.25
     empty = model.training_view(images[:0], masks[:0])  # an empty Poisson batch stays empty
     assert empty[0].shape == (0, 2 * k + 1, 16, 16) and empty[1].shape == (0, 1, 16, 16)
 
@@ -316,3 +324,43 @@ def test_two_round_two_hospital_segmentation_simulation(tmp_path, phantom, size,
     best = torch.load(tmp_path / "runs" / "seg" / "checkpoints" / "best.pt", weights_only=True)
     means = {r["round"]: r["central"]["dice-mean"] for r in summary["rounds"]}
     assert best["round"] == max(means, key=means.get) == summary["best"]["round"]
+
+
+def test_the_segmentation_loss_is_per_case_and_weights_structures_against_background():
+    from monai.losses import DiceCELoss
+
+    torch.manual_seed(0)
+    task = SegmentationTask(tuple(CLASSES))
+    logits = torch.randn(4, 3, 8, 8, requires_grad=True)
+    target = torch.zeros(4, 1, 8, 8, dtype=torch.long)
+    target[:, :, 1:5, 1:5] = 1  # an organ: 16 of 64 voxels (48 background: weight 3)
+    target[:2, :, 2, 2] = 2  # a small structure in two cases, 1 voxel (48: capped at 10)
+    monai = DiceCELoss(to_onehot_y=True, softmax=True, batch=False)
+    assert torch.allclose(task.loss_fn()(logits, target), monai(logits, target))  # weight 1
+
+    def case0_gradient(loss_fn, labels):
+        return torch.autograd.grad(loss_fn(logits, labels), logits)[0][0]
+
+    other = target.clone()
+    other[1:] = 2  # the other cases' labels change; case 0's own gradient must not
+    weighted = task.loss_fn(10.0)
+    assert torch.allclose(case0_gradient(weighted, target), case0_gradient(weighted, other))
+    # torch's weight= normalises by the whole batch's weights: cases would leak into each other.
+    pooled = DiceCELoss(
+        to_onehot_y=True, softmax=True, batch=False, weight=torch.tensor([1.0, 10.0, 10.0])
+    )
+    assert not torch.allclose(case0_gradient(pooled, target), case0_gradient(pooled, other))
+    # Per case, a structure weighs background voxels / its voxels, within [1, 10].
+    weights = weighted.class_weights(target[:, 0], 3)
+    expected = torch.tensor([[1.0, 48 / 15, 10.0]] * 2 + [[1.0, 3.0, 1.0]] * 2)  # absent: 1
+    assert torch.allclose(weights, expected)
+    # The small structure's share of the case's gradient grows with the weight.
+    g1, g10 = case0_gradient(task.loss_fn(), target), case0_gradient(weighted, target)
+    small = target[0, 0] == 2
+    share = [g[:, small].norm() / g.norm() for g in (g1, g10)]
+    assert share[1] > 2 * share[0]
+    # Over a run the weight decays along the run's cosine to 1 (plain Dice + CE) at the end.
+    decayed = [task.loss_fn(10.0, progress).structure_weight for progress in (0.0, 0.5, 1.0)]
+    assert decayed == pytest.approx([10.0, 5.5, 1.0])
+    with pytest.raises(ValueError, match="structure-weight"):
+        task.loss_fn(0.5)
