@@ -140,14 +140,18 @@ class Node:
             self.cfg,
             learning_rate=rate,
             proximal_mu=self.plan.proximal_mu,
-            progress=run_progress(self.plan.global_round, self.plan.total_rounds),
+            progress=self.progress,
         )
+
+    @property
+    def progress(self) -> float:
+        """How far the run is at this round (common/schedule.py): what decays over it reads it."""
+        return run_progress(self.plan.global_round, self.plan.total_rounds)
 
     def round_loss(self, spec: Any) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """This round's training loss for data of `spec` (segmentation: the structure weight
         at the run's progress)."""
-        progress = run_progress(self.plan.global_round, self.plan.total_rounds)
-        return task_for(spec).loss_fn(self.cfg.structure_weight, progress)
+        return task_for(spec).loss_fn(self.cfg.structure_weight, self.progress)
 
     def steps(self, num_examples: int) -> Steps:
         """DP-SGD steps of this site: per epoch, per round, and all the run may take."""
