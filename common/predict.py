@@ -26,6 +26,7 @@ from common.geometry import FileGeometry, like
 from common.site.index import NIFTI_SUFFIXES, case_id
 from common.tasks import ModelSpec, build_task_model
 from common.transforms import PreprocessConfig, build_transform, effective_shape
+from common.weights import load_checkpoint_weights
 
 PREDICT_FORMAT = 1
 
@@ -102,7 +103,7 @@ class Predictor:
             )
         spec = ModelSpec(**{**ck["model"], "image_size": tuple(ck["model"]["image_size"])})
         model = build_task_model(spec)
-        model.load_state_dict(ck["state_dict"])
+        load_checkpoint_weights(model, ck["state_dict"], path)
         model.eval()
         prep = info["preprocess"]
         return cls(

@@ -29,6 +29,20 @@ def load_record(model: nn.Module, record: ArrayRecord) -> None:
     unwrap(model).load_state_dict(record.to_torch_state_dict(), strict=True)
 
 
+def load_checkpoint_weights(model: nn.Module, state_dict: dict, source: object) -> None:
+    """Load a saved state_dict, or say which file does not fit the model this version builds
+    (e.g. a slice-unet checkpoint written before its deepest level was narrowed)."""
+    try:
+        unwrap(model).load_state_dict(state_dict, strict=True)
+    except RuntimeError as err:
+        first = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), "")
+        raise ValueError(
+            f"{source}: its weights do not fit the model this fedvox version builds ({first}); "
+            "it was written by another fedvox version or with other model settings: train "
+            "again, or use the version that wrote it"
+        ) from None
+
+
 def fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
     """sha256 of a state_dict's names and values: which exact weights a round started from."""
     h = hashlib.sha256()

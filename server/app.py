@@ -29,7 +29,7 @@ from common.paths import default_output_dir, demo_data_dir
 from common.protocol import RoundPlan
 from common.site import SiteData, default_image_size, load_site, read_spec
 from common.tasks import ModelSpec, build_task_model, task_for
-from common.weights import fingerprint, norm_parameter_names
+from common.weights import fingerprint, load_checkpoint_weights, norm_parameter_names
 from server.checks import UpdateChecker
 from server.grid import ResponsiveGrid, node_names
 from server.outputs import RunOutputs
@@ -150,7 +150,7 @@ def open_run(cfg: RunConfig) -> OpenedRun:
     if resume:
         run, checkpoint = RunDir.resume(resume)
         model = build_task_model(spec)
-        model.load_state_dict(checkpoint["state_dict"])
+        load_checkpoint_weights(model, checkpoint["state_dict"], resume)
         run.summary.setdefault("resumed", []).append(
             {
                 "at_round": run.last_round,

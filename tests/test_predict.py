@@ -22,6 +22,7 @@ from common.geometry import FileGeometry
 from common.predict import predict_fields
 from common.tasks import ModelSpec, build_task_model
 from common.transforms import PreprocessConfig, build_mask_transform, build_transform
+from common.unet import build_unet
 from server.run_dir import RunDir
 from simulations.cli import main as fedvox
 from simulations.phantoms import HOLDOUT_STYLE, blob_sigma, gaussian_blob, smooth_noise
@@ -155,6 +156,25 @@ def test_a_checkpoint_without_predict_fields_is_a_clear_error(tmp_path, capsys):
     code = fedvox(["predict", "--run", str(run.path), str(tmp_path), "--out", str(tmp_path)])
     assert code == 2
     assert "no 'predict' fields" in capsys.readouterr().err
+
+
+def test_a_checkpoint_whose_weights_do_not_fit_the_model_is_a_clear_error(tmp_path, capsys):
+    """E.g. a slice-unet checkpoint from before its deepest level was narrowed: the error names
+    the file and the first mismatch, not a bare torch traceback."""
+    prep = PreprocessConfig((16, 16, 16), "CT")
+    spec = ModelSpec("segmentation", 3, 1, 3, (16, 16, 16), arch="slice-unet")
+    old = build_unet(2, 5, 3, 16, deepest=8).state_dict()  # the plain U-Net's channel plan
+    run = RunDir(tmp_path / "run", {})
+    fields = predict_fields(prep, ("background", "lung", "nodule"), {})
+    state = {f"unet.{k}": v for k, v in old.items()}
+    run.save_checkpoint(1, state, spec.as_dict(), best=True, predict=fields)
+    write_nifti(tmp_path / "in" / "case-1.nii.gz", np.zeros((16, 16, 16), np.float32), np.eye(4))
+    out = tmp_path / "out"
+    assert fedvox(["predict", "--run", str(run.path), str(tmp_path / "in"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "do not fit the model" in err and "size mismatch for unet.down_4" in err
+    assert "last.pt" in err or "best.pt" in err
+    assert not (out / "case-1_mask.nii.gz").exists()
 
 
 def test_a_slice_unet_checkpoint_predicts_a_mask_on_a_volumes_own_grid(tmp_path):
