@@ -43,10 +43,8 @@ def build_unet(
     num_classes: int,
     width: int | None = None,
     depth: int = 4,
-    deepest: int = 8,
 ) -> nn.Module:
-    """A U-Net with `width`, w, 2w, 4w, `deepest` * w channels per level; outputs per-voxel
-    class logits.
+    """A U-Net with `width`, w, 2w, 4w, 8w channels per level; outputs per-voxel class logits.
 
     `depth` is accepted for the Task interface (`model-depth` run config) but BasicUNet's depth
     is fixed at 4 poolings.
@@ -62,7 +60,7 @@ def build_unet(
         spatial_dims=spatial_dims,
         in_channels=in_channels,
         out_channels=num_classes,
-        features=(w, w, 2 * w, 4 * w, deepest * w, w),
+        features=(w, w, 2 * w, 4 * w, 8 * w, w),
         act=("LeakyReLU", {"negative_slope": 0.1, "inplace": False}),
         norm=("group", {"num_groups": _groups(w)}),
         upsample="nontrainable",
@@ -89,13 +87,6 @@ def focus_share(progress: float) -> float:
     return max(FOCUS_FLOOR, FOCUS_SHARE * cosine_decay(progress))
 
 
-# Channels of slice-unet's deepest level, in multiples of the width: 4 (64 at width 16), not the
-# 8 of the plain U-Net. That level (4 x 4 at 64^2) held 366k of the 497k trained weights, and under
-# DP every trained weight adds noise; a nodule is a few voxels wide and is found at the finer
-# levels, which keep their channels. Screen (pooled DP, lung phantom, 60 epochs; nodule Dice seed
-# 0 / seed 1): deepest 8 0.50 / 0.33, 4 (306k weights) 0.50 / 0.43; width 8 everywhere 0.23 / 0.33.
-SLICE_DEEPEST = 4
-
 # Neighbouring slices each side given as extra channels ("2.5D"): a nodule is round in 3D, a
 # vessel or the tip of a lung is not, which one slice alone cannot tell. Screen (pooled DP, lung
 # phantom, 60 epochs, one seed each; nodule Dice): 1 each side 0.31, 2 each side 0.40.
@@ -121,9 +112,7 @@ class SliceUNet(nn.Module):
     ):
         super().__init__()
         self.context = int(context)
-        self.unet = build_unet(
-            2, in_channels * (2 * self.context + 1), num_classes, width, deepest=SLICE_DEEPEST
-        )
+        self.unet = build_unet(2, in_channels * (2 * self.context + 1), num_classes, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D401 - torch convention
         if x.dim() == 4:  # slices already stacked with their neighbours (training_view)

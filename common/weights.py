@@ -31,7 +31,7 @@ def load_record(model: nn.Module, record: ArrayRecord) -> None:
 
 def load_checkpoint_weights(model: nn.Module, state_dict: dict, source: object) -> None:
     """Load a saved state_dict, or say which file does not fit the model this version builds
-    (e.g. a slice-unet checkpoint written before its deepest level was narrowed)."""
+    (e.g. one written with another model width or by a version with another channel plan)."""
     try:
         unwrap(model).load_state_dict(state_dict, strict=True)
     except RuntimeError as err:

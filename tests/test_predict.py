@@ -159,11 +159,11 @@ def test_a_checkpoint_without_predict_fields_is_a_clear_error(tmp_path, capsys):
 
 
 def test_a_checkpoint_whose_weights_do_not_fit_the_model_is_a_clear_error(tmp_path, capsys):
-    """E.g. a slice-unet checkpoint from before its deepest level was narrowed: the error names
-    the file and the first mismatch, not a bare torch traceback."""
+    """E.g. a slice-unet checkpoint written with another width: the error names the file and
+    the first mismatch, not a bare torch traceback."""
     prep = PreprocessConfig((16, 16, 16), "CT")
     spec = ModelSpec("segmentation", 3, 1, 3, (16, 16, 16), arch="slice-unet")
-    old = build_unet(2, 5, 3, 16, deepest=8).state_dict()  # the plain U-Net's channel plan
+    old = build_unet(2, 5, 3, 8).state_dict()  # width 8, where this spec builds width 16
     run = RunDir(tmp_path / "run", {})
     fields = predict_fields(prep, ("background", "lung", "nodule"), {})
     state = {f"unet.{k}": v for k, v in old.items()}
@@ -172,7 +172,7 @@ def test_a_checkpoint_whose_weights_do_not_fit_the_model_is_a_clear_error(tmp_pa
     out = tmp_path / "out"
     assert fedvox(["predict", "--run", str(run.path), str(tmp_path / "in"), "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "do not fit the model" in err and "size mismatch for unet.down_4" in err
+    assert "do not fit the model" in err and "size mismatch for unet.conv_0" in err
     assert "last.pt" in err or "best.pt" in err
     assert not (out / "case-1_mask.nii.gz").exists()
 
