@@ -55,6 +55,7 @@ class RunConfig:
     momentum: float = 0.9
     augmentation: bool | str = AUTO
     structure_weight: float | str = AUTO  # segmentation loss: a small structure's top weight
+    test_time_flips: bool | str = AUTO  # segmentation: predict with test-time mirroring
     max_physical_batch: int | str = AUTO
     fedbn: bool = False
     finetune_epochs: int = 0
@@ -121,7 +122,13 @@ class RunConfig:
 
     def resolved(self, task: str, spatial_dims: int) -> RunConfig:
         """Every "auto" key filled by the recipe for `task` in `spatial_dims` dimensions."""
-        return self.with_values(recipes.resolve(self.as_dict(), task, spatial_dims))
+        cfg = self.with_values(recipes.resolve(self.as_dict(), task, spatial_dims))
+        if cfg.test_time_flips and task != "segmentation":
+            # a mirrored scan is another patient's anatomy to a classifier (heart on the right)
+            raise ConfigError(
+                f"test-time-flips=true is for segmentation; this data's task is {task}"
+            )
+        return cfg
 
     def with_values(self, values: Mapping[str, Any]) -> RunConfig:
         """This config with `values` (dashed keys, e.g. the server's resolved recipe) set."""
@@ -315,6 +322,7 @@ PLACEHOLDERS = {
     "image-size": "",
     "model-width": 0,
     "structure-weight": 1.0,
+    "test-time-flips": False,
 }
 
 

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from common.geometry import FileGeometry, like
+from common.metrics import mirrored_logits
 from common.site.index import NIFTI_SUFFIXES, case_id
 from common.tasks import ModelSpec, build_task_model
 from common.transforms import PreprocessConfig, build_transform, effective_shape
@@ -36,12 +37,16 @@ class InputError(ValueError):
 
 
 def predict_fields(
-    preprocess: PreprocessConfig, class_names: tuple[str, ...], central: dict[str, Any]
+    preprocess: PreprocessConfig,
+    class_names: tuple[str, ...],
+    central: dict[str, Any],
+    test_time_flips: bool = False,
 ) -> dict[str, Any]:
     """What a checkpoint carries for predict (plain types: loads with weights_only=True).
 
     `central` are the round's held-out metrics: its `threshold` / `temperature` are the
-    calibration chosen for this model (absent before any hospital validated: 0.5 and 1)."""
+    calibration chosen for this model (absent before any hospital validated: 0.5 and 1).
+    `test_time_flips`: segmentation predicts with test-time mirroring (run config)."""
     threshold = central.get("threshold")
     return {
         "format": PREDICT_FORMAT,
@@ -53,6 +58,7 @@ def predict_fields(
         "class_names": list(class_names),
         "threshold": float(threshold) if threshold is not None else 0.5,
         "temperature": float(central.get("temperature") or 1.0),
+        "test_time_flips": bool(test_time_flips),
     }
 
 
@@ -90,6 +96,7 @@ class Predictor:
     temperature: float
     round: int
     source: Path
+    flips: bool = False  # segmentation: test-time mirroring (absent in older checkpoints)
 
     @classmethod
     def load(cls, run_dir: Path, which: str = "last") -> Predictor:
@@ -115,6 +122,7 @@ class Predictor:
             float(info["temperature"]),
             int(ck["round"]),
             path,
+            bool(info.get("test_time_flips", False)),
         )
 
     @property
@@ -158,6 +166,8 @@ class Predictor:
 
     @torch.no_grad()
     def logits(self, image: torch.Tensor) -> torch.Tensor:
+        if self.segmentation and self.flips:
+            return mirrored_logits(self.model, image[None])[0]
         return self.model(image[None])[0]
 
     def classify(self, logits: torch.Tensor) -> dict[str, Any]:

@@ -204,8 +204,15 @@ class SegmentationTask:
 
     @torch.no_grad()
     def evaluate(
-        self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor, batch_size: int = 4
+        self,
+        model: nn.Module,
+        images: torch.Tensor,
+        targets: torch.Tensor,
+        batch_size: int = 4,
+        flips: bool = False,
     ) -> Evaluation:
+        """Per-class Dice (mean over the cases that have the class) and the loss; `flips`:
+        predicted with test-time mirroring (common/metrics.py `mirrored_logits`)."""
         from monai.metrics import DiceMetric
         from monai.networks.utils import one_hot
 
@@ -215,7 +222,7 @@ class SegmentationTask:
         dice = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
         per_case, loss_sum = [], 0.0
         num_classes = 0
-        for rows, logits in batched_logits(model, images, batch_size):
+        for rows, logits in batched_logits(model, images, batch_size, flips):
             y = targets[rows]
             num_classes = logits.shape[1]
             loss_sum += float(loss_fn(logits, y)) * len(y)

@@ -81,7 +81,11 @@ def main(grid: Grid, context: Context) -> None:
 def _round_loop(cfg: RunConfig, opened: OpenedRun, grid: ResponsiveGrid) -> RoundLoop:
     run, plan = opened.run, opened.plan
     recorder = RoundRecorder(
-        run, HoldoutEvaluator(opened.task, opened.holdout), opened.model, plan.round_offset
+        run,
+        HoldoutEvaluator(opened.task, opened.holdout),
+        opened.model,
+        plan.round_offset,
+        cfg.test_time_flips,
     )
     # fedbn: each site keeps its own norm layers, so they are not bounded by one round's DP
     skip = tuple(norm_parameter_names(opened.model)) if cfg.fedbn else ()

@@ -35,6 +35,7 @@ def save_round(
     result: Evaluation,
     model: torch.nn.Module,
     central: dict[str, Any],
+    flips: bool = False,
 ) -> None:
     folder = Path(run_dir) / HOLDOUT_DIR
     cases = [c.case_id for c in holdout.cases]
@@ -51,7 +52,7 @@ def save_round(
         }
         atomic_write_json(folder / f"round-{global_round:03d}.json", record, indent=None)
     elif holdout.spec.is_segmentation:
-        arrays = segmentation_record(model, holdout)
+        arrays = segmentation_record(model, holdout, result.per_case, flips)
         arrays["cases"] = np.asarray(cases)
         atomic_write(
             folder / f"round-{global_round:03d}.npz", lambda f: np.savez_compressed(f, **arrays)
@@ -59,30 +60,25 @@ def save_round(
 
 
 @torch.no_grad()
-def segmentation_record(model: torch.nn.Module, holdout: SiteData) -> dict[str, np.ndarray]:
-    """Per-case Dice (N, foreground classes; NaN = structure absent) and SLICES slices."""
-    from monai.metrics import DiceMetric
-    from monai.networks.utils import one_hot
-
-    k = holdout.num_classes
-    dice = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
+def segmentation_record(
+    model: torch.nn.Module, holdout: SiteData, per_case: np.ndarray, flips: bool = False
+) -> dict[str, np.ndarray]:
+    """Per-case Dice (N, foreground classes; NaN = structure absent: the round's evaluation)
+    and SLICES slices, predicted as that evaluation did (`flips`: test-time mirroring)."""
     chosen = pick_cases(holdout.labels, SLICES)
-    scores, preds = [], {}
-    for rows, logits in batched_logits(model, holdout.images, 4):
-        pred = logits.argmax(1, keepdim=True)
-        scores.append(dice(one_hot(pred, k), one_hot(holdout.labels[rows], k)))
-        for i in range(rows.start, rows.start + len(pred)):
-            if i in chosen:
-                preds[i] = pred[i - rows.start, 0]
+    preds = torch.zeros((0,))
+    if chosen:
+        _, logits = next(batched_logits(model, holdout.images[chosen], len(chosen), flips))
+        preds = logits.argmax(1)
     images, truths, predicted = [], [], []
-    for i in chosen:
+    for i, pred in zip(chosen, preds, strict=True):
         truth = holdout.labels[i, 0]
         at = best_slice(truth)
         images.append(_slice(holdout.images[i, 0], at).numpy())
         truths.append(_slice(truth, at).numpy().astype(np.uint8))
-        predicted.append(_slice(preds[i], at).numpy().astype(np.uint8))
+        predicted.append(_slice(pred, at).numpy().astype(np.uint8))
     return {
-        "dice": torch.cat(scores).cpu().numpy().astype(np.float32),
+        "dice": np.asarray(per_case, dtype=np.float32),
         "slice_index": np.asarray(chosen, dtype=np.int64),
         "slice_image": np.asarray(images, dtype=np.float32),
         "slice_truth": np.asarray(truths),

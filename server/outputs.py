@@ -43,7 +43,9 @@ class RunOutputs:
         finally:
             self.log.__exit__(*exc)
 
-    def after_round(self, global_round: int, result: Evaluation, model: torch.nn.Module) -> None:
+    def after_round(
+        self, global_round: int, result: Evaluation, model: torch.nn.Module, flips: bool = False
+    ) -> None:
         """Keep the holdout predictions, print the round's line, refresh the report."""
         central = self.run.summary["rounds"][-1]["central"]
         _safely(
@@ -55,6 +57,7 @@ class RunOutputs:
             result,
             model,
             central,
+            flips,
         )
         log(INFO, "%s", self.progress_line(global_round))
         cost = _safely("report", self.report.refresh, self.run.summary)

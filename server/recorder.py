@@ -36,12 +36,15 @@ class HoldoutEvaluator:
         self.holdout = holdout
 
     def evaluate(
-        self, model: torch.nn.Module, validation: list[dict[str, Any]]
+        self, model: torch.nn.Module, validation: list[dict[str, Any]], flips: bool = False
     ) -> tuple[dict[str, float | None], Evaluation, Calibration | None]:
         """(held-out metrics, the evaluation, the calibration) of `model`; `validation` are
-        the hospitals' releases about this very model (noisy validation histograms)."""
+        the hospitals' releases about this very model (noisy validation histograms); `flips`:
+        segmentation predicted with test-time mirroring."""
         calib = choose_calibration(validation)
         chosen = {"threshold": calib.threshold} if calib and calib.threshold is not None else {}
+        if flips:
+            chosen["flips"] = True  # run config test-time-flips: segmentation only
         result = self.task.evaluate(model, self.holdout.images, self.holdout.labels, **chosen)
         central = {k: result.metrics.get(k) for k in self.task.central_keys if k in result.metrics}
         if calib is not None and result.logits is not None:
@@ -51,7 +54,12 @@ class HoldoutEvaluator:
 
 class RoundRecorder:
     def __init__(
-        self, run: RunDir, evaluator: HoldoutEvaluator, model: torch.nn.Module, offset: int
+        self,
+        run: RunDir,
+        evaluator: HoldoutEvaluator,
+        model: torch.nn.Module,
+        offset: int,
+        test_time_flips: bool = False,
     ) -> None:
         self.run = run
         self.evaluator = evaluator
@@ -61,6 +69,7 @@ class RoundRecorder:
         self.last_time = time.time()
         self.threshold_margin: float | None = None  # the last calibration's
         self.outputs: RunOutputs | None = None  # progress line, report (set by server/app.py)
+        self.test_time_flips = test_time_flips  # how the model is to predict (run config)
 
     def record(
         self,
@@ -76,7 +85,11 @@ class RoundRecorder:
         global_round = self.offset + server_round
         self.model.load_state_dict(state_dict)
         validation = [r.metrics for r in evaluate if r.ok]
-        central, result, calib = self.evaluator.evaluate(self.model, validation)
+        # test-time-flips: this invocation's last round is evaluated as predict will use the
+        # model, with mirroring; earlier rounds single-pass (8 passes over the holdout every
+        # round would add ~50 % to a 3D run)
+        flips = self.test_time_flips and global_round == getattr(self.outputs, "last_round", None)
+        central, result, calib = self.evaluator.evaluate(self.model, validation, flips)
         self.threshold_margin = calib.threshold_margin if calib else None
         task = self.evaluator.task
         score = task.score(result.metrics)
@@ -90,7 +103,9 @@ class RoundRecorder:
             self.model.state_dict(),
             self.run.summary["model"],
             best=is_best,
-            predict=predict_fields(holdout.preprocess, holdout.spec.class_names, central),
+            predict=predict_fields(
+                holdout.preprocess, holdout.spec.class_names, central, self.test_time_flips
+            ),
         )
         for name, artifact in result.artifacts.items():
             self.run.save_artifact(name, global_round, artifact)
@@ -98,6 +113,7 @@ class RoundRecorder:
             {
                 "round": global_round,
                 "central": central,
+                "test_time_flips": flips,
                 "weights_sha256": fingerprint(self.model.state_dict()),
                 # Wall clock since the previous round's evaluation ended (round 0: since start).
                 "wall_s": started - self.last_time,
@@ -113,7 +129,7 @@ class RoundRecorder:
         self.last_time = time.time()
         self._log(global_round, central)
         if self.outputs is not None:
-            self.outputs.after_round(global_round, result, self.model)
+            self.outputs.after_round(global_round, result, self.model, flips)
         return central
 
     def add_finetuned(self, replies: list[NodeReply]) -> None:

@@ -58,7 +58,9 @@ def run_centralised(data_dir: Path, cfg: RunConfig, seed: int, cache_dir: Path) 
     validation = [
         release(e.logits, val[n].labels, e.per_case, noise=0.0) for n, e in site_eval.items()
     ]
-    central, _, _ = HoldoutEvaluator(task, holdout).evaluate(model, validation)
+    # the holdout as the federation's final round sees it (test-time flips where set)
+    flips = bool(cfg.test_time_flips)
+    central, _, _ = HoldoutEvaluator(task, holdout).evaluate(model, validation, flips)
     out = {
         "round": cfg.num_server_rounds * cfg.local_epochs,
         **held_out_numbers(central),
