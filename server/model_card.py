@@ -175,6 +175,13 @@ def _performance(view: RunView) -> list[str]:
         return lines + ["Confidence intervals are computed for binary tasks only.", ""]
     lines += ["| metric | estimate | 95 % CI |", "|---|---|---|"]
     lines += [f"| {k} | {_f(e)} | {_f(lo)}–{_f(hi)} |" for k, (e, lo, hi) in stats.items()]
+    if view.rounds and view.rounds[-1].get("test_time_flips"):
+        lines += [
+            "",
+            "Predicted with test-time mirroring (the softmax averaged over each scan and its "
+            "mirror images along every axis), as `fedvox predict` uses this model; the "
+            "earlier rounds' numbers are single-pass.",
+        ]
     best = view.best_round
     if best is not None and view.rounds and best != view.rounds[-1]["round"]:
         lines += [

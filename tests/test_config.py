@@ -117,3 +117,23 @@ def test_a_node_takes_the_servers_resolved_recipe():
     server = RunConfig.parse(PYPROJECT).resolved("classification", 2)
     node = RunConfig.parse(PYPROJECT).with_values(server.recipe_values())
     assert node == server
+
+
+def test_test_time_flips_are_the_3d_segmentation_recipes_and_refused_for_a_classifier():
+    flips = {
+        (task, dims): RunConfig.parse(PYPROJECT).resolved(task, dims).test_time_flips
+        for task in ("classification", "segmentation")
+        for dims in (2, 3)
+    }
+    assert flips == {
+        ("classification", 2): False,
+        ("classification", 3): False,
+        ("segmentation", 2): False,
+        ("segmentation", 3): True,
+    }
+    off = RunConfig.parse({**PYPROJECT, "test-time-flips": "false"})
+    assert off.resolved("segmentation", 3).test_time_flips is False
+    on = RunConfig.parse({**PYPROJECT, "test-time-flips": True})
+    assert on.resolved("segmentation", 2).test_time_flips is True
+    with pytest.raises(ConfigError, match="test-time-flips=true is for segmentation"):
+        on.resolved("classification", 2)

@@ -201,3 +201,30 @@ def test_a_slice_unet_checkpoint_predicts_a_mask_on_a_volumes_own_grid(tmp_path)
     rows = list(csv.DictReader(open(out / "predictions.csv")))
     assert rows[0]["case"] == "case-1"
     assert (rows[0]["lung_voxels"], rows[0]["nodule_voxels"]) == (str(scan.size), "0")
+
+
+def test_a_run_that_predicts_with_test_time_flips_predicts_mirrored(tmp_path):
+    """The checkpoint says how the run evaluated its model (run config test-time-flips):
+    predict averages the same 8 mirror images; a checkpoint without the field (older runs)
+    predicts single-pass."""
+    from common.metrics import mirrored_logits
+    from common.predict import Predictor
+
+    torch.manual_seed(3)
+    prep = PreprocessConfig((16, 16, 16), "CT")
+    spec = ModelSpec("segmentation", 3, 1, 3, (16, 16, 16), arch="slice-unet")
+    model = build_task_model(spec).eval()
+    image = torch.randn(1, 16, 16, 16)
+    for name, flips in (("on", True), ("off", False), ("old", None)):
+        fields = predict_fields(prep, ("background", "lung", "nodule"), {}, bool(flips))
+        if flips is None:
+            del fields["test_time_flips"]
+        run = RunDir(tmp_path / name, {})
+        run.save_checkpoint(1, model.state_dict(), spec.as_dict(), best=True, predict=fields)
+        predictor = Predictor.load(run.path)
+        assert predictor.flips is bool(flips)
+        with torch.no_grad():
+            want = mirrored_logits(model, image[None])[0] if flips else model(image[None])[0]
+        assert torch.allclose(predictor.logits(image), want, atol=1e-5)
+    with torch.no_grad():
+        assert not torch.allclose(mirrored_logits(model, image[None])[0], model(image[None])[0])

@@ -321,7 +321,13 @@ def test_two_round_two_hospital_segmentation_simulation(tmp_path, phantom, size,
     assert all("eval" not in h for h in summary["rounds"][1]["hospitals"].values())
     for h in summary["rounds"][2]["hospitals"].values():
         assert "dice-lung" in h["eval"] and "dice-mean" in h["eval"]
+    # The 3D recipe evaluates its last round as predict will use the model: mirrored (8 passes).
+    flips = arch == "slice-unet"
+    assert [r["test_time_flips"] for r in summary["rounds"]] == [False, False, flips]
     best = torch.load(tmp_path / "runs" / "seg" / "checkpoints" / "best.pt", weights_only=True)
+    assert best["predict"]["test_time_flips"] is flips
+    card = (tmp_path / "runs" / "seg" / "model-card.md").read_text()
+    assert ("Predicted with test-time mirroring" in card) is flips
     means = {r["round"]: r["central"]["dice-mean"] for r in summary["rounds"]}
     assert best["round"] == max(means, key=means.get) == summary["best"]["round"]
 
