@@ -126,9 +126,9 @@ RECIPES: dict[tuple[str, int], Recipe] = {
     # 10 -> 1) both decay along the run's cosine. The final model predicts with test-time
     # mirroring (softmax averaged over the 8 flips of the volume): under DP noise it scatters
     # small false nodules that the average removes. Lung-CT phantom at 64^3, 3 hospitals,
-    # epsilon 8, seeds 0-2: Dice lung 0.987, nodule 0.473 +- 0.030 single-pass, 0.614 with the
-    # flips, in ~20 min (pooled non-DP at lr 0.05: 0.998 / 0.863); without the emphasis, 30
-    # rounds: 0.976 / 0.367. The 3D U-Net took 6 min 45 s a DP round at 64^3.
+    # epsilon 8, 5 seeds: Dice lung 0.991, nodule 0.487 +- 0.092 single-pass, 0.614 +- 0.085
+    # with the flips, in <= 20 min (pooled non-DP at lr 0.05: 0.998 / 0.843); without the
+    # emphasis, 30 rounds: 0.976 / 0.367. The 3D U-Net took 6 min 45 s a DP round at 64^3.
     ("segmentation", 3): Recipe(
         "3d-segmentation",
         {
