@@ -25,10 +25,12 @@ import math
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
-from flwr.app import Context, Message
+from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable
 
 from client.audit import audit_mod
 from client.gate import (
@@ -54,11 +56,36 @@ from common.validation import release
 from common.weights import fingerprint, to_record, unwrap
 
 log = logging.getLogger("fedvox.client")
+NO_DP_REFUSAL = (
+    "the server asked for a computation without DP (dp=false); this hospital releases "
+    "nothing without DP (node config allow-non-dp is not set)"
+)
+
+
+class NodeFailure(RuntimeError):
+    """What Flower reports to the server when anything below the shield fails."""
+
+
+def shield_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """The outermost mod: a failure anywhere below it (a SecAgg+ stage, a mod, a handler)
+    reaches the server as its exception type alone; the details (paths, file names, counts)
+    stay in the node's log. Flower would send the exception's text."""
+    try:
+        reply = call_next(msg, context)
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a generic one
+        log.error("fedvox node: a message failed:\n%s", traceback.format_exc())
+        raise NodeFailure(f"{type(exc).__name__} (details in the node's log)") from None
+    if reply.has_error():
+        log.error("fedvox node: error reply: %s", reply.error.reason)
+        generic = Error(reply.error.code, "the node failed (details in its log)")
+        reply = Message(generic, reply_to=msg)
+    return reply
+
 
 # Every message this node handles is appended to <state-dir>/audit.jsonl (deployment).
-# secagg_mod (issue 18): SecAgg+ training messages go through Flower's secaggplus_mod first;
-# the audit log sees the train message and reply the handler sees.
-app = ClientApp(mods=[secagg_mod, audit_mod])
+# secagg_mod: SecAgg+ training messages go through Flower's secaggplus_mod first; the audit
+# log sees the train message and reply the handler sees. shield_mod keeps every error generic.
+app = ClientApp(mods=[shield_mod, secagg_mod, audit_mod])
 
 
 @app.train()
@@ -112,13 +139,20 @@ def _settle(msg: Message, node: Node, context: Context) -> None:
 
 
 def _open_gate(node: Node, num_train: int) -> tuple[PrivacyGate, dict]:
-    """The run's gate at this node and its plan (calibrated once, on the first message)."""
+    """The run's gate at this node and its plan (calibrated once, on the first message);
+    PrivacyRefusal if this message's settings are not those the plan was made for."""
     gate = PrivacyGate.open(
         node.state_dir, node.plan.run_uid, node.cfg, node.policy, num_train, node.plan.total_rounds
     )
-    steps = node.steps(num_train)
     statistics = node.cfg.model in STATISTICS_MODELS
-    return gate, gate.plan(num_train, steps.sample_rate, steps.planned, statistics)
+    terms = node.privacy_terms()
+    return gate, gate.plan(num_train, terms, node.planned_steps, statistics)
+
+
+def _planned(plan: dict, node: Node, epochs: int) -> tuple[float, float, int]:
+    """(sigma, q, steps) of `epochs` local epochs under the run's plan."""
+    per_epoch = node.steps(int(plan["num_examples_released"])).per_epoch
+    return float(plan["noise_multiplier"]), float(plan["sample_rate"]), epochs * per_epoch
 
 
 def _refuse(msg: Message, node: Node, reason: str, gate: PrivacyGate | None) -> Message:
@@ -146,23 +180,22 @@ def _train(msg: Message, node: Node) -> Message:
     gate = None
     try:
         gate, plan = _open_gate(node, len(data))
-        sigma, q = float(plan["noise_multiplier"]), float(plan["sample_rate"])
+        planned = _planned(plan, node, node.cfg.local_epochs)
         model = node.global_model(msg, data)
         ensure_statistics(gate, plan, model, data.images)  # once per run (filterbank-3d)
         path = node.release_path(TRAIN)
+        settings = node.round_training(int(plan["num_examples_released"]))
 
         def compute() -> tuple[dict, list, str]:
             result = local_sgd(
-                model, data.images, data.labels, node.round_training(), sigma,
-                node.round_loss(data.spec),
-            )  # fmt: skip
+                model, data.images, data.labels, settings, planned[0], node.round_loss(data.spec)
+            )
             node.remember(model)
             state = unwrap(model).state_dict()
             # Kept until the next round, so a lost reply can be sent again at no cost.
             atomic_write(path, lambda f: torch.save(state, f))
             return {}, result.history, fingerprint(state)
 
-        planned = (sigma, q, node.steps(len(data)).per_round)
         spent = gate.spend(node.plan.global_round, TRAIN, planned, compute)
         if spent.repeated:  # this round was released before: the very same update again
             model.load_state_dict(node.load_release(path, spent.digest))
@@ -174,7 +207,7 @@ def _train(msg: Message, node: Node) -> Message:
             "epsilon-run": spent.epsilon_run,
             "epsilon-lifetime": spent.epsilon_lifetime,
             "delta": gate.budget.delta,
-            "noise-multiplier": sigma,
+            "noise-multiplier": planned[0],
             "compute-s": time.perf_counter() - t1,
         }
     )
@@ -189,11 +222,7 @@ def _train_without_dp(
     # The benchmarks' non-private reference. The server's run config alone cannot switch a
     # hospital's privacy off: only simulated hospitals or an explicit node opt-in comply.
     if not node.policy.may_train_without_dp:
-        reason = (
-            "the server asked for training without DP (dp=false); this hospital trains "
-            "only with DP (node config allow-non-dp is not set)"
-        )
-        return _refuse(msg, node, reason, None)
+        return _refuse(msg, node, NO_DP_REFUSAL, None)
     model = node.global_model(msg, data)
     ensure_statistics(None, None, model, data.images)
     local_sgd(
@@ -245,6 +274,8 @@ def _release_about(
 
     digest = ""
     if not node.cfg.dp:  # the epsilon = inf reference run: nothing private, no noise either
+        if not node.policy.may_train_without_dp:
+            return _refuse(msg, node, NO_DP_REFUSAL, None)
         counts, _ = compute(0.0)
         metrics.update({**counts, "epsilon-run": math.inf, "epsilon-lifetime": math.inf})
         metrics["release-noise"] = 0.0
@@ -311,20 +342,20 @@ def _finetune_model(node: Node, model: torch.nn.Module, data: SiteData) -> None:
     loss_fn = task_for(data.spec).loss_fn(node.cfg.structure_weight, progress=1.0)
     if not node.cfg.dp:
         if not node.policy.may_train_without_dp:
-            raise PrivacyRefusal("this hospital trains only with DP (allow-non-dp is not set)")
+            raise PrivacyRefusal(NO_DP_REFUSAL)
         local_sgd(model, data.images, data.labels, settings, None, loss_fn)
         atomic_write(path, lambda f: torch.save(model.state_dict(), f))
         return
     gate, plan = _open_gate(node, len(data))
-    sigma, q = float(plan["noise_multiplier"]), float(plan["sample_rate"])
+    planned = _planned(plan, node, node.cfg.finetune_epochs)
+    settings = replace(settings, planned_examples=int(plan["num_examples_released"]))
 
     def compute() -> tuple[dict, list, str]:
-        result = local_sgd(model, data.images, data.labels, settings, sigma, loss_fn)
+        result = local_sgd(model, data.images, data.labels, settings, planned[0], loss_fn)
         state = unwrap(model).state_dict()
         atomic_write(path, lambda f: torch.save(state, f))  # never sent anywhere
         return {}, result.history, fingerprint(state)
 
-    planned = (sigma, q, node.steps(len(data)).per_epoch * node.cfg.finetune_epochs)
     spent = gate.spend(node.plan.global_round, FINETUNE, planned, compute)
     if spent.repeated:
         model.load_state_dict(node.load_release(path, spent.digest))

@@ -19,6 +19,7 @@ Training, evaluation and fine-tuning all ask the gate, and the gate alone writes
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,7 +66,37 @@ def release_entry(plan: dict[str, Any]) -> HistoryEntry:
 
 
 def _noisy_count(n: int, noise: float) -> int:
-    return max(1, int(round(n + np.random.default_rng().normal(0.0, noise))))
+    """The training-set count plus Gaussian noise (fresh OS entropy), rounded to 10s: what
+    the node releases, and what its sampling plan is made from."""
+    noisy = n + np.random.default_rng().normal(0.0, noise)
+    return max(10, 10 * int(round(noisy / 10)))
+
+
+def _check_history(history: list[HistoryEntry], planned: HistoryEntry) -> None:
+    """What the computation spent must be what was reserved: the same noise and sample rate,
+    no more steps. Otherwise its result never leaves (the reservation is given back)."""
+    sigma, q, steps = planned
+    same = all(math.isclose(s, sigma) and math.isclose(r, q) for s, r, _ in history)
+    if not same or sum(n for _, _, n in history) > steps:
+        raise PrivacyRefusal("the computation spent more than its reservation; nothing released")
+
+
+def _check_terms(planned: dict[str, Any] | None, asked: dict[str, Any]) -> None:
+    """Refuse a message whose settings differ from those the run's epsilon was planned for."""
+    if planned is None:
+        raise PrivacyRefusal(
+            "this run was planned by an older fedvox that did not record its settings; "
+            "start a new run"
+        )
+    changed = [
+        f"{key} {asked.get(key)!r} (planned {planned.get(key)!r})"
+        for key in sorted(set(planned) | set(asked))
+        if planned.get(key) != asked.get(key)
+    ]
+    if changed:
+        raise PrivacyRefusal(
+            "this message's settings differ from the run's privacy plan: " + ", ".join(changed)
+        )
 
 
 class PrivacyGate:
@@ -90,47 +121,70 @@ class PrivacyGate:
 
     # -- the run's plan -------------------------------------------------------------------
     def plan(
-        self, num_examples: int, sample_rate: float, planned_steps: int, statistics: bool = False
+        self,
+        num_examples: int,
+        terms: dict[str, Any],
+        steps_for: Callable[[int], tuple[float, int]],
+        statistics: bool = False,
     ) -> dict[str, Any]:
         """The run's calibration: made once, reused by every later message of the run.
-        `statistics`: the model needs one release of a data statistic (planned in too)."""
+
+        `terms` are the settings the run's epsilon depends on, as this message asks for them
+        (batch size, epochs, rounds, releases, ...): recorded with the plan at the first
+        message, and any later message whose own terms differ is refused before its data is
+        touched. `steps_for(count)` -> (sample rate, planned DP-SGD steps) for a case count:
+        the plan uses the DP-released count, so no number derived from it (sigma, steps,
+        every epsilon) depends on the exact one. `statistics`: the model needs one release
+        of a data statistic (planned in too).
+        """
+        terms = {**terms, "accountant": self.budget.accountant}
         with self.ledger.transaction():
             plan = self.ledger.runs.get(self.run_uid)
             if plan is None:
-                b = self.budget
-                noise = release_noise(b.epsilon_run, b.max_releases)
-                releases = ((noise, 1.0, b.max_releases), (COUNT_FACTOR * noise, 1.0, 1))
-                if statistics:
-                    releases += (statistics_entry(b.epsilon_run),)
-                sigma = calibrate_noise_multiplier(
-                    self.budget.epsilon_run,
-                    self.budget.delta,
-                    sample_rate,
-                    planned_steps,
-                    self.budget.accountant,
-                    fixed=releases,
-                )
-                plan = self.ledger.plan_run(
-                    self.run_uid,
-                    noise_multiplier=sigma,
-                    sample_rate=sample_rate,
-                    planned_steps=planned_steps,
-                    planned_releases=b.max_releases + 1 + int(statistics),
-                    statistics=statistics,
-                    release_noise=noise,
-                    num_examples=num_examples,
-                    num_examples_released=_noisy_count(num_examples, COUNT_FACTOR * noise),
-                    epsilon=self.budget.epsilon_run,
-                    delta=self.budget.delta,
-                )
-                # Released once, with the run's first message: on the ledger from the start.
-                count = (COUNT_FACTOR * noise, 1.0, 1)
-                entry = self.ledger.reserve(self.run_uid, 0, "count", count)
-                self.ledger.release(entry["id"], [count], "", None)
+                plan = self._new_plan(num_examples, terms, steps_for, statistics)
         if int(plan["num_examples"]) != num_examples:
             raise PrivacyRefusal(
                 "the training set changed during the run; its privacy calibration no longer holds"
             )
+        _check_terms(plan.get("terms"), terms)
+        return plan
+
+    def _new_plan(
+        self,
+        num_examples: int,
+        terms: dict[str, Any],
+        steps_for: Callable[[int], tuple[float, int]],
+        statistics: bool,
+    ) -> dict[str, Any]:
+        """Calibrate and record the run's plan (inside the ledger's transaction)."""
+        b = self.budget
+        noise = release_noise(b.epsilon_run, b.max_releases)
+        released = _noisy_count(num_examples, COUNT_FACTOR * noise)
+        sample_rate, planned_steps = steps_for(released)
+        releases = ((noise, 1.0, b.max_releases), (COUNT_FACTOR * noise, 1.0, 1))
+        if statistics:
+            releases += (statistics_entry(b.epsilon_run),)
+        sigma = calibrate_noise_multiplier(
+            b.epsilon_run, b.delta, sample_rate, planned_steps, b.accountant, fixed=releases
+        )
+        plan = self.ledger.plan_run(
+            self.run_uid,
+            noise_multiplier=sigma,
+            sample_rate=sample_rate,
+            planned_steps=planned_steps,
+            planned_releases=b.max_releases + 1 + int(statistics),
+            statistics=statistics,
+            release_noise=noise,
+            num_examples=num_examples,
+            num_examples_released=released,
+            epsilon=b.epsilon_run,
+            delta=b.delta,
+            terms=terms,
+        )
+        # Released once, with the run's first message: on the ledger from the start.
+        count = (COUNT_FACTOR * noise, 1.0, 1)
+        entry = self.ledger.reserve(self.run_uid, 0, "count", count)
+        self.ledger.release(entry["id"], [count], "", None)
         return plan
 
     # -- spending -------------------------------------------------------------------------
@@ -156,6 +210,7 @@ class PrivacyGate:
             entry = ledger.reserve(self.run_uid, round_, phase, planned)
         try:
             result, history, digest = compute()
+            _check_history(history or [planned], planned)
         except BaseException:
             with self.ledger.transaction() as ledger:
                 ledger.abandon(entry["id"])  # nothing left the node

@@ -25,6 +25,7 @@ from common.config import ConfigError, NodePolicy, RunConfig
 from common.paths import demo_data_dir, fedvox_home, list_sites
 from common.privacy import PrivacyRefusal
 from common.protocol import ARRAYS, RoundPlan
+from common.recipes import AUTO_KEYS
 from common.schedule import run_progress
 from common.site import SiteData, load_site, read_spec
 from common.tasks import ModelSpec, build_task_model, task_for
@@ -79,6 +80,9 @@ class Node:
         except ConfigError as exc:  # the server's config: this node refuses such a run
             raise RunRefused(str(exc)) from None
         plan = RoundPlan.from_message(msg)
+        foreign = sorted(set(plan.recipe) - set(AUTO_KEYS))
+        if foreign:  # a server sends only the "auto" keys it resolved, never anything else
+            raise RunRefused(f"the message's recipe sets keys that are not recipe keys: {foreign}")
         site, state_dir = _site_and_state(cfg, policy)
         try:  # the server's resolved recipe, else (an older server) this site's own
             cfg = cfg.with_values(plan.recipe)
@@ -128,8 +132,9 @@ class Node:
             self.state.array_records[FEDBN_KEY] = keep_local(model, norm_parameter_names(model))
 
     # -- training settings ----------------------------------------------------------------
-    def round_training(self) -> LocalTraining:
-        """This round's local training: the run's settings at the scheduled learning rate."""
+    def round_training(self, planned_examples: int = 0) -> LocalTraining:
+        """This round's local training: the run's settings at the scheduled learning rate;
+        `planned_examples` is the count the run's DP sampling was planned for (its plan's)."""
         rate = scheduled_learning_rate(
             self.cfg.learning_rate,
             self.cfg.learning_rate_schedule,
@@ -141,6 +146,7 @@ class Node:
             learning_rate=rate,
             proximal_mu=self.plan.proximal_mu,
             progress=self.progress,
+            planned_examples=planned_examples,
         )
 
     @property
@@ -154,11 +160,35 @@ class Node:
         return task_for(spec).loss_fn(self.cfg.structure_weight, self.progress)
 
     def steps(self, num_examples: int) -> Steps:
-        """DP-SGD steps of this site: per epoch, per round, and all the run may take."""
+        """DP-SGD steps for `num_examples` cases (a node passes its released count): per
+        epoch, per round, and all the run may take."""
         per_epoch = steps_per_epoch(num_examples, self.cfg.batch_size)
         per_round = self.cfg.local_epochs * per_epoch
         planned = self.plan.total_rounds * per_round + self.cfg.finetune_epochs * per_epoch
         return Steps(1.0 / per_epoch, per_epoch, per_round, planned)
+
+    def planned_steps(self, num_examples: int) -> tuple[float, int]:
+        """(sample rate, the run's planned steps) for a case count: the privacy plan's input."""
+        steps = self.steps(num_examples)
+        return steps.sample_rate, steps.planned
+
+    def privacy_terms(self) -> dict[str, Any]:
+        """The settings this message asks for that the run's epsilon depends on. The run's
+        plan records them at its first message; a later message asking for others is refused
+        (client/gate.py), so no message can stretch the budget the node agreed to."""
+        c = self.cfg
+        return {
+            "dp": c.dp,
+            "batch-size": c.batch_size,
+            "local-epochs": c.local_epochs,
+            "total-rounds": self.plan.total_rounds,
+            "finetune-epochs": c.finetune_epochs,
+            "local-evaluation": c.local_evaluation,
+            "target-epsilon": c.target_epsilon,
+            "target-delta": c.target_delta,
+            "max-grad-norm": c.max_grad_norm,
+            "model": c.model,
+        }
 
     def release_path(self, phase: str) -> Path:
         """Where this round's released update is kept (a lost reply is sent again from it)."""
@@ -247,6 +277,7 @@ def _simulated_policy(policy: NodePolicy, state_dir: Path) -> NodePolicy:
     try:
         raw = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise NodeConfigError(f"this hospital's {POLICY_FILE} is unreadable ({exc})") from None
+        log.error("%s is unreadable: %s", path, exc)  # the details (a path) stay here
+        raise NodeConfigError(f"this hospital's {POLICY_FILE} is unreadable") from None
     keys = ("partition-id", "num-partitions")
     return NodePolicy.parse({**raw, **{k: getattr(policy, k.replace("-", "_")) for k in keys}})

@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from common.config import RunConfig
-from common.privacy import HistoryEntry, make_private, steps_taken
+from common.privacy import HistoryEntry, PoissonLoader, make_private, steps_taken
 from common.schedule import cosine_decay, run_progress
 from common.weights import unwrap
 
@@ -46,6 +46,10 @@ class LocalTraining:
     proximal_mu: float = 0.0
     augmentation: bool = False
     max_physical_batch: int = 0
+    # The case count DP-SGD's sampling is planned for: steps per epoch ceil(n / batch_size),
+    # sample rate 1 / steps, expected batch n / steps. 0: the data's own count; a node passes
+    # its DP-released count, so nothing it sends depends on the exact one.
+    planned_examples: int = 0
     # How far the run is: 0 in its first round, (r - 1) / R in round r of R, 1 after it (local
     # fine-tuning). A model whose training view changes over a run reads it (slice-unet's
     # focus share); it changes what is drawn from a case, never how cases are sampled.
@@ -60,6 +64,7 @@ class LocalTraining:
         learning_rate: float | None = None,
         proximal_mu: float = 0.0,
         progress: float = 0.0,
+        planned_examples: int = 0,
     ) -> LocalTraining:
         """The run config's settings; `epochs`/`learning_rate` override (schedule, fine-tuning)."""
         return cls(
@@ -72,6 +77,7 @@ class LocalTraining:
             proximal_mu=proximal_mu,
             augmentation=cfg.augmentation,
             max_physical_batch=cfg.max_physical_batch,
+            planned_examples=planned_examples,
             progress=progress,
         )
 
@@ -176,7 +182,12 @@ def local_sgd(
     the non-private reference of the utility benchmark (epsilon = inf); history is empty.
     """
     s = settings
-    loader = DataLoader(TensorDataset(images, labels), batch_size=s.batch_size, shuffle=True)
+    dataset = TensorDataset(images, labels)
+    loader = DataLoader(dataset, batch_size=s.batch_size, shuffle=True)
+    if noise_multiplier is not None:  # Poisson batches from a fresh generator, q = 1 / steps
+        planned = s.planned_examples or len(dataset)
+        steps = steps_per_epoch(planned, s.batch_size)
+        loader = PoissonLoader(dataset, steps, expected_batch_size=planned / steps)
     optimizer = torch.optim.SGD(model.parameters(), lr=s.learning_rate, momentum=s.momentum)
     global_params = [p.detach().clone() for p in model.parameters()] if s.proximal_mu > 0 else []
     model.train()  # Opacus refuses a module in eval mode (e.g. after an evaluation)

@@ -58,6 +58,20 @@ def _forget_app_modules() -> None:
             del sys.modules[name]
 
 
+def _reseed() -> None:
+    """Fresh OS entropy for the global generators this child inherited from the warm parent:
+    a backstop (fedvox's DP draws use their own fresh generators, common/privacy.py), so that
+    no two ClientApps ever continue one generator's sequence."""
+    import random
+
+    import numpy as np
+    import torch
+
+    torch.manual_seed(int.from_bytes(os.urandom(8), "little"))
+    np.random.seed(int.from_bytes(os.urandom(4), "little"))
+    random.seed(os.urandom(16))
+
+
 def _run_child(spec: object) -> None:
     """In the forked child: what `flwr-clientapp` does, then exit without the parent's
     handlers (they belong to the SuperExec)."""
@@ -72,6 +86,7 @@ def _run_child(spec: object) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_DFL)
         exit_handler.registered_exit_handlers.clear()
+        _reseed()
         _forget_app_modules()
         run_clientapp(
             runtime_api_address=spec.runtime_api_address,

@@ -291,8 +291,11 @@ class NodePolicy:
 
     @property
     def may_train_without_dp(self) -> bool:
-        """Simulated hospitals (the benchmarks' epsilon = inf reference) or an explicit opt-in."""
-        return self.simulated or self.allow_non_dp
+        """An explicit opt-in, or a simulated hospital that states no policy at all (the
+        benchmarks' epsilon = inf reference). A hospital with a policy releases nothing
+        without DP unless that policy says allow-non-dp."""
+        stated = len(self.missing()) < len(POLICY_KEYS)
+        return self.allow_non_dp or (self.simulated and not stated)
 
 
 POLICY_KEYS = ("accountant", "max-epsilon", "delta", "max-evaluations")

@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 from opacus import PrivacyEngine
+from opacus.data_loader import DPDataLoader
 from opacus.grad_sample.gsm_base import AbstractGradSampleHooks
 from opacus.optimizers.optimizer import DPOptimizer, _check_processed_flag, _mark_as_processed
 from torch import nn
@@ -217,7 +218,7 @@ def make_private(
     if "grad_sample_mode" in kwargs:
         raise ValueError("fast_dp.make_private chooses grad_sample_mode itself; do not pass it")
     hooks = FastGradSampleHooks(module, loss_reduction=loss_reduction)
-    if poisson_sampling:
+    if poisson_sampling or isinstance(data_loader, DPDataLoader):  # Poisson batches either way
         hooks.forbid_grad_accumulation()
     try:
         module, optimizer, data_loader = engine.make_private(

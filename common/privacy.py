@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+import random
 import warnings
 from dataclasses import dataclass
 
@@ -25,6 +27,7 @@ from opacus import PrivacyEngine
 from opacus.accountants import RDPAccountant, create_accountant
 from opacus.accountants.analysis import rdp as privacy_analysis
 from opacus.accountants.utils import get_noise_multiplier
+from opacus.data_loader import DPDataLoader
 
 from common import fast_dp
 from common.config import NodePolicy, RunConfig
@@ -257,6 +260,61 @@ def _merge(history: list[HistoryEntry]) -> list[HistoryEntry]:
     return [(s, q, n) for (s, q), n in merged.items()]
 
 
+def fresh_generator() -> torch.Generator:
+    """A torch generator seeded now with 64 bits of the OS's entropy (os.urandom).
+
+    Every DP draw of a node (Poisson masks, Gaussian noise) comes from one of these, made at
+    that release: never torch's global generator, whose state a forked ClientApp inherits from
+    its warm parent (and which every fresh process starts at the same fixed seed), and never a
+    seed from the run config. Opacus' `secure_mode` would use torchcsprng instead, which has no
+    torch 2.x release; docs/privacy.md states what remains (floating-point noise attacks).
+    """
+    generator = torch.Generator()
+    generator.manual_seed(int.from_bytes(os.urandom(8), "little"))
+    return generator
+
+
+def reseed_global_generators() -> None:
+    """Fresh OS entropy for torch's, numpy's and Python's global generators.
+
+    A backstop, run in every forked child (`os.register_at_fork` below, and the warm
+    SuperExec's children): no DP draw uses these generators, but nothing drawn after a fork
+    should repeat the parent's or a sibling's sequence either."""
+    torch.manual_seed(int.from_bytes(os.urandom(8), "little"))
+    np.random.seed(int.from_bytes(os.urandom(4), "little"))
+    random.seed(os.urandom(16))
+
+
+os.register_at_fork(after_in_child=reseed_global_generators)
+
+
+class PoissonLoader(DPDataLoader):
+    """Opacus' Poisson-sampling loader with a fixed number of steps per epoch and a fresh
+    generator: each case joins each batch independently with probability 1 / steps.
+
+    The steps (so the sample rate) and `expected_batch_size` (what the summed clipped
+    gradients are divided by) are the caller's, not functions of len(dataset): a node takes
+    them from its DP-released case count and the batch size, so neither the accountant's
+    numbers nor the update's noise scale reveal its exact number of cases.
+    """
+
+    def __init__(
+        self, dataset: torch.utils.data.Dataset, steps: int, expected_batch_size: float
+    ) -> None:
+        generator = fresh_generator()
+        super().__init__(dataset, sample_rate=1.0 / steps, generator=generator)
+        self.batch_sampler.steps = steps  # not int(1 / (1 / steps)), which may round down
+        self.expected_batch_size = float(expected_batch_size)
+
+    @classmethod
+    def like(cls, loader: torch.utils.data.DataLoader) -> PoissonLoader:
+        """The Poisson loader Opacus would make of a plain `loader` (q = 1 / len(loader))."""
+        if isinstance(loader, PoissonLoader):
+            return loader
+        steps = len(loader)
+        return cls(loader.dataset, steps, len(loader.dataset) / steps)
+
+
 def make_private(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -267,12 +325,15 @@ def make_private(
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.utils.data.DataLoader, PrivacyEngine]:
     """Opacus DP-SGD: Poisson sampling, per-sample clipping at `max_grad_norm`, Gaussian noise.
 
+    `data_loader` is a `PoissonLoader` (a plain loader is turned into one); its masks and the
+    optimizer's noise come from fresh OS-entropy generators (`fresh_generator`).
     Per-sample gradients come from `common.fast_dp` (grouped-conv per-sample gradients
     registered into Opacus, no wasted batch gradient) where every layer is supported,
     else from Opacus' own hooks; both give the same clipped, noised update.
     A fresh engine per call is fine here because fedvox never asks it for epsilon:
     epsilon always comes from `compute_epsilon` over the node's ledger.
     """
+    loader = PoissonLoader.like(data_loader)
     with warnings.catch_warnings():
         # Opacus warns about its secure RNG on every engine (torchcsprng does not install for
         # torch 2.x); the README states it once. The full-backward-hook warning is expected:
@@ -283,15 +344,18 @@ def make_private(
         kwargs = {
             "module": model,
             "optimizer": optimizer,
-            "data_loader": data_loader,
+            "data_loader": loader,
             "noise_multiplier": noise_multiplier,
             "max_grad_norm": max_grad_norm,
-            "poisson_sampling": True,
+            "poisson_sampling": False,  # the loader samples already, from its own generator
+            "noise_generator": fresh_generator(),
         }
         try:
             model, optimizer, data_loader = fast_dp.make_private(engine, **kwargs)
         except NotImplementedError:  # a layer fast_dp has no per-sample gradient for
             model, optimizer, data_loader = engine.make_private(grad_sample_mode="hooks", **kwargs)
+            model.forbid_grad_accumulation()  # what poisson_sampling=True would have done
+    optimizer.expected_batch_size = loader.expected_batch_size
     return model, optimizer, data_loader, engine
 
 

@@ -45,9 +45,13 @@ MANIFEST: dict[str, tuple[str, str]] = {
     "num-examples": (DP, "training cases + Gaussian noise (once per run), rounded to 10s"),
     "noise-multiplier": (COARSE, "the run's DP-SGD noise multiplier, 3 significant digits"),
     # Timing: the server sees when a reply arrives anyway; these only split it into parts.
-    "data-s": (COARSE, "seconds spent loading data, rounded to 0.1 s"),
-    "compute-s": (COARSE, "seconds spent computing, rounded to 0.1 s"),
-    "epsilon-run": (PUBLIC, "the run's epsilon at this node after this message (its ledger)"),
+    "data-s": (COARSE, "seconds spent loading data, 1 significant digit"),
+    "compute-s": (COARSE, "seconds spent computing, 1 significant digit"),
+    "epsilon-run": (
+        PUBLIC,
+        "the run's epsilon at this node after this message (its ledger; from the plan, made "
+        "from the released count, never the exact one)",
+    ),
     "epsilon-lifetime": (PUBLIC, "the dataset's epsilon over all runs (its ledger)"),
     "delta": (PUBLIC, "the delta every epsilon above is stated at"),
     "refused": (PUBLIC, "1 when the node refused to train this round"),
@@ -57,12 +61,22 @@ MANIFEST: dict[str, tuple[str, str]] = {
     # The server echoes the hashes it used, so the node knows which kept update it may drop.
     "release": (PUBLIC, "sha256 of what this reply released (weights or counts), or empty"),
 }
+
+
+def coarse_seconds(seconds: float) -> float:
+    """A duration to 1 significant digit (0.03 s, 0.4 s, 7 s, 200 s): it grows with a site's
+    cases, so it leaves only this coarse (the server sees when a reply arrives anyway)."""
+    if not seconds > 0:
+        return 0.0
+    return float(f"{seconds:.0e}")
+
+
 NODE_KEYS = ("site", "status", "reason", "release")  # the `node` ConfigRecord of a reply
 _ROUNDING = {
     "num-examples": lambda v: float(max(10, 10 * round(v / 10))) if v > 0 else 0.0,
     "noise-multiplier": lambda v: float(f"{v:.3g}"),
-    "data-s": lambda v: round(v, 1),
-    "compute-s": lambda v: round(v, 1),
+    "data-s": coarse_seconds,
+    "compute-s": coarse_seconds,
 }
 
 

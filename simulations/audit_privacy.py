@@ -136,20 +136,25 @@ def _round(node, data, images, labels, state: dict, canaries, fault: str) -> tup
     from common.weights import fingerprint, unwrap
 
     n = len(labels)
-    steps = node.steps(n)
-    q = steps.sample_rate
-    if fault == WRONG_SAMPLE_RATE:  # the accountant is told 1/N where the loader samples B/N
-        q = q / node.cfg.batch_size
     gate = PrivacyGate.open(
         node.state_dir, node.plan.run_uid, node.cfg, node.policy, n, node.plan.total_rounds
     )
-    sigma = float(gate.plan(n, q, steps.planned)["noise_multiplier"])
+
+    def steps_for(count: int) -> tuple[float, int]:
+        q, planned = node.planned_steps(count)
+        if fault == WRONG_SAMPLE_RATE:  # the accountant is told q / B where the loader samples q
+            q = q / node.cfg.batch_size
+        return q, planned
+
+    plan = gate.plan(n, node.privacy_terms(), steps_for)
+    sigma, q = float(plan["noise_multiplier"]), float(plan["sample_rate"])
+    released = int(plan["num_examples_released"])
     model = node.build_model(data)
     unwrap(model).load_state_dict(state)
 
     def compute() -> tuple[dict, list, str]:
         result = local_sgd(
-            model, images, labels, node.round_training(), sigma,
+            model, images, labels, node.round_training(released), sigma,
             node.round_loss(data.spec),
             private=canaries.private(node.plan.global_round, fault),
         )  # fmt: skip
@@ -158,7 +163,8 @@ def _round(node, data, images, labels, state: dict, canaries, fault: str) -> tup
             history = [(s, q, k) for s, _, k in history]
         return {}, history, fingerprint(unwrap(model).state_dict())
 
-    spent = gate.spend(node.plan.global_round, TRAIN, (sigma, q, steps.per_round), compute)
+    per_round = node.steps(released).per_round
+    spent = gate.spend(node.plan.global_round, TRAIN, (sigma, q, per_round), compute)
     canaries.close()
     after = {k: v.detach().clone() for k, v in unwrap(model).state_dict().items()}
     return after, {"epsilon_run": spent.epsilon_run, "sigma": sigma, "q": q}

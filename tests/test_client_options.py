@@ -17,6 +17,7 @@ from node_messages import context, message
 
 from client.app import evaluate, finetune, train
 from client.node import FEDBN_KEY
+from common import privacy
 from common.models import build_model
 from common.validation import local_metrics
 from common.weights import norm_parameter_names
@@ -79,7 +80,7 @@ def test_fedbn_keeps_the_sites_norm_parameters_and_takes_the_rest_global(sites, 
             torch.testing.assert_close(value, marked[name])  # what the server sent
 
 
-def test_batch_memory_manager_gives_the_full_batch_update_and_accounting(sgd):
+def test_batch_memory_manager_gives_the_full_batch_update_and_accounting(sgd, monkeypatch):
     torch.manual_seed(1)
     x, y = torch.randn(64, 1, 28, 28), torch.randint(0, 2, (64,))
     start = build_model(2, 1, 2).state_dict()
@@ -87,7 +88,9 @@ def test_batch_memory_manager_gives_the_full_batch_update_and_accounting(sgd):
     for physical in (0, 5):  # 0 = one physical batch per logical batch of ~16
         model = build_model(2, 1, 2)
         model.load_state_dict(start)
-        torch.manual_seed(2)  # the same Poisson batches in both runs
+        # The same Poisson batches in both runs: a node's generators are fresh OS entropy,
+        # so only a test can pin them.
+        monkeypatch.setattr(privacy, "fresh_generator", lambda: torch.Generator().manual_seed(2))
         out = sgd(
             model,
             x,

@@ -141,14 +141,20 @@ def test_the_command_writes_the_audit(site, tmp_path):
     assert str(site) not in out.read_text()  # a hospital's path never lands in a report
 
 
-def test_the_harness_trains_exactly_as_the_node_does(site, tmp_path):
+def test_the_harness_trains_exactly_as_the_node_does(site, tmp_path, monkeypatch):
     """Without canaries, one audited round and one round of the real ClientApp handler, from the
     same weights and random state, release the very same weights, sigma and epsilon: the audit
-    measures the node's own path."""
+    measures the node's own path. (A node's DP draws are fresh OS entropy: only a test pins
+    them, here to the same generators and released count for both.)"""
     import torch
     from node_messages import context, message
 
+    from client import gate
     from client.app import train
+    from common import privacy
+
+    monkeypatch.setattr(privacy, "fresh_generator", lambda: torch.Generator().manual_seed(5))
+    monkeypatch.setattr(gate, "_noisy_count", lambda n, noise: 10 * round(n / 10 + 1))
     from simulations.audit_canaries import Canaries
     from simulations.audit_privacy import _node, _round
 
