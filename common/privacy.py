@@ -14,11 +14,13 @@ clipping, noise, Poisson sampling) is Opacus'.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
 import random
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -270,8 +272,26 @@ def fresh_generator() -> torch.Generator:
     torch 2.x release; docs/privacy.md states what remains (floating-point noise attacks).
     """
     generator = torch.Generator()
+    if _PINNED:  # a benchmark's or test's `pinned_generators` block, never a node's path
+        _PINNED[0] += 1
+        return generator.manual_seed(_PINNED[0])
     generator.manual_seed(int.from_bytes(os.urandom(8), "little"))
     return generator
+
+
+_PINNED: list[int] = []  # the next seed inside `pinned_generators`
+
+
+@contextlib.contextmanager
+def pinned_generators(seed: int) -> Iterator[None]:
+    """Benchmarks and tests only: inside this block `fresh_generator` hands out generators
+    seeded seed + 1, seed + 2, ... so two computations can draw the same noise on purpose
+    (e.g. a paired comparison). No node code enters it and no message or run config can."""
+    _PINNED[:] = [seed]
+    try:
+        yield
+    finally:
+        _PINNED.clear()
 
 
 def reseed_global_generators() -> None:

@@ -112,12 +112,13 @@ def dp_update_bound(
 ) -> float:
     """The largest ||w_site - w_global|| one round of honest DP-SGD can produce.
 
-    Each of the T = local_epochs x ceil(N / batch) steps adds lr x (momentum buffer), and the
-    buffer sums past noisy gradients with weights momentum^k, so ||update|| <= lr / (1 - mu) x
-    sum_t ||g_t||. Opacus' g_t = (sum of <= |B_t| clipped gradients + N(0, sigma^2 C^2 I_d)) /
-    B_exp with |B_t| <= N, ||N(0, I_d)|| <= sqrt(d) + 10 (Gaussian concentration) and
-    B_exp = int(N / ceil(N / batch)) >= min(N, floor(batch / 2)). N is known only as the
-    released count +- `count_margin`, so the worst N in that range is used. FedProx's proximal
+    Each of the T = local_epochs x ceil(R / batch) steps (R: the released count the node's
+    plan is made from) adds lr x (momentum buffer), and the buffer sums past noisy gradients
+    with weights momentum^k, so ||update|| <= lr / (1 - mu) x sum_t ||g_t||. Opacus' g_t =
+    (sum of <= |B_t| clipped gradients + N(0, sigma^2 C^2 I_d)) / B_exp with |B_t| <= N,
+    ||N(0, I_d)|| <= sqrt(d) + 10 (Gaussian concentration) and B_exp = R / ceil(R / batch)
+    >= min(R, batch / 2). The true N is known only as R +- `count_margin`, and n_up / n_lo
+    bound both, so the worst case in that range is used. FedProx's proximal
     step only pulls weights back; the cosine schedule only lowers the learning rate.
     """
     steps = cfg.local_epochs * math.ceil(n_up / cfg.batch_size)

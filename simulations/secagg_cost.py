@@ -25,7 +25,7 @@ from flwr.common.secure_aggregation.quantization import dequantize, quantize
 
 from client.train import LocalTraining, local_sgd, steps_per_epoch
 from common.config import RunConfig
-from common.privacy import calibrate_noise_multiplier
+from common.privacy import calibrate_noise_multiplier, pinned_generators
 from common.secagg import QUANTIZATION
 from common.site import SiteData, load_site
 from common.tasks import ModelSpec, build_task_model, task_for
@@ -66,14 +66,15 @@ def _train_round(
         model = build_task_model(ModelSpec.of(data, cfg.model_options))
         model.load_state_dict(state)
         settings = LocalTraining.from_config(cfg)
-        local_sgd(
-            model,
-            data.images,
-            data.labels,
-            settings,
-            sigma,
-            task_for(data.spec).loss_fn(cfg.structure_weight),
-        )
+        with pinned_generators(seed * 1000 + i):  # the same masks and noise in both federations
+            local_sgd(
+                model,
+                data.images,
+                data.labels,
+                settings,
+                sigma,
+                task_for(data.spec).loss_fn(cfg.structure_weight),
+            )
         trained = getattr(model, "_module", model).state_dict()
         updates.append([(trained[k] - state[k]).double().numpy() for k in state])
     return updates

@@ -80,7 +80,7 @@ def test_fedbn_keeps_the_sites_norm_parameters_and_takes_the_rest_global(sites, 
             torch.testing.assert_close(value, marked[name])  # what the server sent
 
 
-def test_batch_memory_manager_gives_the_full_batch_update_and_accounting(sgd, monkeypatch):
+def test_batch_memory_manager_gives_the_full_batch_update_and_accounting(sgd):
     torch.manual_seed(1)
     x, y = torch.randn(64, 1, 28, 28), torch.randint(0, 2, (64,))
     start = build_model(2, 1, 2).state_dict()
@@ -90,16 +90,16 @@ def test_batch_memory_manager_gives_the_full_batch_update_and_accounting(sgd, mo
         model.load_state_dict(start)
         # The same Poisson batches in both runs: a node's generators are fresh OS entropy,
         # so only a test can pin them.
-        monkeypatch.setattr(privacy, "fresh_generator", lambda: torch.Generator().manual_seed(2))
-        out = sgd(
-            model,
-            x,
-            y,
-            noise_multiplier=0.0,
-            epochs=2,
-            batch_size=16,
-            max_physical_batch=physical,
-        )
+        with privacy.pinned_generators(2):
+            out = sgd(
+                model,
+                x,
+                y,
+                noise_multiplier=0.0,
+                epochs=2,
+                batch_size=16,
+                max_physical_batch=physical,
+            )
         results[physical] = (model.state_dict(), out.history)
     (full, full_hist), (split, split_hist) = results[0], results[5]
     assert split_hist == full_hist  # same (sigma, q, steps): chunks are not extra steps

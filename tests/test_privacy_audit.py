@@ -153,7 +153,6 @@ def test_the_harness_trains_exactly_as_the_node_does(site, tmp_path, monkeypatch
     from client.app import train
     from common import privacy
 
-    monkeypatch.setattr(privacy, "fresh_generator", lambda: torch.Generator().manual_seed(5))
     monkeypatch.setattr(gate, "_noisy_count", lambda n, noise: 10 * round(n / 10 + 1))
     from simulations.audit_canaries import Canaries
     from simulations.audit_privacy import _node, _round
@@ -166,10 +165,12 @@ def test_the_harness_trains_exactly_as_the_node_does(site, tmp_path, monkeypatch
     canaries = Canaries(2, rounds=1)
     canaries.members[:] = False  # no canary in the data: the node's own training set
     torch.manual_seed(5)
-    audited, run = _round(node, data, data.images, data.labels, weights, canaries, NONE)
+    with privacy.pinned_generators(5):
+        audited, run = _round(node, data, data.images, data.labels, weights, canaries, NONE)
     torch.manual_seed(5)
     run_config = {**overrides, "data-dir": str(site.parent), "state-dir": str(tmp_path / "node")}
-    reply = train(message(weights, 1), context(run_config))
+    with privacy.pinned_generators(5):
+        reply = train(message(weights, 1), context(run_config))
     metrics = reply.content.metric_records["metrics"]
     assert metrics["noise-multiplier"] == pytest.approx(run["sigma"], rel=1e-3)
     assert metrics["epsilon-run"] == pytest.approx(run["epsilon_run"], rel=1e-9)
