@@ -195,6 +195,38 @@ def repair_status(path: Path) -> dict[str, Any]:
     return summary
 
 
+# Keys a resumed run may set differently from the interrupted one: how long and with how
+# few hospitals to wait, where the folder is named from. Rounds: a resumed run keeps the
+# interrupted run's planned rounds (its nodes' noise is calibrated for them) whatever these say.
+RESUME_MAY_CHANGE = frozenset(
+    {
+        "resume-from",
+        "num-server-rounds",
+        "total-rounds",
+        "round-timeout",
+        "min-nodes",
+        "output-dir",
+        "run-name",
+    }  # fmt: skip
+)
+
+
+def check_resume_config(run: RunDir, config: dict[str, Any], resume_from: Path) -> None:
+    """ValueError naming every key whose value differs from the interrupted run's (its
+    summary.json "config"): the model, the data and the nodes' privacy plan must not change."""
+    before = run.summary.get("config") or {}
+    changed = [
+        f"{key}={config[key]!r} (the run had {before[key]!r})"
+        for key in sorted(set(config) & set(before) - RESUME_MAY_CHANGE)
+        if json_safe(config[key]) != before[key]
+    ]
+    if changed:
+        raise ValueError(
+            f"resume-from={resume_from}: {'; '.join(changed)}; resume with the keys in its "
+            f'{SUMMARY} "config"'
+        )
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """A checkpoint written by `RunDir.save_checkpoint` (weights only, safe to load)."""
     return torch.load(path, map_location="cpu", weights_only=True)
