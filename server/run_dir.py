@@ -120,7 +120,7 @@ class RunDir:
 
     # -- writing ----------------------------------------------------------------------------
     def write_summary(self) -> None:
-        atomic_write_json(self.path / SUMMARY, self.summary)
+        atomic_write_json(self.path / SUMMARY, self.summary, shared=True)
 
     def save_checkpoint(
         self,
@@ -136,11 +136,11 @@ class RunDir:
         if predict is not None:
             payload["predict"] = predict
         for name in [f"round-{round_:03d}", "last"] + (["best"] if best else []):
-            atomic_write(self.checkpoints / f"{name}.pt", lambda f: torch.save(payload, f))
+            atomic_write(self.checkpoints / f"{name}.pt", lambda f: torch.save(payload, f), True)
 
     def save_artifact(self, kind: str, round_: int, payload: Any) -> None:
         """Per-round JSON beside the summary, e.g. `roc/round-003.json` (ROC points)."""
-        atomic_write_json(self.path / kind / f"round-{round_:03d}.json", payload)
+        atomic_write_json(self.path / kind / f"round-{round_:03d}.json", payload, shared=True)
 
     def end(self, status: str, reason: str) -> None:
         """The run's last word: finished | failed | stopped, and why."""
@@ -169,7 +169,7 @@ def write_failed(output_dir: Path, run_name: str, config: dict, reason: str) -> 
         "rounds": [],
         "best": None,
     }
-    atomic_write_json(path / SUMMARY, summary)
+    atomic_write_json(path / SUMMARY, summary, shared=True)
     return path
 
 
@@ -191,7 +191,7 @@ def repair_status(path: Path) -> dict[str, Any]:
             ),
             ended_at=time.time(),
         )
-        atomic_write_json(path / SUMMARY, summary)
+        atomic_write_json(path / SUMMARY, summary, shared=True)
     return summary
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -96,6 +98,22 @@ def test_resume_refuses_a_changed_key_and_names_it(tmp_path):
     with pytest.raises(ValueError, match=r"target-epsilon=16\.0 \(the run had 8\.0\)") as err:
         check_resume_config(again, looser.as_dict(), run.path)
     assert "seed=1" in str(err.value) and str(run.path) in str(err.value)
+
+
+def test_run_folder_follows_the_umask_other_atomic_writes_stay_private(tmp_path):
+    # The SuperLink unit's UMask=0027: the operator's group reads summary.json (fedvox run).
+    cfg = RunConfig.parse({"run-name": "r"}).resolved("classification", 2)
+    before = os.umask(0o027)
+    try:
+        run = RunDir.create(cfg, tmp_path, {}, {})
+        run.write_summary()
+        run.save_checkpoint(1, {}, {}, best=False)
+        private = atomic_write_json(tmp_path / "ledger.json", {})
+    finally:
+        os.umask(before)
+    assert stat.S_IMODE((run.path / "summary.json").stat().st_mode) == 0o640
+    assert stat.S_IMODE((run.checkpoints / "last.pt").stat().st_mode) == 0o640
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600
 
 
 def _train_reply(site: str, count: float, sigma: float, arrays: dict) -> NodeReply:
