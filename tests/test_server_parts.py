@@ -98,6 +98,14 @@ def test_resume_refuses_a_changed_key_and_names_it(tmp_path):
     with pytest.raises(ValueError, match=r"target-epsilon=16\.0 \(the run had 8\.0\)") as err:
         check_resume_config(again, looser.as_dict(), run.path)
     assert "seed=1" in str(err.value) and str(run.path) in str(err.value)
+    # `fedvox status RUN --resume-config` prints the -c values a resume passes the check with.
+    from flwr.common.config import parse_config_args
+
+    from simulations.status import resume_config
+
+    printed = RunConfig.parse(parse_config_args([resume_config(run.path)]))
+    assert printed.resume_from == str(run.path.resolve())
+    check_resume_config(again, printed.resolved("classification", 2).as_dict(), run.path)
 
 
 def test_run_folder_follows_the_umask_other_atomic_writes_stay_private(tmp_path):
