@@ -124,5 +124,6 @@ def test_node_toml_the_policy_table_and_the_code_list_the_same_keys():
     assert NodePolicy.parse(shipped).missing() == [] and not NodePolicy.parse(shipped).allow_non_dp
     # One delta rule, the one the code enforces: delta < 1/N.
     node_toml = (ROOT / "deploy" / "hospital" / "node.toml").read_text()
-    for text in (node_toml, (ROOT / "docs" / "privacy.md").read_text()):
+    privacy_py = (ROOT / "common" / "privacy.py").read_text()  # the refusal's wording
+    for text in (node_toml, (ROOT / "docs" / "privacy.md").read_text(), privacy_py):
         assert "below 1/N" in text and "1/(10" not in text and "1 / (10" not in text

@@ -419,6 +419,16 @@ def test_node_refuses_unapproved_app_before_it_runs_and_logs_it(federation):
     ) == (1, 7, 0.25, 1.5, "ok", "h1")
     assert t["app"] and t["app"].endswith(ok_hash[:8])
 
+    # A hash the hospital approves while its node runs counts from the next run: no restart.
+    with allow.open("a") as f:
+        f.write(f"{rogue_hash}  # approved later\n")
+    out = fed.root / "rogue-approved.json"
+    fed.flwr_run(rogue, f'nodes=1 out="{out}"')
+    assert [r["error"] for r in json.loads(out.read_text())] == [None]
+    assert node.poll() is None and (fed.root / "imported-rogue").exists()
+    last = [r for r in read_records(state / AUDIT_FILE) if r["action"] == "fab-check"][-1]
+    assert (last["fab_hash"], last["status"]) == (rogue_hash, "approved")
+
 
 def test_node_wrapper_rejects_unsafe_or_misplaced_arguments(tmp_path, capsys):
     from client.approval import main as approval_main
