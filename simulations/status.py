@@ -35,7 +35,13 @@ def run(args: argparse.Namespace) -> int:
     if args.resume_config:
         print(resume_config(path))
         return 0
-    summary = repair_status(path)
+    try:
+        summary = repair_status(path)
+    except PermissionError:  # the operator reads a service user's run folder, cannot repair it
+        import json
+
+        summary = json.loads((path / SUMMARY).read_text())
+        print(f"fedvox status: {path} is not writable here; run this as its owner to repair it")
     rounds = [r["round"] for r in summary.get("rounds", [])]
     status = summary.get("status", "unknown")
     span = f"{rounds[0]}-{rounds[-1]}" if rounds else "none"
