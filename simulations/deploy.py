@@ -5,9 +5,12 @@
         dep.start_nodes()                       # one SuperNode per hospital (client.supernode)
         result = dep.run({...})                 # `fedvox run` -> exit code + summary.json
 
-Every hospital has its own key (registered with `--name`), node config, state dir and
-FLWR_HOME, as on its own machine. Every process is started through `simulations.procs` and
-ended by PID when the block exits, even on failure; nothing is killed by name.
+The SuperLink and the SuperNodes are started from the shipped systemd units' own ExecStart
+(deploy/server/fedvox-superlink.service, deploy/hospital/fedvox-supernode.service, read by
+`simulations.units`), with this machine's paths and ports. Every hospital has its own key
+(registered with `--name`), node config, state dir and FLWR_HOME, as on its own machine.
+Every process is started through `simulations.procs` and ended by PID when the block exits,
+even on failure; nothing is killed by name.
 """
 
 from __future__ import annotations
