@@ -11,11 +11,12 @@ Where the check sits, and why there (Flower 1.42 source):
   ("The FAB could not be verified.") and no task is ever created: nothing of the app runs.
 - That verification only trusts signatures made through Flower's hub. A hospital cannot
   sign FABs itself, so this module makes the SuperNode process its own trusted entity:
-  `fedvox-supernode` (= `python -m client.approval supernode`) starts Flower's unmodified
-  `flower-supernode` entry point in-process with an ephemeral ed25519 key as the only trusted
-  entity, and wraps the connection's `get_fab` so that a FAB is signed with that key only
-  when sha256(FAB bytes) — computed here, not the hash the SuperLink claims — is on the
-  hospital's allowlist. Flower's own `_verify_fab` then accepts or refuses it.
+  the node (`python -m client.supernode --approved-fabs FILE -- ...`, client/supernode.py)
+  starts Flower's unmodified `flower-supernode` entry point in-process with an ephemeral
+  ed25519 key as the only trusted entity, and wraps the connection's `get_fab` so that a FAB
+  is signed with that key only when sha256(FAB bytes) — computed here, not the hash the
+  SuperLink claims — is on the hospital's allowlist. Flower's own `_verify_fab` then accepts
+  or refuses it.
 - The check runs in the process the hospital starts, before the FAB is stored or installed;
   a run's app cannot skip it because none of its code is loaded yet. The one Flower symbol
   this relies on is `flwr.supernode.start_client_internal.http_request_response` (the Fleet
@@ -26,7 +27,9 @@ hash, approved or refused and why), written before the message is answered.
 
 The allowlist: one sha256 hex per line (`#` comments allowed). The hash of an app folder is
 what `flwr build`/`flwr run` compute (the FAB zip is built with fixed timestamps, so the same
-files give the same hash): `python -m client.approval hash <app-dir>`.
+files give the same hash): `python -m client.approval hash <app-dir>`. It is read when the
+node starts (a bad file stops it there) and again at every FAB check, so a newly approved
+hash needs no restart.
 """
 
 from __future__ import annotations
@@ -90,10 +93,13 @@ def fab_verdict(content: bytes, claimed_hash: str, allowlist: set[str]) -> tuple
     return True, actual, ""
 
 
-def install_guard(allowlist: set[str], audit_file: Path) -> dict[str, str]:
+def install_guard(allowlist_file: Path, audit_file: Path) -> dict[str, str]:
     """Patch the SuperNode's Fleet connection so `get_fab` signs only allowlisted FABs.
 
-    Returns the `--trusted-entities` mapping ({id: 'ssh-ed25519 ...'}) to start the SuperNode
+    The allowlist is read again at every FAB check (once per new run at this node), so a
+    hash the hospital adds counts from the next run on, without a restart; a file that has
+    become unreadable or malformed refuses the run (fail closed) and says why in the audit
+    log. Returns the `--trusted-entities` mapping ({id: 'ssh-ed25519 ...'}) to start the SuperNode
     with. Must be called in the SuperNode process before `flower_supernode()`.
     """
     from cryptography.hazmat.primitives import serialization
@@ -117,7 +123,14 @@ def install_guard(allowlist: set[str], audit_file: Path) -> dict[str, str]:
     def guarded_get_fab(get_fab):  # noqa: ANN001, ANN202 - Flower's callable
         def get_fab_checked(fab_hash: str, run_id: int) -> Fab:
             fab = get_fab(fab_hash, run_id)
+            try:
+                allowlist = load_allowlist(allowlist_file)
+            except ApprovalError as err:
+                allowlist, problem = set(), str(err)
+            else:
+                problem = ""
             ok, actual, reason = fab_verdict(fab.content, fab.hash_str, allowlist)
+            reason = problem or reason
             _log_fab_check(audit_file, run_id, actual, fab.hash_str, ok, reason)
             # Whatever the SuperLink sent as verifications is dropped: only this node decides.
             return Fab(fab.hash_str, fab.content, _verifications(key, fab.content, ok))
@@ -208,23 +221,15 @@ def _node_config_arg(supernode_args: list[str]) -> str | None:
 def guard_arguments(approved_fabs: Path | str, supernode_args: list[str]) -> list[str]:
     """Install the allowlist guard in this process and return the `--trusted-entities`
     arguments to add (client/supernode.py starts the node)."""
-    allowlist = check_arguments(approved_fabs, supernode_args)
+    check_arguments(approved_fabs, supernode_args)  # a bad allowlist fails at start, too
     audit_file = _state_dir_from_node_config(_node_config_arg(supernode_args)) / AUDIT_FILE
-    entities = install_guard(allowlist, audit_file)
+    entities = install_guard(Path(approved_fabs).absolute(), audit_file)
 
     tmp = tempfile.mkdtemp(prefix="fedvox-approval-")
     yaml_path = Path(tmp) / "trusted-entities.yaml"
     yaml_path.write_text(json.dumps(entities))  # JSON is YAML
     atexit.register(lambda: (yaml_path.unlink(missing_ok=True), os.rmdir(tmp)))
     return ["--trusted-entities", str(yaml_path)]
-
-
-def run_supernode(approved_fabs: Path, supernode_args: list[str]) -> None:
-    """fedvox's node (client/supernode.py: resilient, warm) with the allowlist guard."""
-    from client.supernode import run
-
-    cold = "--cold" in supernode_args
-    run([a for a in supernode_args if a != "--cold"], str(approved_fabs), warm=not cold)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -234,33 +239,21 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("hash", help="print the FAB hash `flwr run <app-dir>` would submit")
     p.add_argument("app_dir", type=Path)
-    p = sub.add_parser("supernode", help="flower-supernode that runs only approved FABs")
-    p.add_argument(
-        "--approved-fabs",
-        type=Path,
-        required=True,
-        metavar="FILE",
-        help="allowlist: one FAB sha256 per line",
-    )
-    p.add_argument(
-        "supernode_args", nargs=argparse.REMAINDER, help="flower-supernode arguments (after `--`)"
-    )
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["supernode"]:
+        # The node has one entry point (client/supernode.py); an old unit that still starts
+        # it here is told where it moved instead of getting an argparse "invalid choice".
+        print(f"fedvox approval: error: {MOVED}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
-    try:
-        if args.cmd == "hash":
-            print(fab_hash_of_app(args.app_dir))
-            return 0
-        rest = args.supernode_args[1:] if args.supernode_args[:1] == ["--"] else args.supernode_args
-        run_supernode(args.approved_fabs, rest)
-    except ApprovalError as err:
-        print(f"fedvox approval: error: {err}", file=sys.stderr)
-        return 2
-    except Exception as err:  # client.supernode's SuperNodeError: unsupported Flower, bad flags
-        if type(err).__name__ != "SuperNodeError":
-            raise
-        print(f"fedvox supernode: error: {err}", file=sys.stderr)
-        return 2
+    print(fab_hash_of_app(args.app_dir))
     return 0
+
+
+MOVED = (
+    "the node is started with `python -m client.supernode --approved-fabs FILE -- "
+    "<flower-supernode arguments>` (docs/deployment.md); `client.approval supernode` is gone"
+)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,9 @@
 
     python -m client.supernode [--approved-fabs FILE] [--cold] -- <flower-supernode arguments>
 
+This is the one way to start a hospital node (deploy/hospital/fedvox-supernode.service runs
+it; docs/deployment.md documents it). fedvox's own options go BEFORE `--`, Flower's after it.
+
 It starts Flower's unmodified `flower-supernode` entry point in this process, with the Fleet
 connection (`flwr.supernode.start_client_internal.http_request_response`, the one Flower
 internal it relies on; it refuses to start if that is missing) wrapped so that:
@@ -250,8 +253,17 @@ def start_warm_superexec(supernode_args: list[str]) -> subprocess.Popen:
     return subprocess.Popen(argv, stdin=subprocess.DEVNULL)
 
 
+WRAPPER_OPTIONS = ("--cold", "--approved-fabs")  # fedvox's, before `--`; Flower's come after
+
+
 def run(supernode_args: list[str], approved_fabs: str | None, warm: bool) -> None:
     """Flower's `flower-supernode` with `supernode_args`, made resilient (and guarded)."""
+    for a in supernode_args:
+        if a.split("=", 1)[0] in WRAPPER_OPTIONS:
+            raise SuperNodeError(
+                f"{a.split('=', 1)[0]} is fedvox's option, not Flower's: put it before `--` "
+                "(python -m client.supernode [--approved-fabs FILE] [--cold] -- <flower args>)"
+            )
     if any(a == "--isolation" or a.startswith("--isolation=") for a in supernode_args) and warm:
         raise SuperNodeError("--isolation is set by this wrapper; add --cold to choose your own")
     if approved_fabs is not None:  # bad arguments fail before anything is patched

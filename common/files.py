@@ -31,12 +31,18 @@ def fsync_dir(folder: Path | str) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path | str, write: Callable[[IO[bytes]], Any]) -> Path:
-    """Replace `path` with what `write(f)` writes into a binary file object, atomically."""
+def atomic_write(path: Path | str, write: Callable[[IO[bytes]], Any], shared: bool = False) -> Path:
+    """Replace `path` with what `write(f)` writes into a binary file object, atomically.
+
+    The file is private (0600, mkstemp's mode) unless `shared`: then it gets the mode open()
+    would give it (0666 less the umask), so that a service's UMask decides who may read it,
+    e.g. the operator's group reading the SuperLink's run folders (docs/deployment.md)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
     try:
+        if shared:
+            os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -47,6 +53,19 @@ def atomic_write(path: Path | str, write: Callable[[IO[bytes]], Any]) -> Path:
         raise
     fsync_dir(path.parent)
     return path
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it (Linux); else set and restored."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
 
 
 def json_safe(value: Any) -> Any:
@@ -60,11 +79,13 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-def atomic_write_json(path: Path | str, payload: Any, indent: int | None = 1) -> Path:
-    """`payload` as JSON (NaN/inf as null), written atomically."""
+def atomic_write_json(
+    path: Path | str, payload: Any, indent: int | None = 1, shared: bool = False
+) -> Path:
+    """`payload` as JSON (NaN/inf as null), written atomically (`shared`: as atomic_write)."""
     text = json.dumps(json_safe(payload), indent=indent)
-    return atomic_write(path, lambda f: f.write(text.encode()))
+    return atomic_write(path, lambda f: f.write(text.encode()), shared)
 
 
-def atomic_write_text(path: Path | str, text: str) -> Path:
-    return atomic_write(path, lambda f: f.write(text.encode()))
+def atomic_write_text(path: Path | str, text: str, shared: bool = False) -> Path:
+    return atomic_write(path, lambda f: f.write(text.encode()), shared)

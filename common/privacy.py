@@ -90,7 +90,7 @@ def resolve_budget(
         # (No N in the message: the exact count of cases stays at the node.)
         raise PrivacyRefusal(
             f"target-delta {cfg.target_delta:g} is not below 1/N for this hospital's data; "
-            "use a delta at most 1/(10 N)"
+            "use a smaller target-delta (docs/privacy.md: the delta rule)"
         )
     releases = cfg.planned_releases(total_rounds)
     allowance = releases if policy.max_evaluations is None else policy.max_evaluations

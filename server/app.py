@@ -35,7 +35,7 @@ from server.grid import ResponsiveGrid, node_names
 from server.outputs import RunOutputs
 from server.recorder import HoldoutEvaluator, RoundRecorder
 from server.rounds import RoundLoop
-from server.run_dir import FAILED, FINISHED, STOPPED, RunDir, write_failed
+from server.run_dir import FAILED, FINISHED, STOPPED, RunDir, check_resume_config, write_failed
 from server.secagg import secure_training
 from server.strategy import build_strategy
 
@@ -153,6 +153,7 @@ def open_run(cfg: RunConfig) -> OpenedRun:
     resume = cfg.path("resume-from")
     if resume:
         run, checkpoint = RunDir.resume(resume)
+        check_resume_config(run, cfg.as_dict(), resume)
         model = build_task_model(spec)
         load_checkpoint_weights(model, checkpoint["state_dict"], resume)
         run.summary.setdefault("resumed", []).append(

@@ -50,12 +50,16 @@ def save_round(
             "temperature": central.get("temperature", 1.0),
             "class_names": list(holdout.spec.class_names),
         }
-        atomic_write_json(folder / f"round-{global_round:03d}.json", record, indent=None)
+        atomic_write_json(
+            folder / f"round-{global_round:03d}.json", record, indent=None, shared=True
+        )
     elif holdout.spec.is_segmentation:
         arrays = segmentation_record(model, holdout, result.per_case, flips)
         arrays["cases"] = np.asarray(cases)
         atomic_write(
-            folder / f"round-{global_round:03d}.npz", lambda f: np.savez_compressed(f, **arrays)
+            folder / f"round-{global_round:03d}.npz",
+            lambda f: np.savez_compressed(f, **arrays),
+            shared=True,
         )
 
 

@@ -63,10 +63,10 @@ class ReportWriter:
         for name, png in images.items():
             if (folder / f"{name}.png").is_file() and self._written.get(name) is png:
                 continue
-            atomic_write(folder / f"{name}.png", lambda f, png=png: f.write(png))
+            atomic_write(folder / f"{name}.png", lambda f, png=png: f.write(png), shared=True)
             self._written[name] = png
-        atomic_write_text(self.run_dir / REPORT, render(view, images))
-        atomic_write_text(self.run_dir / MODEL_CARD, model_card(view))
+        atomic_write_text(self.run_dir / REPORT, render(view, images), shared=True)
+        atomic_write_text(self.run_dir / MODEL_CARD, model_card(view), shared=True)
         self.cost_s = time.monotonic() - started
         self._next_at = time.monotonic() + self.cost_s / REFRESH_SHARE
         return self.cost_s

@@ -120,7 +120,7 @@ class RunDir:
 
     # -- writing ----------------------------------------------------------------------------
     def write_summary(self) -> None:
-        atomic_write_json(self.path / SUMMARY, self.summary)
+        atomic_write_json(self.path / SUMMARY, self.summary, shared=True)
 
     def save_checkpoint(
         self,
@@ -136,11 +136,11 @@ class RunDir:
         if predict is not None:
             payload["predict"] = predict
         for name in [f"round-{round_:03d}", "last"] + (["best"] if best else []):
-            atomic_write(self.checkpoints / f"{name}.pt", lambda f: torch.save(payload, f))
+            atomic_write(self.checkpoints / f"{name}.pt", lambda f: torch.save(payload, f), True)
 
     def save_artifact(self, kind: str, round_: int, payload: Any) -> None:
         """Per-round JSON beside the summary, e.g. `roc/round-003.json` (ROC points)."""
-        atomic_write_json(self.path / kind / f"round-{round_:03d}.json", payload)
+        atomic_write_json(self.path / kind / f"round-{round_:03d}.json", payload, shared=True)
 
     def end(self, status: str, reason: str) -> None:
         """The run's last word: finished | failed | stopped, and why."""
@@ -169,7 +169,7 @@ def write_failed(output_dir: Path, run_name: str, config: dict, reason: str) -> 
         "rounds": [],
         "best": None,
     }
-    atomic_write_json(path / SUMMARY, summary)
+    atomic_write_json(path / SUMMARY, summary, shared=True)
     return path
 
 
@@ -191,8 +191,40 @@ def repair_status(path: Path) -> dict[str, Any]:
             ),
             ended_at=time.time(),
         )
-        atomic_write_json(path / SUMMARY, summary)
+        atomic_write_json(path / SUMMARY, summary, shared=True)
     return summary
+
+
+# Keys a resumed run may set differently from the interrupted one: how long and with how
+# few hospitals to wait, where the folder is named from. Rounds: a resumed run keeps the
+# interrupted run's planned rounds (its nodes' noise is calibrated for them) whatever these say.
+RESUME_MAY_CHANGE = frozenset(
+    {
+        "resume-from",
+        "num-server-rounds",
+        "total-rounds",
+        "round-timeout",
+        "min-nodes",
+        "output-dir",
+        "run-name",
+    }  # fmt: skip
+)
+
+
+def check_resume_config(run: RunDir, config: dict[str, Any], resume_from: Path) -> None:
+    """ValueError naming every key whose value differs from the interrupted run's (its
+    summary.json "config"): the model, the data and the nodes' privacy plan must not change."""
+    before = run.summary.get("config") or {}
+    changed = [
+        f"{key}={config[key]!r} (the run had {before[key]!r})"
+        for key in sorted(set(config) & set(before) - RESUME_MAY_CHANGE)
+        if json_safe(config[key]) != before[key]
+    ]
+    if changed:
+        raise ValueError(
+            f"resume-from={resume_from}: {'; '.join(changed)}; resume with the keys in its "
+            f'{SUMMARY} "config"'
+        )
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

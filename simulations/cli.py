@@ -25,6 +25,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "run": ("simulations.run", "flwr run, waited for; exit code from the run's status"),
     "status": ("simulations.status", "a run's status and reason (repairs a killed run's)"),
     "audit": ("simulations.audit", "measure privacy: epsilon lower bound, membership attacks"),
+    "budget": ("simulations.budget", "how many runs fit in a node's max-epsilon (the accountant)"),
 }
 
 

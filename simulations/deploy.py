@@ -5,9 +5,12 @@
         dep.start_nodes()                       # one SuperNode per hospital (client.supernode)
         result = dep.run({...})                 # `fedvox run` -> exit code + summary.json
 
-Every hospital has its own key (registered with `--name`), node config, state dir and
-FLWR_HOME, as on its own machine. Every process is started through `simulations.procs` and
-ended by PID when the block exits, even on failure; nothing is killed by name.
+The SuperLink and the SuperNodes are started from the shipped systemd units' own ExecStart
+(deploy/server/fedvox-superlink.service, deploy/hospital/fedvox-supernode.service, read by
+`simulations.units`), with this machine's paths and ports. Every hospital has its own key
+(registered with `--name`), node config, state dir and FLWR_HOME, as on its own machine.
+Every process is started through `simulations.procs` and ended by PID when the block exits,
+even on failure; nothing is killed by name.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from common import certs
+from simulations import units
 from simulations.local import PROJECT_DIR, run_config_arg
 from simulations.procs import Proc, Procs, flwr_env, free_port, port_open, wait_for
 
@@ -90,26 +94,16 @@ class LocalDeployment:
         self.procs.close()
 
     def start_superlink(self) -> Proc:
-        argv = [
-            sys.executable,
-            "-m",
-            "server.superlink",  # Flower's SuperLink, holding many hospitals (busy timeout)
-            "--",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.superlink_port),
-            "--ssl-ca-certfile",
-            str(self.pki / "ca.crt"),
-            "--ssl-certfile",
-            str(self.pki / "server.pem"),
-            "--ssl-keyfile",
-            str(self.pki / "server.key"),
-            "--enable-supernode-auth",
-            "--disable-runtime-dependency-installation",
-        ]
-        if self.database is not None:
-            argv += ["--database", str(self.database)]
+        """The SuperLink as deploy/server/fedvox-superlink.service starts it (its ExecStart,
+        with this machine's paths and port)."""
+        argv = units.command(
+            units.SUPERLINK_UNIT,
+            {
+                "--port": str(self.superlink_port),
+                "--database": str(self.database) if self.database is not None else None,
+            },
+            {"/etc/fedvox/pki/": f"{self.pki}/"},
+        )
         self.superlink = self.procs.start("superlink", argv, self.env, cwd=self.root)
         wait_for(lambda: port_open(self.superlink_port), 90, "the SuperLink", self.logs)
         return self.superlink
@@ -169,30 +163,19 @@ class LocalDeployment:
         """A hospital's SuperNode: fedvox's node wrapper (client/supernode.py), "warm" or
         "cold" (a fresh ClientApp process per message), or Flower's plain "flower-supernode"."""
         cfg = " ".join(f'{k}="{v}"' for k, v in self.node_configs[name].items())
+        node = {
+            "--superlink": self.hospital_address,
+            "--root-certificates": str(self.pki / "ca.crt"),
+            "--auth-supernode-private-key": str(self.root / "keys" / name),
+            "--node-config": cfg,
+        }
         if mode == "flower":
-            head = ["flower-supernode"]
-        else:
-            head = [
-                sys.executable,
-                "-m",
-                "client.supernode",
-                *(["--cold"] if mode == "cold" else []),
-                "--",
-            ]
-        argv = [
-            *head,
-            "--superlink",
-            self.hospital_address,
-            "--root-certificates",
-            str(self.pki / "ca.crt"),
-            "--auth-supernode-private-key",
-            str(self.root / "keys" / name),
-            "--port",
-            str(free_port()),
-            "--node-config",
-            cfg,
-            *extra,
-        ]
+            argv = ["flower-supernode", *(a for kv in node.items() for a in kv)]
+        else:  # the hospital unit's ExecStart (deploy/hospital/fedvox-supernode.service)
+            argv = units.command(units.SUPERNODE_UNIT, {"--approved-fabs": None, **node})
+            if mode == "cold":
+                argv.insert(argv.index("--"), "--cold")
+        argv += ["--port", str(free_port()), *extra]
         self._node_args[name] = (extra, mode)
         env = flwr_env(self.root / f"flwr-home-{name}")  # each hospital: its own machine
         self.nodes[name] = self.procs.start(f"node-{name}", argv, env, cwd=PROJECT_DIR)

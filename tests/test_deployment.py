@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import ssl
+import sys
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from procs import Proc, Procs, flwr_env, free_port, port_open, wait_for
 from client.approval import fab_hash_of_app
 from client.audit import AUDIT_FILE, read_records
 from common import certs
+from simulations import units
 
 ROOT = Path(__file__).resolve().parents[1]
 NGINX_CONF = ROOT / "deploy" / "nginx" / "fedvox-fleet.conf"
@@ -87,19 +89,11 @@ class Federation:
         args += ["--root-certificates", str(self.pki / "ca.crt")] if tls else ["--insecure"]
         if key is not None:
             args += ["--auth-supernode-private-key", str(key)]
-        if approved_fabs is None:
+        if approved_fabs is None:  # Flower's own node: its refusals, as Flower words them
             argv = ["flower-supernode", *args]
-        else:
-            argv = [
-                "python",
-                "-m",
-                "client.approval",
-                "supernode",
-                "--approved-fabs",
-                str(approved_fabs),
-                "--",
-                *args,
-            ]
+        else:  # fedvox's node, the one the hospital unit starts (client/supernode.py)
+            argv = [sys.executable, "-m", "client.supernode", "--approved-fabs", str(approved_fabs)]
+            argv += ["--", *args]
         # Each hospital is its own machine: its own FLWR_HOME (installed apps live there).
         env = flwr_env(self.node_home(name))
         return self.procs.start(name, argv, env, cwd=ROOT)
@@ -183,28 +177,13 @@ def federation(tmp_path):
     )
     env = flwr_env(home)
     with Procs(tmp_path / "logs") as procs:
-        superlink = procs.start(
-            "superlink",
-            [
-                "flower-superlink",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(superlink_port),
-                "--ssl-ca-certfile",
-                str(pki / "ca.crt"),
-                "--ssl-certfile",
-                str(pki / "server.pem"),
-                "--ssl-keyfile",
-                str(pki / "server.key"),
-                "--enable-supernode-auth",
-                "--database",
-                str(tmp_path / "superlink-state.db"),
-                "--disable-runtime-dependency-installation",
-            ],
-            env,
-            cwd=tmp_path,
+        # The SuperLink exactly as deploy/server/fedvox-superlink.service starts it.
+        argv = units.command(
+            units.SUPERLINK_UNIT,
+            {"--port": str(superlink_port), "--database": str(tmp_path / "superlink-state.db")},
+            {"/etc/fedvox/pki/": f"{pki}/"},
         )
+        superlink = procs.start("superlink", argv, env, cwd=tmp_path)
         fed = Federation(tmp_path, pki, env, procs, superlink_port, proxy_port, superlink)
         wait_for(lambda: port_open(superlink_port), 60, "SuperLink port", fed.logs)
         if NGINX:
@@ -440,56 +419,38 @@ def test_node_refuses_unapproved_app_before_it_runs_and_logs_it(federation):
     ) == (1, 7, 0.25, 1.5, "ok", "h1")
     assert t["app"] and t["app"].endswith(ok_hash[:8])
 
+    # A hash the hospital approves while its node runs counts from the next run: no restart.
+    with allow.open("a") as f:
+        f.write(f"{rogue_hash}  # approved later\n")
+    out = fed.root / "rogue-approved.json"
+    fed.flwr_run(rogue, f'nodes=1 out="{out}"')
+    assert [r["error"] for r in json.loads(out.read_text())] == [None]
+    assert node.poll() is None and (fed.root / "imported-rogue").exists()
+    last = [r for r in read_records(state / AUDIT_FILE) if r["action"] == "fab-check"][-1]
+    assert (last["fab_hash"], last["status"]) == (rogue_hash, "approved")
 
-def test_approval_wrapper_rejects_unsafe_arguments(tmp_path):
-    from client.approval import main
+
+def test_node_wrapper_rejects_unsafe_or_misplaced_arguments(tmp_path, capsys):
+    from client.approval import main as approval_main
+    from client.supernode import main
 
     allow = tmp_path / "a.txt"
     allow.write_text("0" * 64 + "\n")
-    assert (
-        main(
-            [
-                "supernode",
-                "--approved-fabs",
-                str(allow),
-                "--",
-                "--allow-runtime-dependency-installation",
-                "--node-config",
-                f'state-dir="{tmp_path}"',
-            ]
-        )
-        == 2
-    )
-    assert (
-        main(
-            [
-                "supernode",
-                "--approved-fabs",
-                str(allow),
-                "--",
-                "--trusted-entities",
-                "x.yaml",
-                "--node-config",
-                f'state-dir="{tmp_path}"',
-            ]
-        )
-        == 2
-    )
+    node_config = ["--node-config", f'state-dir="{tmp_path}"']
+    for flower_args, said in [
+        (["--allow-runtime-dependency-installation"], "--allow-runtime-dependency-installation"),
+        (["--trusted-entities", "x.yaml"], "--trusted-entities"),
+        (["--cold"], "put it before `--`"),  # fedvox's option, given to Flower
+    ]:
+        assert main(["--approved-fabs", str(allow), "--", *flower_args, *node_config]) == 2
+        assert said in capsys.readouterr().err
     bad = tmp_path / "bad.txt"
     bad.write_text("not-a-hash\n")
-    assert (
-        main(
-            [
-                "supernode",
-                "--approved-fabs",
-                str(bad),
-                "--",
-                "--node-config",
-                f'state-dir="{tmp_path}"',
-            ]
-        )
-        == 2
-    )
+    assert main(["--approved-fabs", str(bad), "--", *node_config]) == 2
+    assert str(bad) in capsys.readouterr().err
+    # The node's old second entry point says where the one entry point is.
+    assert approval_main(["supernode", "--approved-fabs", str(allow), "--"]) == 2
+    assert "python -m client.supernode --approved-fabs" in capsys.readouterr().err
 
 
 # --- the fedvox apps, end to end -----------------------------------------------------------

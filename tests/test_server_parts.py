@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -16,7 +18,7 @@ from common.files import atomic_write_json
 from common.metrics import classification_metrics, roc_points
 from common.protocol import NodeReply
 from server.checks import UpdateChecker
-from server.run_dir import RunDir
+from server.run_dir import STOPPED, RunDir, check_resume_config
 from server.strategy import STRATEGIES, build_strategy
 
 
@@ -80,6 +82,46 @@ def test_summary_json_is_valid_json_with_nan_as_null(tmp_path):
 def test_resume_from_a_folder_without_a_run_names_it(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path)):
         RunDir.resume(tmp_path)
+
+
+def test_resume_refuses_a_changed_key_and_names_it(tmp_path):
+    cfg = RunConfig.parse({"target-epsilon": 8.0, "num-server-rounds": 3, "run-name": "r"})
+    cfg = cfg.resolved("classification", 2)
+    run = RunDir.create(cfg, tmp_path, {}, {})
+    run.save_checkpoint(0, {}, {}, best=False)
+    run.end(STOPPED, "killed")
+    again, _ = RunDir.resume(run.path)
+    # How long to wait and for how many hospitals may change; rounds stay the run's plan.
+    same = cfg.with_values({"round-timeout": 60.0, "min-nodes": 1, "num-server-rounds": 1})
+    check_resume_config(again, {**same.as_dict(), "resume-from": str(run.path)}, run.path)
+    looser = cfg.with_values({"target-epsilon": 16.0, "seed": 1})
+    with pytest.raises(ValueError, match=r"target-epsilon=16\.0 \(the run had 8\.0\)") as err:
+        check_resume_config(again, looser.as_dict(), run.path)
+    assert "seed=1" in str(err.value) and str(run.path) in str(err.value)
+    # `fedvox status RUN --resume-config` prints the -c values a resume passes the check with.
+    from flwr.common.config import parse_config_args
+
+    from simulations.status import resume_config
+
+    printed = RunConfig.parse(parse_config_args([resume_config(run.path)]))
+    assert printed.resume_from == str(run.path.resolve())
+    check_resume_config(again, printed.resolved("classification", 2).as_dict(), run.path)
+
+
+def test_run_folder_follows_the_umask_other_atomic_writes_stay_private(tmp_path):
+    # The SuperLink unit's UMask=0027: the operator's group reads summary.json (fedvox run).
+    cfg = RunConfig.parse({"run-name": "r"}).resolved("classification", 2)
+    before = os.umask(0o027)
+    try:
+        run = RunDir.create(cfg, tmp_path, {}, {})
+        run.write_summary()
+        run.save_checkpoint(1, {}, {}, best=False)
+        private = atomic_write_json(tmp_path / "ledger.json", {})
+    finally:
+        os.umask(before)
+    assert stat.S_IMODE((run.path / "summary.json").stat().st_mode) == 0o640
+    assert stat.S_IMODE((run.checkpoints / "last.pt").stat().st_mode) == 0o640
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600
 
 
 def _train_reply(site: str, count: float, sigma: float, arrays: dict) -> NodeReply:
