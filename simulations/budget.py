@@ -10,7 +10,8 @@ count) and composes 1, 2, 3, ... copies of it until the next one would pass `max
         --rounds 10 --target-epsilon 8
 
 It assumes every run has this shape and spends all it planned (a run that stops early, or
-evaluates less, spends less). Exit code 2 on a bad setting, naming it.
+evaluates less, spends less). A node plans from its DP-released case count, within a few
+dozen of `--cases`: the answer is for a count of `--cases`. Exit code 2 on a bad setting, naming it.
 """
 
 from __future__ import annotations

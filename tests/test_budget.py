@@ -26,13 +26,14 @@ def test_runs_that_fit_compose_with_opacus_and_match_the_node_plan_and_the_docs(
 
     assert lifetime(fit.runs) <= 24.0 < lifetime(fit.runs + 1)
     assert abs(lifetime(1) - 8.0) < 0.01 and fit.runs > 3  # not 24 / 8
-    # One run is what a node plans for it (client/gate.py).
+    # One run is what a node plans for it (client/gate.py), here for a released count whose
+    # 25 batches of 32 are those of the 800 cases.
     policy = NodePolicy.parse(
         {"accountant": "rdp", "max-epsilon": 24.0, "delta": 1e-5, "max-evaluations": 2}
     )
     cfg = RunConfig.parse({"target-epsilon": 8.0, "batch-size": 32, "num-server-rounds": 10})
     gate = PrivacyGate.open(tmp_path, "run-1", cfg, policy, 800, 10)
-    plan = gate.plan(800, 1 / 25, 250)
+    plan = gate.plan(800, {}, lambda released: (1 / 25, 250))
     assert plan["noise_multiplier"] == fit.noise_multiplier
     # docs/privacy.md states this example's answer.
     said = re.search(r"\*\*(\d+) such runs fit\*\*", (ROOT / "docs" / "privacy.md").read_text())
