@@ -43,14 +43,14 @@ message or a checkpoint; `state_dict` holds the linear layer and `feature_mean`.
 
 from __future__ import annotations
 
-import hashlib
 import math
-from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from common.feature_cache import memoised
 
 # Derivative orders (along x, y, z) up to total order 2, in the order `responses` returns them.
 ORDERS = tuple((a, b, c) for a in range(3) for b in range(3) for c in range(3) if a + b + c <= 2)
@@ -58,12 +58,9 @@ INVARIANTS = 7
 STD_THRESHOLDS = (1.0, 2.0, 4.0, 8.0, 16.0)  # on maps standardised per case
 RAW_THRESHOLDS = (0.02, 0.05, 0.1, 0.2, 0.4)  # on the raw invariants of a [0, 1] image
 STATS = 2 * (2 + 2 * len(STD_THRESHOLDS))  # per map: 2 extremes + 2 signs x thresholds, twice
-# Memoised features (see FilterBank3D.features): ~4 kB a case, so this is at most ~64 MB.
-CACHE_ENTRIES = 16384
 CHUNK = 16  # cases whose features are computed at once (memory, see FilterBank3D.features)
 STATISTICS_KEY = "feature_mean"  # the state_dict key of the released feature mean
 STATISTICS_MODELS = ("filterbank-3d",)  # run-config `model`s whose nodes release it
-_CACHE: OrderedDict[bytes, torch.Tensor] = OrderedDict()
 
 
 def derivative_matrices(n: int, sigma: float) -> torch.Tensor:
@@ -215,25 +212,8 @@ class FilterBank3D(nn.Module):
             raise ValueError(
                 f"filterbank-3d was built for {self.image_size}, got input {tuple(x.shape[2:])}"
             )
-        x = x.detach()
-        keys = [self._key(sample) for sample in x]
-        missing = [i for i, k in enumerate(keys) if k not in _CACHE]
-        if missing:
-            # in chunks: the invariant maps of one case take ~6 MB at 32^3 and their statistics
-            # a few times that, so a whole logical batch of 128 at once would need GBs
-            fresh = torch.cat(
-                [self._compute(x[missing[i : i + CHUNK]]) for i in range(0, len(missing), CHUNK)]
-            )
-            for i, f in zip(missing, fresh, strict=True):
-                _CACHE[keys[i]] = f
-            while len(_CACHE) > CACHE_ENTRIES:
-                _CACHE.popitem(last=False)  # oldest first
-        return torch.stack([_CACHE[k] for k in keys]).to(x.device)
-
-    def _key(self, sample: torch.Tensor) -> bytes:
-        h = hashlib.blake2b(repr((self.image_size, self.scales)).encode(), digest_size=16)
-        h.update(sample.cpu().float().contiguous().numpy().tobytes())
-        return h.digest()
+        tag = f"filterbank-3d{(self.image_size, self.scales)}"
+        return memoised(tag, x.float(), self._compute, CHUNK).to(x.device)
 
     def _compute(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

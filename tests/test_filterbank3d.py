@@ -16,6 +16,7 @@ from node_messages import context, message, node_status
 
 from client.app import train
 from client.ledger import LEDGER_FILE
+from common import feature_cache
 from common import filterbank3d as fb
 from common.config import ConfigError, RunConfig
 from common.models import build_model
@@ -79,14 +80,14 @@ def test_bucketed_counts_equal_counting_by_comparison():
 def test_features_are_memoised_per_case_and_identical():
     model = fb.FilterBank3D((16, 16, 16), 1, 2, scales=(1.0,))
     x = torch.cat([_blob(seed=1), _blob(seed=2)])
-    fb._CACHE.clear()
+    feature_cache.clear()
     first = model.features(x)
-    assert len(fb._CACHE) == 2
+    assert len(feature_cache._CACHE) == 2
     again = model.features(x.flip(0))  # the same cases in another order: no new entries
-    assert len(fb._CACHE) == 2 and torch.equal(again, first.flip(0))
+    assert len(feature_cache._CACHE) == 2 and torch.equal(again, first.flip(0))
     assert torch.equal(first, model._compute(x))
     other = fb.FilterBank3D((16, 16, 16), 1, 2, scales=(2.0,))  # other filters, other key
-    assert not torch.equal(other.features(x), first) and len(fb._CACHE) == 4
+    assert not torch.equal(other.features(x), first) and len(feature_cache._CACHE) == 4
 
 
 def test_filterbank_trains_under_real_dp_sgd_on_organ_nifti(tmp_path: Path, sgd):
