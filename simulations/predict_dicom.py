@@ -112,38 +112,32 @@ def on_source_frames(img: nib.Nifti1Image, sources: list) -> np.ndarray:
 
 
 def _write_dicom(predictor, series: Series, result, out: Path, opts: DicomOptions) -> list[Path]:
+    """The series' SEG (segmentation) or SR (classification) [+ heat map] next to its NIfTI
+    outputs. A radiograph has no slice positions to put a SEG or map on: its SR only."""
     from simulations import dicom_out
 
     identity = dicom_out.ModelIdentity.of(
         predictor.source.parent.parent, predictor.source, predictor.round
     )
     sources = dicom_out.load_sources([f.path for f in series.files])
-    stem = out / series.case
+    stem, written = out / series.case, []
+    if not predictor.segmentation:
+        sr = Path(f"{stem}_sr.dcm")
+        row, names, threshold = result.row, predictor.class_names, predictor.threshold
+        written.append(dicom_out.write_sr(sr, sources, row, names, threshold, identity))
+    maps = predictor.segmentation or opts.saliency
+    if maps and series.first.modality in dicom_scan.MODALITIES_2D:
+        print(f"  note: {series.name}: no DICOM SEG or heat map for a radiograph (no slice plane)")
+        return written
     if predictor.segmentation:
         labels = on_source_frames(nib.load(f"{stem}_mask.nii.gz"), sources)
-        written = [
-            dicom_out.write_seg(
-                Path(f"{stem}_seg.dcm"), sources, labels, predictor.class_names, identity
-            )
-        ]
-        what = "P(foreground)"
-    else:
-        written = [
-            dicom_out.write_sr(
-                Path(f"{stem}_sr.dcm"),
-                sources,
-                result.row,
-                predictor.class_names,
-                predictor.threshold,
-                identity,
-            )
-        ]
-        what = "Grad-CAM saliency"
+        seg = Path(f"{stem}_seg.dcm")
+        written.append(dicom_out.write_seg(seg, sources, labels, predictor.class_names, identity))
     if opts.saliency:
+        what = "P(foreground)" if predictor.segmentation else "Grad-CAM saliency"
         heat = on_source_frames(nib.load(f"{stem}_saliency.nii.gz"), sources)
-        written.append(
-            dicom_out.write_heat_map(Path(f"{stem}_saliency.dcm"), sources, heat, what, identity)
-        )
+        pm = Path(f"{stem}_saliency.dcm")
+        written.append(dicom_out.write_heat_map(pm, sources, heat, what, identity))
     return written
 
 

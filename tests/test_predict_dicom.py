@@ -127,6 +127,24 @@ def _texts(item) -> list[str]:
     return out
 
 
+def _check_heat_map(stem, w) -> None:
+    """A parametric map holding the saliency NIfTI's values on every source slice."""
+    pm = pydicom.dcmread(f"{stem}_saliency.dcm")
+    assert pm.SOPClassUID == PARAMETRIC_MAP and pm.StudyInstanceUID == w.study_uid
+    heat = nib.load(f"{stem}_saliency.nii.gz")
+    sources = {ds.SOPInstanceUID: ds for ds in map(pydicom.dcmread, w.files)}
+    refs = []
+    for i, frame in enumerate(pm.PerFrameFunctionalGroupsSequence):
+        refs.append(
+            frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        )
+        pos = np.asarray(frame.PlanePositionSequence[0].ImagePositionPatient, float)
+        assert np.abs(pos - np.asarray(sources[refs[-1]].ImagePositionPatient, float)).max() <= 0.01
+        want = _expected(sources[refs[-1]], heat).astype(np.float32)
+        np.testing.assert_allclose(pm.pixel_array[i], want, rtol=1e-6)
+    assert sorted(refs) == sorted(sources)
+
+
 @pytest.mark.parametrize(
     "orientation, slope, intercept", [("axial", 1.0, -1024.0), ("coronal", 0.5, -2000.0)]
 )
@@ -136,6 +154,7 @@ def test_a_seg_lies_on_the_source_slices_where_the_mask_is(
     w, hu = _series(tmp_path / "export" / "series", orientation, slope, intercept)
     out = tmp_path / "out"
     argv = ["predict", "--run", str(seg_run), str(tmp_path / "export"), "--dicom"]
+    argv += ["--saliency"] if orientation == "coronal" else []
     assert fedvox([*argv, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     case = re.search(r"predicted case (\w+) series 3 CT", printed).group(1)
@@ -175,6 +194,8 @@ def test_a_seg_lies_on_the_source_slices_where_the_mask_is(
         assert again.SeriesInstanceUID != seg.SeriesInstanceUID
         assert again.StudyInstanceUID == seg.StudyInstanceUID
         np.testing.assert_array_equal(again.pixel_array, seg.pixel_array)
+    else:  # P(foreground) as a parametric map
+        _check_heat_map(out / case, w)
 
 
 def test_a_classifier_writes_an_sr_and_a_heat_map_per_study(tmp_path, capsys):
@@ -215,15 +236,7 @@ def test_a_classifier_writes_an_sr_and_a_heat_map_per_study(tmp_path, capsys):
     text = " ".join(_texts(sr))
     assert "not for diagnostic use" in text and "NOT FOR DIAGNOSTIC USE" in sr.SeriesDescription
     assert "cls-run" in text and "best.pt (round 1)" in text and "4.25 (delta 1e-05)" in text
-    # the heat map: a parametric map on the source slices holding the saliency NIfTI's values
-    pm = pydicom.dcmread(out / f"{row['case']}_saliency.dcm")
-    assert pm.SOPClassUID == PARAMETRIC_MAP and pm.StudyInstanceUID == w.study_uid
-    heat = nib.load(out / f"{row['case']}_saliency.nii.gz")
-    sources = {ds.SOPInstanceUID: ds for ds in map(pydicom.dcmread, w.files)}
-    for i, frame in enumerate(pm.PerFrameFunctionalGroupsSequence):
-        ref = frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
-        want = _expected(sources[ref], heat).astype(np.float32)
-        np.testing.assert_allclose(pm.pixel_array[i], want, rtol=1e-6)
+    _check_heat_map(out / row["case"], w)
     assert "probability" in capsys.readouterr().out
 
 
