@@ -209,15 +209,10 @@ def _local(value: str, meaning: str) -> hd.sr.CodedConcept:
     return hd.sr.CodedConcept(value[:16], LOCAL_SCHEME, meaning[:64])
 
 
-def write_sr(
-    path: Path,
-    sources: list[pydicom.Dataset],
-    result: dict[str, Any],
-    class_names: list[str],
-    threshold: float,
-    identity: ModelIdentity,
-) -> Path:
-    """A TID 1500 report of one classification: `result` = Predictor.classify's dict."""
+def _result_group(
+    result: dict[str, Any], class_names: list[str], threshold: float, identity: ModelIdentity
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501: the probability, the label and the disclaimer, by fedvox's algorithm."""
     algorithm = hd.sr.AlgorithmIdentification(
         name="fedvox",
         version=identity.version,
@@ -251,6 +246,19 @@ def write_sr(
             name=codes.DCM.Comment, value=DISCLAIMER, relationship_type="CONTAINS"
         )
     )
+    return group
+
+
+def write_sr(
+    path: Path,
+    sources: list[pydicom.Dataset],
+    result: dict[str, Any],
+    class_names: list[str],
+    threshold: float,
+    identity: ModelIdentity,
+) -> Path:
+    """A TID 1500 report of one classification: `result` = Predictor.classify's dict."""
+    group = _result_group(result, class_names, threshold, identity)
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=hd.UID(), name="fedvox predict", model_name=identity.run[:64]
     )
