@@ -182,6 +182,9 @@ def predict_export(
         return [], 1
     print(f"fedvox predict: DICOM {root} (dcm2niix {version})")
     lines = [(f"file {rel}", False, p.reason) for rel, p in problems if not p.ignore]
+    for rel, p in problems:
+        if p.ignore:  # expected clutter (a DICOMDIR index): noted, not counted
+            print(f"  note: file {rel}: {p.reason}")
     chosen = _select(studies, modalities, opts.description, None)
     done: dict[str, str] = {}
     rows = []

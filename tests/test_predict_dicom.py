@@ -27,7 +27,7 @@ from common.tasks import ModelSpec, build_task_model
 from common.transforms import PreprocessConfig, build_transform
 from server.run_dir import RunDir
 from simulations.cli import main as fedvox
-from tests.dicom_factory import write_volume
+from tests.dicom_factory import write_dicomdir, write_volume
 from tests.nifti_factory import write_nifti
 
 SIZE = (16, 16, 16)
@@ -247,6 +247,7 @@ def test_series_import_would_skip_are_skipped_with_its_reasons(seg_run, tmp_path
                  image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"), seed=1)  # fmt: skip
     write_volume(src / "b", accession="ACC-0002", drop=(9,), number=7, seed=2)
     (src / "README.txt").write_text("exported by the PACS\n")
+    write_dicomdir(src / "DICOMDIR")
     argv = ["import", "dicom", str(src), "--out", str(tmp_path / "site")]
     assert fedvox([*argv, "--state-dir", str(tmp_path / "state")]) == 1
     imported = capsys.readouterr().out
@@ -262,7 +263,8 @@ def test_series_import_would_skip_are_skipped_with_its_reasons(seg_run, tmp_path
     skipped = reasons(printed, "skipped")
     assert skipped == reasons(imported, "SKIP")
     assert "localiser / scout" in skipped["1"] and "missing slice" in skipped["7"]
-    assert "not a DICOM file" in skipped["file README.txt"]
+    assert "not a DICOM file" in skipped["file README.txt"] and "file DICOMDIR" not in skipped
+    assert "note: file DICOMDIR: DICOMDIR index" in printed
     assert re.search(r"predicted case \w+ series 3 CT", printed)
     rows = list(csv.DictReader(open(out / "predictions.csv")))
     assert len(rows) == 1 and rows[0]["file"] == str(src / "a" / "good")
