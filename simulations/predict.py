@@ -20,6 +20,10 @@ import csv
 import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from simulations.predict_dicom import DicomOptions
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,13 +57,9 @@ def run(args: argparse.Namespace) -> int:
     from simulations.predict_dicom import predict_export, scan_input
 
     try:
+        opts = dicom_options(args)
         predictor = Predictor.load(args.run, args.checkpoint)
     except (OSError, ValueError, KeyError) as e:
-        print(f"fedvox predict: error: {e}", file=sys.stderr)
-        return 2
-    try:
-        opts = dicom_options(args)
-    except ValueError as e:
         print(f"fedvox predict: error: {e}", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     return 2 if not rows else (1 if failed else 0)
 
 
-def dicom_options(args: argparse.Namespace):
+def dicom_options(args: argparse.Namespace) -> DicomOptions:
     """The DICOM settings, checked before any work."""
     from simulations.predict_dicom import DicomOptions
 
