@@ -7,7 +7,8 @@ with pydicom/highdicom.
   an axial and a coronal series with different rescale slopes / intercepts;
 * SR: the probability of predictions.csv, the label, the model's identity and epsilon, the
   disclaimer, the study and series as evidence; the saliency parametric map on the slices;
-* a scout and a series with a missing slice are skipped with import's own reasons.
+* a scout and a series with a missing slice are skipped with import's own reasons;
+* an enhanced multi-frame CT gets the SEG of its single-frame original.
 """
 
 from __future__ import annotations
@@ -268,3 +269,30 @@ def test_series_import_would_skip_are_skipped_with_its_reasons(seg_run, tmp_path
     assert re.search(r"predicted case \w+ series 3 CT", printed)
     rows = list(csv.DictReader(open(out / "predictions.csv")))
     assert len(rows) == 1 and rows[0]["file"] == str(src / "a" / "good")
+
+
+def test_an_enhanced_multiframe_ct_gets_the_seg_of_its_single_frame_original(seg_run, tmp_path):
+    """The same slices in one multi-frame file (highdicom's legacy-converted enhanced CT):
+    per-frame positions from the functional groups, frames of the one source instance."""
+    w, _ = _series(tmp_path / "single" / "s", "axial", 1.0, -1024.0)
+    legacy = [pydicom.dcmread(f) for f in w.files]
+    for ds in legacy:  # Type 2 attributes the converter wants present
+        ds.PatientSex, ds.StudyID, ds.ReferringPhysicianName = "", "", ""
+    multi = hd.legacy.LegacyConvertedEnhancedCTImage(legacy, hd.UID(), 5, hd.UID(), 1)
+    (tmp_path / "multi").mkdir()
+    multi.save_as(tmp_path / "multi" / "ct.dcm")
+    segs = {}
+    for name in ("single", "multi"):
+        argv = ["predict", "--run", str(seg_run), str(tmp_path / name), "--dicom"]
+        assert fedvox([*argv, "--out", str(tmp_path / f"out-{name}")]) == 0
+        seg = hd.seg.segread(next((tmp_path / f"out-{name}").glob("*_seg.dcm")))
+        segs[name] = {}
+        for i, frame in enumerate(seg.PerFrameFunctionalGroupsSequence):
+            key = tuple(np.round(frame.PlanePositionSequence[0].ImagePositionPatient, 3))
+            number = int(frame.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+            segs[name][key, number] = seg.pixel_array[i]
+    refs = seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence
+    assert [r.ReferencedSOPInstanceUID for r in refs] == [multi.SOPInstanceUID]
+    assert segs["multi"].keys() == segs["single"].keys() and len(segs["multi"]) >= SLICES
+    for key, pixels in segs["single"].items():
+        np.testing.assert_array_equal(segs["multi"][key], pixels)
