@@ -132,7 +132,9 @@ class Predictor:
     def load_input(self, path: Path, modality: str | None) -> tuple[Any, torch.Tensor]:
         """(nibabel image, preprocessed tensor) or InputError naming the file."""
         if path.is_dir():
-            raise InputError(f"{path}: a folder without NIfTI files (images/<case>.nii.gz)")
+            raise InputError(
+                f"{path}: a folder without NIfTI files (images/<case>.nii.gz) or DICOM files"
+            )
         try:
             img = nib.load(path)
             data = np.asarray(img.dataobj, dtype=np.float32)

@@ -111,8 +111,10 @@ def write_volume(
     sop_class: str = CTImageStorage,
     drop: tuple[int, ...] = (),
     seed: int = 0,
+    values: np.ndarray | None = None,
 ) -> Written:
-    """A series of parallel slices along row_dir x col_dir; files in shuffled order."""
+    """A series of parallel slices along row_dir x col_dir; files in shuffled order.
+    `values`: the stored pixels, (slices, rows, cols); default a ramp unique per voxel."""
     folder.mkdir(parents=True, exist_ok=True)
     w = Written(study_uid or generate_uid(), generate_uid(), accession)
     w.uids += [w.study_uid, w.series_uid]
@@ -134,7 +136,11 @@ def write_volume(
         ds.ImageOrientationPatient = [round(float(v), 8) for v in (*row_dir, *col_dir)]
         ds.PixelSpacing, ds.SliceThickness = list(spacing), slice_step
         ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
-        w.stored[k] = (k * rows * cols + np.arange(rows * cols).reshape(rows, cols) + 10) % 60000
+        if values is not None:
+            w.stored[k] = np.asarray(values[k])
+        else:
+            ramp = np.arange(rows * cols).reshape(rows, cols)
+            w.stored[k] = (k * rows * cols + ramp + 10) % 60000
         _pixels(ds, w.stored[k])
         ds.save_as(path, enforce_file_format=True)
         w.files.append(path)
