@@ -13,6 +13,12 @@ its strongest: it sees every round's update of the node and scores each canary b
 movement. The scores give Steinke et al.'s one-run lower bound on epsilon
 (simulations/audit_stats.py), reported beside the epsilon the node's ledger claims.
 
+Each canary owns one weight that has a per-sample gradient of its own, and how many a model has
+depends on the recipe (the epsilon-1 head is narrower) and the image size (fast DP ghost-norms
+layers with small maps). So m is counted, not assumed: one DP step of the round's training on a
+copy of the model, stopped at its clipping, lists those weights; without `--canaries` the audit
+uses one canary per weight (at most 1000), and asking for more is refused before any training.
+
 A bound above the claim means the code that ran is not as private as it says. A bound below it
 proves nothing by itself: the bound can never exceed `ceiling_epsilon` (every guess right), so
 claims above that ceiling cannot be refuted by this many canaries.
