@@ -70,12 +70,16 @@ class Canaries:
             injector.close()
         self._injectors = []
 
-    def examples(self, like: torch.Tensor, label: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """(images, labels) of the canaries in the training set, shaped like one `like` image."""
+    def examples(
+        self, like: torch.Tensor, label: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images, labels) of the canaries in the training set, shaped like one `like` image and
+        one `label` (a class index or a label map); every label is 0 (its gradient is replaced
+        anyway, so only its shape matters to the loss)."""
         ids = np.flatnonzero(self.members)
         values = torch.as_tensor(SENTINEL + ids, dtype=like.dtype)
         images = values.view(-1, *([1] * like.dim())).expand(len(ids), *like.shape).clone()
-        return images, torch.full((len(ids),), label, dtype=torch.int64)
+        return images, torch.zeros((len(ids), *label.shape), dtype=label.dtype)
 
     def private(self, round_: int, fault: str = NONE) -> Callable[..., tuple]:
         """A `make_private` for round `round_` (1-based) of `local_sgd`: the real one, with the
@@ -150,8 +154,7 @@ class _Injector:
         self.rows = []
         params = [p for p in optimizer.params if getattr(p, "grad_sample", None) is not None]
         if self.canaries.coords is None:
-            own = [p for p in params if not hasattr(p, "_fast_dp_ghost")]
-            self.canaries.choose([(self.names[id(p)], p.numel()) for p in own])
+            self.canaries.choose(own_gradients(optimizer, self.names))
         rows = torch.nonzero(ids >= 0).flatten()
         if len(rows) == 0:
             return
@@ -173,6 +176,47 @@ class _Injector:
 
     def close(self) -> None:
         self.handle.remove()
+
+
+def own_gradients(optimizer, names: dict[int, str]) -> list[tuple[str, int]]:
+    """(name, size) of the weights whose per-sample gradients this step materialised: the ones
+    a canary can own (fast DP's ghost-normed layers keep norms only)."""
+    return [
+        (names[id(p)], p.numel())
+        for p in optimizer.params
+        if getattr(p, "grad_sample", None) is not None and not hasattr(p, "_fast_dp_ghost")
+    ]
+
+
+class _Probed(Exception):
+    """Ends a probe's training at its first clipping: the weights are known by then."""
+
+
+def canary_weights(train: Callable[[Callable[..., tuple]], object]) -> list[tuple[str, int]]:
+    """The weights a canary can own in the model `train` trains: `train(private)` must run
+    `local_sgd(..., private=private)` on a copy; its first DP step is stopped at the clipping.
+    Which layers fast DP ghost-norms depends on their output sizes, so one real step (the
+    recipe's model, loss and training view) is the only sure way to know."""
+    found: list[tuple[str, int]] = []
+
+    def private(model: nn.Module, optimizer, loader, noise_multiplier, max_grad_norm, acc):
+        out = make_private(model, optimizer, loader, noise_multiplier, max_grad_norm, acc)
+        cls = type(out[1])
+
+        class Probing(cls):  # type: ignore[misc, valid-type]
+            def clip_and_accumulate(self) -> None:
+                names = {id(p): name for name, p in model.named_parameters()}
+                found.extend(own_gradients(self, names))
+                raise _Probed
+
+        out[1].__class__ = Probing
+        return out
+
+    try:
+        train(private)
+    except _Probed:
+        return found
+    raise RuntimeError("the probe's training ended before its first DP step")
 
 
 def _zero_ghost_rows(p: torch.Tensor, rows: torch.Tensor) -> None:

@@ -13,6 +13,12 @@ its strongest: it sees every round's update of the node and scores each canary b
 movement. The scores give Steinke et al.'s one-run lower bound on epsilon
 (simulations/audit_stats.py), reported beside the epsilon the node's ledger claims.
 
+Each canary owns one weight that has a per-sample gradient of its own, and how many a model has
+depends on the recipe (the epsilon-1 head is narrower) and the image size (fast DP ghost-norms
+layers with small maps). So m is counted, not assumed: one DP step of the round's training on a
+copy of the model, stopped at its clipping, lists those weights; without `--canaries` the audit
+uses one canary per weight (at most 1000), and asking for more is refused before any training.
+
 A bound above the claim means the code that ran is not as private as it says. A bound below it
 proves nothing by itself: the bound can never exceed `ceiling_epsilon` (every guess right), so
 claims above that ceiling cannot be refuted by this many canaries.
@@ -23,6 +29,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import sys
 import tempfile
 import time
 import uuid
@@ -45,9 +52,17 @@ THREAT_MODEL = (
 METHOD = "one-run audit (Steinke, Nasr, Jagielski 2023) with gradient canaries (Nasr et al. 2023)"
 
 
+# Canaries when none are asked for: as many as the audited model has weights for, up to this.
+MAX_DEFAULT_CANARIES = 1000
+
+
+class CanaryCountError(ValueError):
+    """The canaries asked for do not fit the audited model (a bad setting, not a failure)."""
+
+
 @dataclass(frozen=True)
 class AuditSettings:
-    canaries: int = 1000
+    canaries: int | None = None  # None: fit the model (`canary_count`)
     confidence: float = 0.95
     seed: int = 0
     # Test-only: a deliberate DP fault the audit must detect (simulations/audit_canaries.py).
@@ -69,13 +84,14 @@ def audit_privacy(site: Path, cfg: RunConfig, settings: AuditSettings, workdir: 
     cfg = for_site(cfg, site)
     node = _node(site, cfg, workdir)
     data = node.load("train")
-    if data.spec.is_segmentation:
-        raise ValueError("fedvox audit privacy supports classification sites only")
-    canaries = Canaries(settings.canaries, cfg.num_server_rounds, settings.seed)
-    extra_images, extra_labels = canaries.examples(data.images[0])
+    model = node.build_model(data)
+    state = {k: v.detach().clone() for k, v in unwrap(model).state_dict().items()}
+    available = sum(size for _, size in _canary_weights(node, data, model))
+    count = canary_count(settings.canaries, available)
+    canaries = Canaries(count, cfg.num_server_rounds, settings.seed)
+    extra_images, extra_labels = canaries.examples(data.images[0], data.labels[0])
     images = torch.cat([data.images, extra_images])
     labels = torch.cat([data.labels, extra_labels])
-    state = {k: v.detach().clone() for k, v in unwrap(node.build_model(data)).state_dict().items()}
     run = {}
     for round_ in range(1, cfg.num_server_rounds + 1):
         node.plan = replace(node.plan, server_round=round_)
@@ -87,7 +103,9 @@ def audit_privacy(site: Path, cfg: RunConfig, settings: AuditSettings, workdir: 
         "claimed_epsilon": run["epsilon_run"],
         **result,
         "confidence": settings.confidence,
-        "canaries": settings.canaries,
+        "canaries": count,
+        "canaries_asked": settings.canaries,  # null: as many as the model has weights for
+        "canary_weights": available,
         "threat_model": THREAT_MODEL,
         "method": METHOD,
         "target_epsilon": cfg.target_epsilon,
@@ -102,6 +120,39 @@ def audit_privacy(site: Path, cfg: RunConfig, settings: AuditSettings, workdir: 
         "wall_s": round(time.perf_counter() - started, 1),
         "cpu_s": round(time.process_time() - cpu, 1),  # the machine is shared: CPU time too
     }
+
+
+def canary_count(asked: int | None, available: int) -> int:
+    """The canaries to use: `asked`, or as many as the model has `available` weights for (each
+    canary owns one weight with a per-sample gradient), at most MAX_DEFAULT_CANARIES."""
+    why = "one canary per weight with a per-sample gradient of its own"
+    if asked is None:
+        if available < 2:
+            raise CanaryCountError(f"this model has room for {available} canaries ({why}), not 2")
+        return min(MAX_DEFAULT_CANARIES, available)
+    if asked < 2:
+        raise CanaryCountError(f"--canaries {asked}: an audit needs at least 2")
+    if asked > available:
+        raise CanaryCountError(f"--canaries {asked}: at most {available} for this model ({why})")
+    return asked
+
+
+def _canary_weights(node, data, model) -> list[tuple[str, int]]:
+    """The weights a canary can own: one DP step of the round's training on a copy of `model`
+    (a few real cases, all in the batch), stopped at its clipping."""
+    import copy
+
+    from client.train import local_sgd
+    from simulations.audit_canaries import canary_weights
+
+    k = min(len(data), 4)
+    training = replace(node.round_training(), epochs=1, batch_size=k)  # q = 1: never empty
+
+    def train(private) -> None:
+        images, labels, loss = data.images[:k], data.labels[:k], node.round_loss(data.spec)
+        local_sgd(copy.deepcopy(model), images, labels, training, 1.0, loss, private=private)
+
+    return canary_weights(train)
 
 
 def for_site(cfg: RunConfig, site: Path) -> RunConfig:
@@ -204,9 +255,13 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser)
-    # 400: the 2D recipe's scatter-cnn has 418 weights with per-sample gradients of their own
-    # (its wide layers are ghost-normed); the plain CNN has room for 1000 (a higher ceiling).
-    parser.add_argument("--canaries", type=int, default=400, help="gradient canaries (m)")
+    parser.add_argument(
+        "--canaries",
+        type=int,
+        default=None,
+        help="gradient canaries (m; default: one per weight with a per-sample gradient of its "
+        f"own, at most {MAX_DEFAULT_CANARIES})",
+    )
     parser.add_argument("--confidence", type=float, default=0.95, help="of the lower bound")
     parser.add_argument("--seed", type=int, default=0, help="canaries, model init, noise")
 
@@ -219,7 +274,11 @@ def run(args: argparse.Namespace) -> int:
     site = args.data.resolve() if args.data else demo_site(cfg)
     settings = AuditSettings(args.canaries, args.confidence, args.seed)
     with tempfile.TemporaryDirectory(prefix="fedvox-audit-") as tmp:
-        result = audit_privacy(site, cfg, settings, Path(tmp))
+        try:
+            result = audit_privacy(site, cfg, settings, Path(tmp))
+        except CanaryCountError as e:
+            print(f"fedvox audit privacy: error: {e}", file=sys.stderr)
+            return 2
     result.update(run_config=overrides, **provenance())
     atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
     verdict = "ABOVE the claim: not private as claimed" if result["flagged"] else "below the claim"

@@ -177,3 +177,56 @@ def test_the_harness_trains_exactly_as_the_node_does(site, tmp_path, monkeypatch
     released = reply.content.array_records["arrays"].to_torch_state_dict()
     assert set(released) == set(audited)
     assert all(torch.equal(released[k], audited[k]) for k in audited)
+
+
+# -- the canary count follows the recipe it audits -------------------------------------------
+
+# The recipe's own settings (what `-c "target-epsilon=1"` gives), with fewer rounds and epochs.
+SHORT = "num-server-rounds=1 local-epochs=1"
+
+
+@pytest.fixture(scope="module")
+def demo_sized_site(tmp_path_factory) -> Path:
+    """28 x 28 like the demo hospitals: which layers fast DP ghost-norms depends on map size."""
+    root = tmp_path_factory.mktemp("audit-28")
+    make_phantom_sites("blobs-2d", root, hospitals=1, cases_per_site=40, holdout_cases=4, seed=4)
+    return root / "hospital-1"
+
+
+def test_the_default_canaries_fit_the_epsilon_1_recipe(demo_sized_site, tmp_path):
+    """At epsilon 1 the recipe's scatter-cnn has a narrower head: fewer weights have per-sample
+    gradients of their own than at epsilon 8, and the default canary count follows."""
+    out = tmp_path / "audit.json"
+    argv = ["audit", "privacy", "--data", str(demo_sized_site), "-c", f"target-epsilon=1 {SHORT}"]
+    assert main([*argv, "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["canaries_asked"] is None
+    assert 2 <= result["canaries"] == min(result["canary_weights"], 1000)
+    assert result["canaries"] < 400  # the fixed default this recipe no longer had room for
+    members = result["canaries_in"]
+    ceiling = one_run_ceiling(members, result["canaries"] - members, result["delta"])
+    assert result["ceiling_epsilon"] == pytest.approx(ceiling)
+    assert result["lower_bound_epsilon"] <= result["claimed_epsilon"] <= 1.0
+
+
+def test_too_many_canaries_asked_for_is_a_one_line_error(demo_sized_site, tmp_path, capsys):
+    out = tmp_path / "audit.json"
+    out.write_text("an earlier audit\n")
+    argv = ["audit", "privacy", "--data", str(demo_sized_site), "-c", f"target-epsilon=1 {SHORT}"]
+    assert main([*argv, "--canaries", "5000", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err, err
+    assert err.startswith("fedvox audit privacy: error: --canaries 5000: at most "), err
+    assert out.read_text() == "an earlier audit\n"  # nothing good on disk is lost
+
+
+def test_a_segmentation_site_is_audited(tmp_path):
+    root = tmp_path / "sites"
+    make_phantom_sites(
+        "lung-ct-2d", root, hospitals=1, cases_per_site=12, holdout_cases=2, seed=1,
+        image_size=(32, 32),
+    )  # fmt: skip
+    cfg, _ = audit_config([f"target-epsilon=8 {SHORT}"])
+    result = audit_privacy(root / "hospital-1", cfg, AuditSettings(canaries=20), tmp_path / "w")
+    assert result["canaries"] == 20 and result["canary_weights"] >= 20
+    assert result["lower_bound_epsilon"] <= result["claimed_epsilon"] <= 8.0
