@@ -93,10 +93,10 @@ def read_node_config(path: Path) -> dict[str, Any]:
 
 def _check_arguments(args: argparse.Namespace) -> dict[str, Any]:
     node = read_node_config(args.node_config)
-    if args.data is not None and not (args.data / "labels.csv").is_file():
+    if args.data is not None and not (args.data / "images").is_dir():
         if not args.data.is_dir():
             raise AuditArgumentError(f"--data {args.data}: no such folder")
-        raise AuditArgumentError(f"--data {args.data}: not a hospital folder (no labels.csv)")
+        raise AuditArgumentError(f"--data {args.data}: not a hospital folder (no images/)")
     if args.workdir is not None and args.workdir.exists() and any(args.workdir.iterdir()):
         raise AuditArgumentError(f"--workdir {args.workdir}: not empty")
     if not args.out.parent.is_dir():

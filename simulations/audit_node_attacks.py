@@ -20,7 +20,7 @@ from flwr.app import ConfigRecord, RecordDict
 
 from common.protocol import CONFIG, EVALUATE, FINETUNE, SETTLE, TRAIN, NodeReply
 
-SCAN = 5  # exact N: candidates within this many cases of the true count
+SCAN = 2  # exact N: candidates within this many cases of the true count
 TOLERANCE = 1.001  # an epsilon within 0.1 % of a limit is within it (calibration tolerance)
 
 
@@ -94,7 +94,7 @@ def approximate_accountant(s: Any) -> dict[str, Any]:
 
 def evaluate_flood(s: Any) -> dict[str, Any]:
     allowed = int(s.plan["policy"]["max-evaluations"])
-    n = allowed + 3
+    n = allowed + 1
     replies = [s.send(EVALUATE, "audit-flood", r, n) for r in range(1, n + 1)]
     released = {r.release for r in replies if r.ok}
     free = uncharged(s, replies)
@@ -107,12 +107,12 @@ def evaluate_flood(s: Any) -> dict[str, Any]:
 
 
 def different_run_ids(s: Any) -> dict[str, Any]:
-    replies = [s.send(EVALUATE, f"audit-uid-{i}", 1, 2) for i in range(5)]
+    replies = [s.send(EVALUATE, f"audit-uid-{i}", 1, 2) for i in range(3)]
     free, life = uncharged(s, replies), s.lifetime_epsilon()
     limit = float(s.plan["policy"]["max-epsilon"])
     leaked = bool(free) or life > limit * TOLERANCE
     detail = (
-        f"5 evaluate messages, a new run uid each: {sum(r.ok for r in replies)} answered, "
+        f"3 evaluate messages, a new run uid each: {sum(r.ok for r in replies)} answered, "
         f"{len(free)} not on the ledger; lifetime epsilon {life:.2f} (max {limit:g})"
     )
     return row("different-run-id-per-message", _statuses(replies), leaked, detail)
@@ -147,14 +147,14 @@ def crafted_weights(s: Any) -> dict[str, Any]:
 
 def repeated_finetune(s: Any) -> dict[str, Any]:
     uid, allowed = "audit-finetune", int(s.plan["policy"]["max-evaluations"])
-    replies = [s.send(FINETUNE, uid, 1, 1, **{"finetune-epochs": 1}) for _ in range(3)]
+    replies = [s.send(FINETUNE, uid, 1, 1, **{"finetune-epochs": 1}) for _ in range(2)]
     replies.append(s.send(FINETUNE, uid, 2, 1, **{"finetune-epochs": 1}))
     released = {r.release for r in replies if r.ok}
     free = uncharged(s, replies)
     leaked = bool(free) or len(released) > allowed
     detail = (
-        f"4 fine-tuning messages of one run: {len(released)} distinct releases, "
-        f"{len(free)} not on the ledger; {_reasons(replies)}"
+        f"3 fine-tuning messages of one run (the last after the wrong round): "
+        f"{len(released)} distinct releases, {len(free)} not on the ledger; {_reasons(replies)}"
     )
     return row("repeated-finetune", _statuses(replies), leaked, detail)
 
