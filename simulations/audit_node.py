@@ -150,7 +150,9 @@ def audit_node(node: dict[str, Any], data: Path | None, tmp: Path) -> list[dict[
     config = {**node, "data-dir": str(site), "state-dir": str(state)}
     plan_file = tmp / "plan.json"
     plan = _plan(node, site, state, tmp)
-    run_config = {**BASE_RUN, **_model_for(site)}
+    # Fine-tuning planned (one more validation release) where the policy allows two.
+    finetune = int(node.get("max-evaluations", 0)) >= 2
+    run_config = {**BASE_RUN, **_model_for(site), "finetune-epochs": int(finetune)}
     app = _app_dir(tmp / "app")
     dep = LocalDeployment(tmp / "deploy", nginx=False)
     dep.env.update({PLAN_ENV: str(plan_file), "FEDVOX_HOME": str(tmp / "fedvox-home")})

@@ -147,8 +147,9 @@ def crafted_weights(s: Any) -> dict[str, Any]:
 
 def repeated_finetune(s: Any) -> dict[str, Any]:
     uid, allowed = "audit-finetune", int(s.plan["policy"]["max-evaluations"])
-    replies = [s.send(FINETUNE, uid, 1, 1, **{"finetune-epochs": 1}) for _ in range(2)]
-    replies.append(s.send(FINETUNE, uid, 2, 1, **{"finetune-epochs": 1}))
+    # The run config plans fine-tuning (finetune-epochs 1) where max-evaluations allows it.
+    replies = [s.send(FINETUNE, uid, 1, 1) for _ in range(2)]
+    replies.append(s.send(FINETUNE, uid, 2, 1))
     released = {r.release for r in replies if r.ok}
     free = uncharged(s, replies)
     leaked = bool(free) or len(released) > allowed
@@ -204,8 +205,8 @@ def secrets_in(texts: list[str], secrets: list[str]) -> list[str]:
 
 def budget_stretched(s: Any) -> list[dict[str, Any]]:
     uid, policy = "audit-stretch", s.plan["policy"]
-    target = min(8.0, float(policy["max-epsilon"]))
-    first_recipe = {"batch-size": 1, "local-epochs": 1, "target-epsilon": target}
+    target = float(s.run_config["target-epsilon"])
+    first_recipe = {"batch-size": 1, "local-epochs": 1}  # recipe keys only
     first = s.send(TRAIN, uid, 1, 2, **first_recipe)
     second = s.send(TRAIN, uid, 2, 2, **{**first_recipe, "batch-size": 64, "local-epochs": 30})
     delta, limit = float(policy["delta"]), float(policy["max-epsilon"])
