@@ -1,9 +1,11 @@
-"""`fedvox audit {privacy,attacks}`: measure privacy instead of assuming it.
+"""`fedvox audit {privacy,attacks,node}`: measure privacy instead of assuming it.
 
 - `privacy` (simulations/audit_privacy.py): an empirical lower bound on a node's epsilon from
   gradient canaries in one training run, next to the epsilon its ledger claims;
 - `attacks` (simulations/audit_attacks.py): the membership attacks a curious server can run
-  on everything a node returns, over many independent runs, next to the DP limit.
+  on everything a node returns, over many independent runs, next to the DP limit;
+- `node` (simulations/audit_node.py): a hostile server drives a real deployed node (SuperLink,
+  SuperNode, warm SuperExec) with crafted messages; one row per attack, leaked or not.
 
 Each is its own module with `add_arguments(parser)` and `run(args) -> int`; top-level imports
 stay light (the CLI imports them to build its parser).
@@ -17,6 +19,7 @@ import importlib
 AUDITS: dict[str, tuple[str, str]] = {
     "privacy": ("simulations.audit_privacy", "empirical epsilon lower bound (gradient canaries)"),
     "attacks": ("simulations.audit_attacks", "a curious server's membership attacks (AUC, TPR)"),
+    "node": ("simulations.audit_node", "a hostile server against your own node config"),
 }
 
 

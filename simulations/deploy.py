@@ -211,9 +211,16 @@ class LocalDeployment:
         node.popen.wait(timeout=30)
 
     # -- runs -------------------------------------------------------------------------------
-    def run(self, config: dict[str, Any], timeout: float = 900, name: str = "run") -> RunOutcome:
-        """`fedvox run` (Flower's `flwr run`, waited for; exit code from the run's status)."""
-        argv = [sys.executable, "-m", "simulations.cli", "run", str(PROJECT_DIR), OPERATOR]
+    def run(
+        self,
+        config: dict[str, Any],
+        timeout: float = 900,
+        name: str = "run",
+        app_dir: Path = PROJECT_DIR,
+    ) -> RunOutcome:
+        """`fedvox run` (Flower's `flwr run`, waited for; exit code from the run's status) of
+        the app in `app_dir` (default: fedvox itself)."""
+        argv = [sys.executable, "-m", "simulations.cli", "run", str(app_dir), OPERATOR]
         argv += ["--stream", "-c", run_config_arg(config)]
         t0 = time.monotonic()
         rc, out = self.procs.run(name, argv, self.env, cwd=self.root, timeout=timeout)
