@@ -158,6 +158,16 @@ def _training_inputs(
     return x, y
 
 
+def _loader(dataset: TensorDataset, s: LocalTraining, private: bool) -> DataLoader:
+    """Shuffled batches; under DP Poisson batches from a fresh generator, q = 1 / steps, the
+    steps from the planned count (a node's released one), not the dataset's exact size."""
+    if not private:
+        return DataLoader(dataset, batch_size=s.batch_size, shuffle=True)
+    planned = s.planned_examples or len(dataset)
+    steps = steps_per_epoch(planned, s.batch_size)
+    return PoissonLoader(dataset, steps, expected_batch_size=planned / steps)
+
+
 def local_sgd(
     model: nn.Module,
     images: torch.Tensor,
@@ -182,12 +192,7 @@ def local_sgd(
     the non-private reference of the utility benchmark (epsilon = inf); history is empty.
     """
     s = settings
-    dataset = TensorDataset(images, labels)
-    loader = DataLoader(dataset, batch_size=s.batch_size, shuffle=True)
-    if noise_multiplier is not None:  # Poisson batches from a fresh generator, q = 1 / steps
-        planned = s.planned_examples or len(dataset)
-        steps = steps_per_epoch(planned, s.batch_size)
-        loader = PoissonLoader(dataset, steps, expected_batch_size=planned / steps)
+    loader = _loader(TensorDataset(images, labels), s, private=noise_multiplier is not None)
     optimizer = torch.optim.SGD(model.parameters(), lr=s.learning_rate, momentum=s.momentum)
     global_params = [p.detach().clone() for p in model.parameters()] if s.proximal_mu > 0 else []
     model.train()  # Opacus refuses a module in eval mode (e.g. after an evaluation)
