@@ -18,6 +18,7 @@ from common.privacy import (
     PrivacyRefusal,
     calibrate_noise_multiplier,
     compute_epsilon,
+    pinned_generators,
     release_noise,
     resolve_budget,
 )
@@ -138,17 +139,17 @@ def test_fedprox_proximal_step_pulls_towards_the_global_model(sgd):
         torch.manual_seed(0)
         model = build_model(2, 1, 2, width=4, depth=1)
         start = [p.detach().clone() for p in model.parameters()]
-        torch.manual_seed(1)
-        sgd(
-            model,
-            x,
-            y,
-            noise_multiplier=0.0,
-            epochs=3,
-            batch_size=16,
-            learning_rate=0.5,
-            proximal_mu=mu,
-        )
+        with pinned_generators(1):  # the same Poisson batches with and without the term
+            sgd(
+                model,
+                x,
+                y,
+                noise_multiplier=0.0,
+                epochs=3,
+                batch_size=16,
+                learning_rate=0.5,
+                proximal_mu=mu,
+            )
         pairs = zip(model.parameters(), start, strict=True)
         return sum(float((p.detach() - s).norm()) for p, s in pairs)
 
