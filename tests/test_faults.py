@@ -194,7 +194,8 @@ def test_no_reply_lost_and_no_lock_with_five_supernodes_on_one_store(dep):
 
 def test_the_shipped_node_toml_serves_more_than_one_default_run():
     budget = node_toml_budget()
-    assert budget["max_epsilon"] >= 3 * budget["target_epsilon"], budget  # docs: 3 runs
+    # Even by adding epsilons 3 runs fit; composed by the accountant more do (fedvox budget).
+    assert budget["max_epsilon"] >= 3 * budget["target_epsilon"], budget
 
 
 # -- in process: the real ServerApp and ClientApp ---------------------------------------------
