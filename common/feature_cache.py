@@ -37,6 +37,9 @@ def memoised(
     never share an entry); `compute` must be a fixed function of each case alone, run on at
     most `chunk` cases at a time without gradients."""
     x = x.detach()
+    if len(x) == 0:  # Poisson sampling draws empty batches; FFTs refuse them, so shape by one
+        with torch.no_grad():
+            return compute(x.new_zeros((1, *x.shape[1:])))[:0].cpu().to(x.device)
     keys = [_key(tag, case) for case in x]
     rows = {k: _CACHE[k] for k in keys if k in _CACHE}
     missing = [i for i, k in enumerate(keys) if k not in rows]

@@ -90,6 +90,14 @@ def test_features_are_memoised_per_case_and_identical():
     assert not torch.equal(other.features(x), first) and len(feature_cache._CACHE) == 4
 
 
+@pytest.mark.parametrize("arch, size", [("filterbank-3d", (16, 16, 16)), ("scatter-cnn", (28, 28))])
+def test_an_empty_poisson_batch_passes_through_a_memoised_front_end(arch, size):
+    """Poisson sampling draws empty batches on small sites; the model must answer one."""
+    model = build_model(len(size), 1, 2, arch=arch, image_size=size)
+    out = model(torch.zeros(0, 1, *size))
+    assert out.shape == (0, 2)
+
+
 def test_filterbank_trains_under_real_dp_sgd_on_organ_nifti(tmp_path: Path, sgd):
     # Small: 40 organ masks written at 32^3 (2 mm voxels), read back and trained at 16^3.
     make_phantom_sites(
