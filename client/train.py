@@ -110,7 +110,9 @@ def augment(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Random small affine per case (shift up to `shift` of the size, rotation, zoom), 2D or 3D.
 
-    Batched with torch's affine_grid/grid_sample so it costs ~nothing next to a DP step.
+    Batched with torch's affine_grid/grid_sample so it costs ~nothing next to a DP step;
+    MONAI's RandAffine draws and warps one case at a time, which is far slower on a 2D batch
+    (docs/benchmarks.md, "Own code where a library exists").
     It changes the inputs, not the sampling: each case still contributes one clipped
     gradient per step, so the privacy accounting is unaffected. Label maps (segmentation:
     `labels` with the images' spatial shape) move with their image (nearest neighbour,

@@ -2,6 +2,12 @@
 
 Used by `fedvox prepare` (common/datasets.py) and the phantoms (simulations/phantoms.py).
 Everything is drawn from the caller's seed / generator: the same call gives the same split.
+
+Why not flwr-datasets' partitioners: they work on Hugging Face `datasets` objects, and
+installing them adds about twenty packages (datasets, pyarrow, pandas, huggingface_hub,
+aiohttp, ...) that no hospital node needs, to split an in-memory label array; and a split here
+must also guarantee every hospital a minimum of cases. docs/benchmarks.md, "Own code where a
+library exists".
 """
 
 from __future__ import annotations
