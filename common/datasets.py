@@ -14,7 +14,6 @@ volumes larger than 32³ it is 32³ (`common.site.auto_input_size`).
 
 from __future__ import annotations
 
-import csv
 import functools
 import hashlib
 import importlib.metadata
@@ -24,7 +23,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-import nibabel as nib
 import numpy as np
 
 from common.partition import local_val_split, partition_indices
@@ -101,34 +99,25 @@ def write_site(
         )
     if len(images) != len(labels) or (splits is not None and len(splits) != len(labels)):
         raise ValueError(f"{site_dir}: images, labels and splits must have the same length")
-    (site_dir / "images").mkdir(parents=True, exist_ok=True)
-    affine = np.eye(4)
-    rows = []
-    pairs = enumerate(zip(images, labels, strict=True))
-    for i, (image, label) in track(pairs, f"writing {site_dir.name}", total=len(labels)):
-        case = f"{prefix}-{i + 1:06d}"
-        nifti = nib.Nifti1Image(np.ascontiguousarray(image.T), affine)
-        nifti.header.set_xyzt_units("mm")
-        nifti.set_qform(affine, code=1)
-        nifti.set_sform(affine, code=1)
-        nib.save(nifti, site_dir / "images" / f"{case}.nii.gz")
-        rows.append([case, int(label)] + ([splits[i]] if splits is not None else []))
-    with open(site_dir / "labels.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["case", "label"] + (["split"] if splits is not None else []))
-        w.writerows(rows)
     from common.site.spec import auto_input_size  # torch-heavy package: only when writing
+    from common.site.writer import new_site
 
-    meta = {
-        "task": "classification",
-        "class_names": list(class_names),
-        "modality": modality,
-        "spatial_dims": images.ndim - 1,
-        # the model input: the written size, except 3D volumes larger than 32^3 (trained at
-        # 32^3 unless the run config's image-size says otherwise; see common/site/spec.py)
-        "image_size": list(auto_input_size(images.shape[1:][::-1])),
-    }
-    (site_dir / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
+    affine = np.eye(4)
+    pairs = enumerate(zip(images, labels, strict=True))
+    with new_site(site_dir) as writer:
+        for i, (image, label) in track(pairs, f"writing {site_dir.name}", total=len(labels)):
+            split = splits[i] if splits is not None else None
+            writer.add_arrays(f"{prefix}-{i + 1:06d}", image.T, affine, label=label, split=split)
+        meta = {
+            "task": "classification",
+            "class_names": list(class_names),
+            "modality": modality,
+            "spatial_dims": images.ndim - 1,
+            # the model input: the written size, except 3D volumes larger than 32^3 (trained at
+            # 32^3 unless the run config's image-size says otherwise; see common/site/spec.py)
+            "image_size": list(auto_input_size(images.shape[1:][::-1])),
+        }
+        writer.commit(meta)
 
 
 def write_hospital(

@@ -17,7 +17,7 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("client.validate", "check a hospital data folder and report every bad file"),
     "prepare": ("simulations.prepare", "write hospital folders + holdout from an npz or phantoms"),
-    "import": ("client.importer", "DICOM export or nnU-Net/MSD dataset -> a hospital folder"),
+    "import": ("client.importers.cli", "DICOM export or nnU-Net/MSD dataset -> a hospital folder"),
     "certs": ("common.certs", "create a CA, server certificate and hospital node keys"),
     "bench": ("simulations.bench", "speed and utility benchmarks (JSON + table)"),
     "predict": ("simulations.predict", "apply a run's model to NIfTI scans (+ saliency maps)"),

@@ -14,13 +14,10 @@ axial slices of the same generator; see the lung-ct section below.
 
 from __future__ import annotations
 
-import csv
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
 from common.datasets import class_counts, write_hospital, write_site
@@ -323,33 +320,23 @@ def write_segmentation_site(
     """images/<case>.nii.gz (int16 HU) + masks/<case>.nii.gz (uint8) on one affine per case,
     labels.csv (`case[,split]`) and dataset.json ("task": "segmentation").
     Arrays are (X, Y[, Z]) with voxel sizes in mm: written as they are, diagonal affine."""
-    site_dir = Path(site_dir)
-    (site_dir / "images").mkdir(parents=True, exist_ok=True)
-    (site_dir / "masks").mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i, (image, mask, spacing) in enumerate(cases):
-        case = f"case-{i + 1:06d}"
-        affine = np.diag([*spacing, *([1.0] * (3 - len(spacing))), 1.0])
-        for sub, arr in (("images", np.rint(image).astype(np.int16)), ("masks", mask)):
-            nifti = nib.Nifti1Image(np.ascontiguousarray(arr), affine)
-            nifti.header.set_xyzt_units("mm")
-            nifti.set_qform(affine, code=1)
-            nifti.set_sform(affine, code=1)
-            nib.save(nifti, site_dir / sub / f"{case}.nii.gz")
-        rows.append([case] + ([splits[i]] if splits is not None else []))
-    with open(site_dir / "labels.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["case"] + (["split"] if splits is not None else []))
-        w.writerows(rows)
-    meta = {
-        "task": "segmentation",
-        "class_names": list(class_names),
-        "always_present": list(always_present),
-        "modality": modality,
-        "spatial_dims": len(image_size),
-        "image_size": list(image_size),
-    }
-    (site_dir / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
+    from common.site.writer import new_site  # torch-heavy package: only when writing
+
+    with new_site(Path(site_dir)) as writer:
+        for i, (image, mask, spacing) in enumerate(cases):
+            affine = np.diag([*spacing, *([1.0] * (3 - len(spacing))), 1.0])
+            split = splits[i] if splits is not None else None
+            image = np.rint(image).astype(np.int16)
+            writer.add_arrays(f"case-{i + 1:06d}", image, affine, mask=mask, split=split)
+        meta = {
+            "task": "segmentation",
+            "class_names": list(class_names),
+            "always_present": list(always_present),
+            "modality": modality,
+            "spatial_dims": len(image_size),
+            "image_size": list(image_size),
+        }
+        writer.commit(meta)
 
 
 def _make_segmentation_sites(

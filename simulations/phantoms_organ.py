@@ -22,8 +22,6 @@ Difficulty knobs are the constants below; `fedvox prepare --phantom organ-3d` wr
 
 from __future__ import annotations
 
-import csv
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -205,39 +203,29 @@ def write_organ_site(
     modality: str,
 ) -> None:
     """images/<case>.nii.gz stored in the site's orientation + labels.csv + dataset.json."""
-    import nibabel as nib
     from nibabel import orientations as ornt
 
     from common.site.spec import auto_input_size
+    from common.site.writer import new_site  # torch-heavy package: only when writing
 
-    site_dir = Path(site_dir)
-    (site_dir / "images").mkdir(parents=True, exist_ok=True)
     shape = volumes.shape[1:]
     ras = np.diag([*site.spacing, 1.0])
     ras[:3, 3] = -(np.asarray(shape) - 1) / 2 * np.asarray(site.spacing)
     to_site = ornt.ornt_transform(ornt.axcodes2ornt("RAS"), ornt.axcodes2ornt(site.axcodes))
     affine = ras @ ornt.inv_ornt_aff(to_site, shape)
-    rows = []
-    for i, (vol, label) in enumerate(zip(volumes, labels, strict=True)):
-        case = f"case-{i + 1:06d}"
-        img = nib.Nifti1Image(np.ascontiguousarray(ornt.apply_orientation(vol, to_site)), affine)
-        img.header.set_xyzt_units("mm")
-        img.set_qform(affine, code=1)
-        img.set_sform(affine, code=1)
-        nib.save(img, site_dir / "images" / f"{case}.nii.gz")
-        rows.append([case, int(label)] + ([splits[i]] if splits is not None else []))
-    with open(site_dir / "labels.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["case", "label"] + (["split"] if splits is not None else []))
-        w.writerows(rows)
-    meta = {
-        "task": "classification",
-        "class_names": list(ORGAN_CLASSES),
-        "modality": modality,
-        "spatial_dims": 3,
-        "image_size": list(auto_input_size(shape)),  # 32^3 for 64^3, as for any 3D data
-    }
-    (site_dir / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
+    with new_site(Path(site_dir)) as writer:
+        for i, (vol, label) in enumerate(zip(volumes, labels, strict=True)):
+            split = splits[i] if splits is not None else None
+            stored = ornt.apply_orientation(vol, to_site)
+            writer.add_arrays(f"case-{i + 1:06d}", stored, affine, label=label, split=split)
+        meta = {
+            "task": "classification",
+            "class_names": list(ORGAN_CLASSES),
+            "modality": modality,
+            "spatial_dims": 3,
+            "image_size": list(auto_input_size(shape)),  # 32^3 for 64^3, as for any 3D data
+        }
+        writer.commit(meta)
 
 
 def organ_sites(

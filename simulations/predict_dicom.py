@@ -25,10 +25,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from client import dicom_scan
-from client.dicom_convert import ConversionFailed, convert_series, converter
-from client.import_dicom import SITE_MODALITY, Series, _group, _modalities, _select
-from client.import_site import ImportInputError
+from client.importers import dicom_scan
+from client.importers.dicom import SITE_MODALITY, Series, _group, _modalities, _select
+from client.importers.dicom_convert import ConversionFailed, convert_series, converter
+from client.importers.site import ImportInputError
 from common.predict import InputError, Predictor, predict_file
 from common.site.index import NIFTI_SUFFIXES
 

@@ -336,10 +336,10 @@ def test_bad_inputs_name_the_folder_or_setting(export, tmp_path, capsys):
 
 
 def test_an_import_killed_halfway_is_completed_by_the_next(export, tmp_path, capsys, monkeypatch):
-    import client.import_site as import_site
+    import common.site.writer as site_writer
 
     _import(export, tmp_path, "--modality", "CT", capsys=capsys)
-    real_move, moved = import_site._move, []
+    real_move, moved = site_writer._move, []
 
     def crash_on_second(src, dst):  # fault injection: the process dies after one file
         if moved:
@@ -347,12 +347,12 @@ def test_an_import_killed_halfway_is_completed_by_the_next(export, tmp_path, cap
         moved.append(dst)
         real_move(src, dst)
 
-    monkeypatch.setattr(import_site, "_move", crash_on_second)
+    monkeypatch.setattr(site_writer, "_move", crash_on_second)
     code, out = _import(
         export, tmp_path, "--modality", "CT", "--series-description", "thorax|lung", capsys=capsys
     )
     assert code == 2 and "simulated crash" in out and len(moved) == 1
-    monkeypatch.setattr(import_site, "_move", real_move)
+    monkeypatch.setattr(site_writer, "_move", real_move)
     code, out = _import(
         export, tmp_path, "--modality", "CT", "--series-description", "thorax|lung", capsys=capsys
     )

@@ -79,7 +79,7 @@ def _edit_positions(files, change) -> None:
     ],
 )
 def test_stack_checks_name_orientation_spacing_position_and_tilt(tmp_path, kind, reason):
-    from client.dicom_scan import read_file, series_problem
+    from client.importers.dicom_scan import read_file, series_problem
 
     w = write_volume(tmp_path / "s", slices=8, slice_step=2.5, **OBLIQUE)
     normal = np.cross(w.row_dir, w.col_dir)

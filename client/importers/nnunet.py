@@ -31,8 +31,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from client.import_site import ImportInputError, ImportReport, StagedCase, open_site
+from client.importers.site import ImportInputError, ImportReport
 from common.site.checks import AFFINE_TOLERANCE
+from common.site.writer import StagedCase, open_site
 from common.transforms import effective_shape
 
 TOOL = "fedvox import nnunet"

@@ -23,7 +23,7 @@ import secrets
 import stat
 from pathlib import Path
 
-from client.import_site import ImportInputError
+from client.importers.site import ImportInputError
 from common.files import atomic_write_text, fsync_dir
 from common.paths import fedvox_home
 

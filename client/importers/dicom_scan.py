@@ -1,14 +1,14 @@
 """Reading a DICOM export's headers and deciding which series can become a fedvox case.
 
 pydicom reads every file once (the pixel bytes are read, never decoded: decoding, orientation,
-slice order, rescaling to HU is the converter's job, see client/dicom_convert.py). What is kept
-per file is the handful of attributes the checks below need. A series is skipped, with one
-reason, when it is not an original image acquisition of the wanted modality (structured reports,
-secondary captures, derived reformats, localisers / scouts) or when it cannot be one volume:
-inconsistent orientation, slices that share a position (echoes, phases, time points), slices not
-stacked along their normal (gantry tilt), missing slices or uneven spacing. The converter could
-paper over some of these (dcm2niix re-grids tilted or unevenly spaced stacks into extra files); a
-training set should rather not contain them silently.
+slice order, rescaling to HU is the converter's job, see client/importers/dicom_convert.py).
+What is kept per file is the handful of attributes the checks below need. A series is skipped,
+with one reason, when it is not an original image acquisition of the wanted modality (structured
+reports, secondary captures, derived reformats, localisers / scouts) or when it cannot be one
+volume: inconsistent orientation, slices that share a position (echoes, phases, time points),
+slices not stacked along their normal (gantry tilt), missing slices or uneven spacing. The
+converter could paper over some of these (dcm2niix re-grids tilted or unevenly spaced stacks
+into extra files); a training set should rather not contain them silently.
 """
 
 from __future__ import annotations

@@ -26,7 +26,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from client.import_site import ImportInputError
+from client.importers.site import ImportInputError
+from common.site.writer import save_nifti
 
 # -z n: we gzip ourselves (deterministic bytes); -x n: never crop; -w 1: overwrite in the temp
 # folder; -l o: keep the stored integers as they are (scaling goes to scl_slope/scl_inter).
@@ -75,17 +76,9 @@ def _clean_copy(src: Path, dest: Path) -> tuple[int, ...]:
         shape = shape[:-1]
     if len(shape) > 3:
         raise ConversionFailed(f"the converter made a {len(shape)}D series {shape}, not one volume")
-    raw = raw.reshape(shape)
-    header = nib.Nifti1Header()
-    header.set_data_dtype(raw.dtype)
-    out = nib.Nifti1Image(raw, img.affine, header)
-    qcode, scode = int(img.header["qform_code"]) or 1, int(img.header["sform_code"]) or 1
-    out.set_qform(img.affine, code=qcode)
-    out.set_sform(img.affine, code=scode)
-    out.header.set_xyzt_units("mm")
-    slope, inter = img.dataobj.slope, img.dataobj.inter
-    out.header.set_slope_inter(float(slope), float(inter))
-    nib.save(out, dest)
+    codes = (int(img.header["qform_code"]) or 1, int(img.header["sform_code"]) or 1)
+    scaling = (float(img.dataobj.slope), float(img.dataobj.inter))
+    save_nifti(dest, raw.reshape(shape), img.affine, codes=codes, scaling=scaling)
     return shape
 
 

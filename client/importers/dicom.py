@@ -1,6 +1,6 @@
 """`fedvox import dicom`: a PACS export (a tree of DICOM files) -> a hospital site.
 
-1. Read every file's header (client/dicom_scan.py); group files into series by
+1. Read every file's header (client/importers/dicom_scan.py); group files into series by
    SeriesInstanceUID and series into studies by StudyInstanceUID.
 2. Check each series (modality, localiser/scout, derived, secondary capture, one evenly spaced
    stack...). A study is one case: it needs exactly one usable series. With more than one
@@ -9,10 +9,10 @@
    `--series-description REGEX` narrows the candidates.
 3. Label each study from `--labels` (a CSV keyed by `accession` or `study_uid`); a study
    without a row is reported and not imported: no label is ever invented.
-4. Convert each chosen series with dcm2niix (client/dicom_convert.py) and add it to the site
-   (client/import_site.py). Case ids are keyed hashes of the StudyInstanceUID
-   (client/import_state.py); the report names series by case id, series number, modality and
-   description, never by UID, name or accession.
+4. Convert each chosen series with dcm2niix (client/importers/dicom_convert.py) and add it to
+   the site (the one site writer, common/site/writer.py). Case ids are keyed hashes of the
+   StudyInstanceUID (client/importers/state.py); the report names series by case id, series
+   number, modality and description, never by UID, name or accession.
 """
 
 from __future__ import annotations
@@ -23,10 +23,11 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from client import dicom_scan
-from client.dicom_convert import ConversionFailed, convert_series, converter
-from client.import_site import ImportInputError, ImportReport, SiteWriter, StagedCase, open_site
-from client.import_state import case_id, check_state_dir, load_salt, update_mapping
+from client.importers import dicom_scan
+from client.importers.dicom_convert import ConversionFailed, convert_series, converter
+from client.importers.site import ImportInputError, ImportReport
+from client.importers.state import case_id, check_state_dir, load_salt, update_mapping
+from common.site.writer import SiteWriter, StagedCase, open_site
 
 TOOL = "fedvox import dicom"
 LABEL_KEYS = ("accession", "study_uid")
