@@ -36,6 +36,12 @@ class Metric:
     # binary classification, for the model card's bootstrap: (p (R, N) class-1 probabilities,
     # y (R, N) labels, threshold) -> (R,) values of R resamples at once; None = `compute` each
     resampled: Callable[[np.ndarray, np.ndarray, float], np.ndarray] | None = None
+    # a hospital's local value, computed by the server from its DP release
+    # (common/validation.py): binary, from the noisy margin histograms (negatives, positives,
+    # the bins called positive or None without a threshold; None = not without one); more
+    # classes, from the noisy (label, prediction) confusion matrix. None = not released.
+    from_histograms: Callable[[np.ndarray, np.ndarray, Any], float | None] | None = None
+    from_confusion: Callable[[np.ndarray], float] | None = None
 
     def applies(self, num_classes: int) -> bool:
         return not self.binary_only or num_classes == 2
@@ -63,9 +69,13 @@ def for_task(task: str, num_classes: int | None = None) -> list[Metric]:
     ]
 
 
+def best_metric(task: str) -> Metric:
+    return next(m for m in for_task(task) if m.best)
+
+
 def best_key(task: str) -> str:
     """The summary key checkpoints/best.pt is chosen by ("auc", "dice-mean")."""
-    best = next(m for m in for_task(task) if m.best)
+    best = best_metric(task)
     return f"{best.name}-mean" if task == SEGMENTATION else best.name
 
 
@@ -163,6 +173,38 @@ def _accuracy_resampled(p: np.ndarray, y: np.ndarray, threshold: float) -> np.nd
     return ((p >= threshold) == (y == 1)).mean(1)
 
 
+def histogram_auc(neg: np.ndarray, pos: np.ndarray, above: Any = None) -> float:
+    """AUC of margin histograms (Mann-Whitney; cases in one bin count as ties)."""
+    if neg.sum() < 1 or pos.sum() < 1:
+        return math.nan
+    below = np.concatenate([[0.0], np.cumsum(neg)[:-1]])
+    value = np.sum(pos * (below + 0.5 * neg)) / (neg.sum() * pos.sum())
+    return float(np.clip(value, 0.0, 1.0))
+
+
+def _rate(x: float, n: float) -> float:
+    """A noisy count over a noisy count, clipped to [0, 1] (NaN below one case)."""
+    return float(np.clip(x / n, 0.0, 1.0)) if n >= 1 else math.nan
+
+
+def _histogram_sensitivity(neg: np.ndarray, pos: np.ndarray, above: Any) -> float | None:
+    return None if above is None else _rate(pos[above].sum(), pos.sum())
+
+
+def _histogram_specificity(neg: np.ndarray, pos: np.ndarray, above: Any) -> float | None:
+    return None if above is None else _rate(neg.sum() - neg[above].sum(), neg.sum())
+
+
+def _histogram_accuracy(neg: np.ndarray, pos: np.ndarray, above: Any) -> float | None:
+    if above is None:
+        return None
+    return _rate(pos[above].sum() + neg.sum() - neg[above].sum(), pos.sum() + neg.sum())
+
+
+def _confusion_accuracy(c: np.ndarray) -> float:
+    return float(np.clip(np.trace(c) / c.sum(), 0.0, 1.0)) if c.sum() >= 1 else math.nan
+
+
 def dice(pred: Any, target: Any) -> Any:
     """MONAI's per-case Dice of each foreground class; NaN where the case lacks the class
     (ignore_empty), so a mean is over the cases that have the structure."""
@@ -172,8 +214,24 @@ def dice(pred: Any, target: Any) -> Any:
 
 
 for _metric in (
-    Metric("auc", "AUC", CLASSIFICATION, auc, best=True, resampled=_auc_resampled),
-    Metric("accuracy", "accuracy", CLASSIFICATION, accuracy, resampled=_accuracy_resampled),
+    Metric(
+        "auc",
+        "AUC",
+        CLASSIFICATION,
+        auc,
+        best=True,
+        resampled=_auc_resampled,
+        from_histograms=histogram_auc,
+    ),
+    Metric(
+        "accuracy",
+        "accuracy",
+        CLASSIFICATION,
+        accuracy,
+        resampled=_accuracy_resampled,
+        from_histograms=_histogram_accuracy,
+        from_confusion=_confusion_accuracy,
+    ),
     Metric(
         "sensitivity",
         "sensitivity",
@@ -181,6 +239,7 @@ for _metric in (
         sensitivity,
         binary_only=True,
         resampled=_sensitivity_resampled,
+        from_histograms=_histogram_sensitivity,
     ),
     Metric(
         "specificity",
@@ -189,6 +248,7 @@ for _metric in (
         specificity,
         binary_only=True,
         resampled=_specificity_resampled,
+        from_histograms=_histogram_specificity,
     ),
     Metric("dice", "Dice", SEGMENTATION, dice, best=True),
 ):
