@@ -10,6 +10,7 @@ builders import their modules only when called: `common.config` reads this witho
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +26,7 @@ class ModelEntry:
     default) and depth (`common.tasks.ModelSpec`)."""
 
     name: str
-    builders: Mapping[str, Callable[[Any], Any]]
+    builders: Mapping[str, Callable[[Any], Any] | str]  # or "module:function"
     spatial_dims: tuple[int, ...] = (2, 3)
     summary: str = ""  # for people: what it is, as in "model=... <summary>"
     releases_statistic: bool = False  # nodes release a DP data statistic with the weights
@@ -83,63 +84,32 @@ def build(task: str, spec: Any) -> Any:
             f'model="{entry.name}" is for {data}; these are {spec.spatial_dims}D '
             f"(use {_quoted(serving(task, spec.spatial_dims))})"
         )
-    return entry.builders[task](spec)
+    builder = entry.builders[task]
+    if isinstance(builder, str):
+        module, _, function = builder.partition(":")
+        builder = getattr(importlib.import_module(module), function)
+    return builder(spec)
 
 
 def _quoted(names: list[str]) -> str:
     return " or ".join(f'model="{n}"' for n in names) or "another model"
 
 
-# -- fedvox's own models (imports inside the builders keep this module torch-free) ----------
-
-
-def _cnn(spec: Any) -> Any:
-    from common.models import CNN, default_width
-
-    width = spec.width or default_width(spec.spatial_dims)
-    return CNN(spec.spatial_dims, spec.in_channels, spec.num_classes, width, spec.depth)
-
-
-def _unet(spec: Any) -> Any:
-    from common.unet import build_unet
-
-    return build_unet(spec.spatial_dims, spec.in_channels, spec.num_classes, spec.width)
-
-
-def _scatter_cnn(spec: Any) -> Any:
-    from common.models import ScatterCNN
-
-    if spec.image_size is None or len(spec.image_size) != 2:
-        raise ValueError(f'model="scatter-cnn" is for 2D images; got size {spec.image_size}')
-    return ScatterCNN(tuple(spec.image_size), spec.in_channels, spec.num_classes, spec.width or 32)
-
-
-def _filterbank_3d(spec: Any) -> Any:
-    from common.filterbank3d import FilterBank3D
-
-    if spec.image_size is None or len(spec.image_size) != 3:
-        raise ValueError(f'model="filterbank-3d" is for 3D volumes; got size {spec.image_size}')
-    return FilterBank3D(tuple(spec.image_size), spec.in_channels, spec.num_classes)
-
-
-def _slice_unet(spec: Any) -> Any:
-    from common.unet import SliceUNet
-
-    return SliceUNet(spec.in_channels, spec.num_classes, spec.width)
-
+# -- fedvox's own models: "module:function" builders, imported on first use (this module stays
+# torch-free, and the model modules may import it without a cycle)
 
 # "cnn" is two networks: a classifier CNN, and for segmentation the U-Net of the same blocks.
 register(
     ModelEntry(
         "cnn",
-        {"classification": _cnn, "segmentation": _unet},
+        {"classification": "common.models:cnn", "segmentation": "common.unet:unet"},
         summary="is a CNN classifier or, for segmentation, a U-Net",
     )
 )
 register(
     ModelEntry(
         "scatter-cnn",
-        {"classification": _scatter_cnn},
+        {"classification": "common.models:scatter_cnn"},
         spatial_dims=(2,),
         summary="classifies 2D images (fixed scattering + a small CNN)",
     )
@@ -150,7 +120,7 @@ register(
 register(
     ModelEntry(
         "filterbank-3d",
-        {"classification": _filterbank_3d},
+        {"classification": "common.models:filterbank_3d"},
         spatial_dims=(3,),
         summary="classifies 3D volumes (fixed filter statistics + a linear head)",
         releases_statistic=True,
@@ -161,7 +131,7 @@ register(
 register(
     ModelEntry(
         "slice-unet",
-        {"segmentation": _slice_unet},
+        {"segmentation": "common.unet:slice_unet"},
         spatial_dims=(3,),
         summary="segments 3D volumes (a 2D U-Net over axial slices)",
     )

@@ -20,6 +20,7 @@ branches on dimensionality.
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 from torch import nn
@@ -135,6 +136,26 @@ class ScatterCNN(nn.Module):
 def default_width(spatial_dims: int) -> int:
     """32/64/128 channels in 2D; 16/32/64 in 3D, where activations are ~Z times larger."""
     return 32 if spatial_dims == 2 else 16
+
+
+def cnn(spec: Any) -> nn.Module:
+    """model="cnn" for classification (`spec`: common/model_registry.py `ModelEntry`)."""
+    width = spec.width or default_width(spec.spatial_dims)
+    return CNN(spec.spatial_dims, spec.in_channels, spec.num_classes, width, spec.depth)
+
+
+def scatter_cnn(spec: Any) -> nn.Module:
+    if spec.image_size is None or len(spec.image_size) != 2:
+        raise ValueError(f'model="scatter-cnn" is for 2D images; got size {spec.image_size}')
+    return ScatterCNN(tuple(spec.image_size), spec.in_channels, spec.num_classes, spec.width or 32)
+
+
+def filterbank_3d(spec: Any) -> nn.Module:
+    from common.filterbank3d import FilterBank3D  # 3D only: keep 2D imports light
+
+    if spec.image_size is None or len(spec.image_size) != 3:
+        raise ValueError(f'model="filterbank-3d" is for 3D volumes; got size {spec.image_size}')
+    return FilterBank3D(tuple(spec.image_size), spec.in_channels, spec.num_classes)
 
 
 def build_model(
