@@ -46,8 +46,8 @@ from client.releases import settle_releases
 from client.secagg import secagg_mod
 from client.statistics import ensure_statistics
 from client.train import LocalTraining, local_sgd
+from common import model_registry
 from common.files import atomic_write
-from common.filterbank3d import STATISTICS_MODELS
 from common.privacy import PrivacyRefusal
 from common.protocol import FAILED, OK, REFUSED, reply
 from common.site import SiteData
@@ -144,7 +144,7 @@ def _open_gate(node: Node, num_train: int) -> tuple[PrivacyGate, dict]:
     gate = PrivacyGate.open(
         node.state_dir, node.plan.run_uid, node.cfg, node.policy, num_train, node.plan.total_rounds
     )
-    statistics = node.cfg.model in STATISTICS_MODELS
+    statistics = model_registry.get(node.cfg.model).releases_statistic
     terms = node.privacy_terms()
     return gate, gate.plan(num_train, terms, node.planned_steps, statistics)
 

@@ -17,27 +17,23 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from common import recipes
+from common import model_registry, recipes, strategy_registry
+from common.config_values import (
+    ConfigError,
+    at_least_zero,
+    choice,
+    coerce,
+    dashed,
+    in_range,
+    positive_float,
+    positive_int,
+    undashed,
+)
 from common.recipes import AUTO, AUTO_KEYS
 
-STRATEGIES = (
-    "fedavg",
-    "fedprox",
-    "fedadam",
-    "fedyogi",
-    "fedadagrad",
-    "fedavgm",
-    "fedmedian",
-    "fedtrimmedavg",
-)
 ACCOUNTANTS = ("rdp", "prv")  # Opacus' approximate "gdp" under-reports epsilon: never offered
 SCHEDULES = ("constant", "cosine")
 LOCAL_EVALUATION = ("last", "every")  # rounds in which hospitals release validation counts
-MODELS = ("cnn", "scatter-cnn", "filterbank-3d", "slice-unet")
-
-
-class ConfigError(ValueError):
-    """A bad config value; the message names the key and what it accepts (safe to send)."""
 
 
 @dataclass(frozen=True)
@@ -107,7 +103,7 @@ class RunConfig:
         values = {
             f.name: AUTO
             if key in AUTO_KEYS and raw[key] == AUTO
-            else _coerce(key, raw[key], f.type.split(" |")[0])
+            else coerce(key, raw[key], f.type.split(" |")[0])
             for key, f in known.items()
             if key in raw
         }
@@ -118,7 +114,7 @@ class RunConfig:
     # -- "auto" keys ----------------------------------------------------------------------
     @property
     def is_resolved(self) -> bool:
-        return all(getattr(self, _undashed(k)) != AUTO for k in AUTO_KEYS)
+        return all(getattr(self, undashed(k)) != AUTO for k in AUTO_KEYS)
 
     def resolved(self, task: str, spatial_dims: int) -> RunConfig:
         """Every "auto" key filled by the recipe for `task` in `spatial_dims` dimensions."""
@@ -136,7 +132,7 @@ class RunConfig:
 
     def recipe_values(self) -> dict[str, Any]:
         """The resolved values of the "auto"-able keys (what the server sends to nodes)."""
-        return {k: getattr(self, _undashed(k)) for k in AUTO_KEYS}
+        return {k: getattr(self, undashed(k)) for k in AUTO_KEYS}
 
     def as_dict(self) -> dict[str, Any]:
         """Dashed keys, as in pyproject.toml (what summary.json records)."""
@@ -145,45 +141,38 @@ class RunConfig:
     def check(self) -> None:
         """Every range and choice; raises ConfigError naming the first bad key ("auto" keys
         are checked once resolved)."""
-        placeholders = {_undashed(k): PLACEHOLDERS[k] for k in AUTO_KEYS}
+        placeholders = {undashed(k): PLACEHOLDERS[k] for k in AUTO_KEYS}
         self = replace(self, **{k: v for k, v in placeholders.items() if getattr(self, k) == AUTO})
-        _positive_int(self, "num_server_rounds", "local_epochs", "batch_size", "min_nodes")
-        _at_least_zero(self, "total_rounds", "max_physical_batch", "finetune_epochs")
-        _at_least_zero(self, "model_width", "seed", "demo_hospitals")
-        _positive_int(self, "model_depth")
-        _positive_float(self, "max_grad_norm", "round_timeout", "demo_alpha")
+        positive_int(self, "num_server_rounds", "local_epochs", "batch_size", "min_nodes")
+        at_least_zero(self, "total_rounds", "max_physical_batch", "finetune_epochs")
+        at_least_zero(self, "model_width", "seed", "demo_hospitals")
+        positive_int(self, "model_depth")
+        positive_float(self, "max_grad_norm", "round_timeout", "demo_alpha")
         if not (self.structure_weight >= 1 and math.isfinite(self.structure_weight)):
             raise ConfigError(f"structure-weight={self.structure_weight}: expected a number >= 1")
-        _at_least_zero(self, "learning_rate")  # 0 = weights stay (tests use it as a probe)
-        _positive_float(self, "server_learning_rate")
+        at_least_zero(self, "learning_rate")  # 0 = weights stay (tests use it as a probe)
+        positive_float(self, "server_learning_rate")
         for key in ("momentum", "server_momentum"):
-            _in_range(self, key, 0.0, 1.0, high_open=True)
-        _in_range(self, "trim_beta", 0.0, 0.5, high_open=True)
-        _at_least_zero(self, "proximal_mu")
-        _choice(self, "strategy", STRATEGIES)
+            in_range(self, key, 0.0, 1.0, high_open=True)
+        in_range(self, "trim_beta", 0.0, 0.5, high_open=True)
+        at_least_zero(self, "proximal_mu")
+        choice(self, "strategy", strategy_registry.names())
         _check_secure_aggregation(self)
-        _choice(self, "accountant", ACCOUNTANTS)
-        _choice(self, "learning_rate_schedule", SCHEDULES)
-        _choice(self, "local_evaluation", LOCAL_EVALUATION)
-        _choice(self, "model", MODELS)
-        if self.model == "filterbank-3d" and self.strategy in SERVER_OPTIMISERS:
-            # its released feature mean travels with the weights: a server optimiser's step
-            # (Adam, momentum) would move it away from the mean instead of averaging it
-            raise ConfigError(
-                f'strategy="{self.strategy}" with model="filterbank-3d": its feature mean must be '
-                'averaged, not stepped; use strategy="fedavg", "fedprox", "fedmedian" or '
-                '"fedtrimmedavg"'
-            )
+        choice(self, "accountant", ACCOUNTANTS)
+        choice(self, "learning_rate_schedule", SCHEDULES)
+        choice(self, "local_evaluation", LOCAL_EVALUATION)
+        choice(self, "model", model_registry.names())
+        _check_server_optimiser(self)
         if not (self.target_epsilon > 0 and math.isfinite(self.target_epsilon)):
             raise ConfigError(
                 f"target-epsilon={self.target_epsilon}: expected a positive finite number"
             )
-        _in_range(self, "target_delta", 0.0, 1.0, low_open=True, high_open=True)
+        in_range(self, "target_delta", 0.0, 1.0, low_open=True, high_open=True)
         for key in ("data_dir", "holdout_dir", "output_dir", "resume_from", "state_dir"):
             value = getattr(self, key)
             if value and not Path(value).expanduser().is_absolute():
                 raise ConfigError(
-                    f"{_dashed(key)}={value!r} is a relative path; Flower runs apps in the "
+                    f"{dashed(key)}={value!r} is a relative path; Flower runs apps in the "
                     "SuperLink's working directory, so give an absolute path"
                 )
         if "/" in self.run_name or self.run_name in (".", ".."):
@@ -264,12 +253,12 @@ class NodePolicy:
             value = raw.get(key)
             if value is None or value == "":
                 continue
-            values[f.name] = _coerce(f"node config {key}", value, f.type.split(" |")[0])
+            values[f.name] = coerce(f"node config {key}", value, f.type.split(" |")[0])
         policy = cls(**values)
         for key in ("max_epsilon", "delta"):
             value = getattr(policy, key)
             if value is not None and not (value > 0 and math.isfinite(value)):
-                raise ConfigError(f"node config {_dashed(key)}={value}: expected a positive number")
+                raise ConfigError(f"node config {dashed(key)}={value}: expected a positive number")
         if policy.delta is not None and policy.delta >= 1:
             raise ConfigError(f"node config delta={policy.delta}: expected a value below 1")
         if policy.accountant and policy.accountant not in ACCOUNTANTS:
@@ -301,17 +290,6 @@ class NodePolicy:
 POLICY_KEYS = ("accountant", "max-epsilon", "delta", "max-evaluations")
 
 
-# -- parsing helpers ------------------------------------------------------------------------
-
-
-def _dashed(name: str) -> str:
-    return name.replace("_", "-")
-
-
-def _undashed(key: str) -> str:
-    return key.replace("-", "_")
-
-
 # Stand-ins for unresolved "auto" keys, so that every other key can be checked at parse time.
 PLACEHOLDERS = {
     "model": "cnn",
@@ -329,90 +307,22 @@ PLACEHOLDERS = {
 }
 
 
-_BOOL_WORDS = {"true": True, "false": False, "1": True, "0": False}
-
-
-def _coerce(key: str, value: Any, kind: str) -> Any:
-    """A TOML value as `kind` (the field's annotation), or ConfigError naming `key`."""
-    key = _dashed(key)
-    try:
-        if kind == "bool":
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, int) and value in (0, 1):
-                return bool(value)
-            if isinstance(value, str) and value.strip().lower() in _BOOL_WORDS:
-                return _BOOL_WORDS[value.strip().lower()]
-            raise ValueError
-        if kind == "int":
-            if isinstance(value, bool):
-                raise ValueError
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(value) if not isinstance(value, str) else int(value.strip())
-        if kind == "float":
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if kind == "str":
-            if not isinstance(value, str):
-                raise ValueError
-            return value.strip()
-    except (TypeError, ValueError):
-        pass
-    raise ConfigError(f"{key}={value!r}: expected {_KIND_WORDS.get(kind, kind)}")
-
-
-_KIND_WORDS = {
-    "bool": "true or false",
-    "int": "a whole number",
-    "float": "a number",
-    "str": 'a string (quote it: key="value")',
-}
-
-
-def _positive_int(cfg: Any, *names: str) -> None:
-    for name in names:
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"{_dashed(name)}={getattr(cfg, name)}: expected a whole number >= 1")
-
-
-def _at_least_zero(cfg: Any, *names: str) -> None:
-    for name in names:
-        value = getattr(cfg, name)
-        if not value >= 0:
-            raise ConfigError(f"{_dashed(name)}={value}: expected a value >= 0")
-
-
-def _positive_float(cfg: Any, *names: str) -> None:
-    for name in names:
-        value = getattr(cfg, name)
-        if not (value > 0 and math.isfinite(value)):
-            raise ConfigError(f"{_dashed(name)}={value}: expected a positive number")
-
-
-def _in_range(
-    cfg: Any, name: str, low: float, high: float, low_open: bool = False, high_open: bool = False
-) -> None:
-    value = getattr(cfg, name)
-    ok = (value > low if low_open else value >= low) and (
-        value < high if high_open else value <= high
-    )
-    if not ok:
-        lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
-        raise ConfigError(f"{_dashed(name)}={value}: expected a value in {lo}{low:g}, {high:g}{hi}")
-
-
-# A masked sum has no per-hospital values left to take a median of or to trim.
-ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg")
-
-
-SERVER_OPTIMISERS = ("fedadam", "fedyogi", "fedadagrad", "fedavgm")
+def _check_server_optimiser(cfg: Any) -> None:
+    if strategy_registry.get(cfg.strategy).server_optimiser and not (
+        model_registry.get(cfg.model).server_optimiser
+    ):
+        averaged = [n for n, e in strategy_registry.STRATEGIES.items() if not e.server_optimiser]
+        raise ConfigError(
+            f'strategy="{cfg.strategy}" with model="{cfg.model}": the model\'s weights must be '
+            "averaged, not stepped by a server optimiser; use "
+            + " or ".join(", ".join(f'strategy="{n}"' for n in averaged).rsplit(", ", 1))
+        )
 
 
 def _check_secure_aggregation(cfg: Any) -> None:
-    _at_least_zero(cfg, "secagg_shares", "secagg_threshold")
-    if cfg.secure_aggregation and cfg.strategy in ROBUST_STRATEGIES:
+    at_least_zero(cfg, "secagg_shares", "secagg_threshold")
+    # A masked sum has no per-hospital values left to take a median of or to trim.
+    if cfg.secure_aggregation and strategy_registry.get(cfg.strategy).robust:
         raise ConfigError(
             f'strategy="{cfg.strategy}" with secure-aggregation=true: a robust aggregate '
             "(median, trimmed mean) needs every hospital's update, and secure aggregation shows "
@@ -430,9 +340,3 @@ def _check_secure_aggregation(cfg: Any) -> None:
             f"secagg-threshold={cfg.secagg_threshold} is more than secagg-shares="
             f"{cfg.secagg_shares}: a key could never be rebuilt"
         )
-
-
-def _choice(cfg: Any, name: str, allowed: tuple[str, ...]) -> None:
-    value = getattr(cfg, name)
-    if value not in allowed:
-        raise ConfigError(f"{_dashed(name)}={value!r}: expected one of {', '.join(allowed)}")

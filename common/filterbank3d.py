@@ -60,7 +60,6 @@ RAW_THRESHOLDS = (0.02, 0.05, 0.1, 0.2, 0.4)  # on the raw invariants of a [0, 1
 STATS = 2 * (2 + 2 * len(STD_THRESHOLDS))  # per map: 2 extremes + 2 signs x thresholds, twice
 CHUNK = 16  # cases whose features are computed at once (memory, see FilterBank3D.features)
 STATISTICS_KEY = "feature_mean"  # the state_dict key of the released feature mean
-STATISTICS_MODELS = ("filterbank-3d",)  # run-config `model`s whose nodes release it
 
 
 def derivative_matrices(n: int, sigma: float) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Clinical metrics from predicted class probabilities.
 
-AUC comes from MONAI (`compute_roc_auc`) and ROC points from scikit-learn: the
-numbers clinicians judge fedvox by are library work, not ours. Sensitivity and
+AUC comes from MONAI (`compute_roc_auc`, common/metric_registry.py) and ROC points from
+scikit-learn: the numbers clinicians judge fedvox by are library work, not ours. Sensitivity and
 specificity are read off a confusion matrix at a decision threshold, which the
 caller chooses on validation data (never on the test split).
 """
@@ -14,44 +14,24 @@ from itertools import combinations
 
 import numpy as np
 import torch
-from monai.metrics import compute_roc_auc
-from sklearn.metrics import confusion_matrix, roc_curve
+from sklearn.metrics import roc_curve
 
-
-def _auc(probs: np.ndarray, labels: np.ndarray, num_classes: int) -> float:
-    present = np.unique(labels)
-    if len(present) < 2:
-        return math.nan  # AUC is undefined when only one class is present
-    if num_classes == 2:
-        return float(compute_roc_auc(torch.as_tensor(probs[:, 1]), torch.as_tensor(labels)))
-    # Macro AUC over the classes actually present (one-vs-rest, one-hot as MONAI expects).
-    onehot = np.eye(num_classes)[labels][:, present]
-    return float(
-        compute_roc_auc(torch.as_tensor(probs[:, present]), torch.as_tensor(onehot), "macro")
-    )
+from common import metric_registry
 
 
 def classification_metrics(
     probs: np.ndarray, labels: np.ndarray, threshold: float = 0.5
 ) -> dict[str, float]:
-    """AUC, accuracy, and (binary only) sensitivity/specificity of class-1 at `threshold`.
+    """Every registered classification metric (common/metric_registry.py) that applies:
+    AUC and accuracy, and (binary only) sensitivity/specificity of class-1 at `threshold`.
 
     `probs` is (N, K) softmax output, `labels` (N,) integer classes. Metrics that are
     undefined for the data (e.g. AUC with one class present) are NaN.
     """
     labels = np.asarray(labels, dtype=np.int64)
     probs = np.asarray(probs, dtype=np.float64)
-    num_classes = probs.shape[1]
-    out: dict[str, float] = {"auc": _auc(probs, labels, num_classes)}
-    if num_classes == 2:
-        pred = (probs[:, 1] >= threshold).astype(np.int64)
-        tn, fp, fn, tp = confusion_matrix(labels, pred, labels=[0, 1]).ravel()
-        out["sensitivity"] = float(tp / (tp + fn)) if tp + fn else math.nan
-        out["specificity"] = float(tn / (tn + fp)) if tn + fp else math.nan
-    else:
-        pred = probs.argmax(1)
-    out["accuracy"] = float((pred == labels).mean()) if len(labels) else math.nan
-    return out
+    metrics = metric_registry.for_task(metric_registry.CLASSIFICATION, probs.shape[1])
+    return {m.name: m.compute(probs, labels, threshold) for m in metrics}
 
 
 def roc_points(probs: np.ndarray, labels: np.ndarray) -> dict[str, list[float]]:

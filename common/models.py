@@ -19,10 +19,13 @@ branches on dimensionality.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+from typing import Any
+
 import torch
 from torch import nn
 
-from common.config import MODELS
+from common import model_registry
 from common.feature_cache import memoised
 
 
@@ -135,6 +138,26 @@ def default_width(spatial_dims: int) -> int:
     return 32 if spatial_dims == 2 else 16
 
 
+def cnn(spec: Any) -> nn.Module:
+    """model="cnn" for classification (`spec`: common/model_registry.py `ModelEntry`)."""
+    width = spec.width or default_width(spec.spatial_dims)
+    return CNN(spec.spatial_dims, spec.in_channels, spec.num_classes, width, spec.depth)
+
+
+def scatter_cnn(spec: Any) -> nn.Module:
+    if spec.image_size is None or len(spec.image_size) != 2:
+        raise ValueError(f'model="scatter-cnn" is for 2D images; got size {spec.image_size}')
+    return ScatterCNN(tuple(spec.image_size), spec.in_channels, spec.num_classes, spec.width or 32)
+
+
+def filterbank_3d(spec: Any) -> nn.Module:
+    from common.filterbank3d import FilterBank3D  # 3D only: keep 2D imports light
+
+    if spec.image_size is None or len(spec.image_size) != 3:
+        raise ValueError(f'model="filterbank-3d" is for 3D volumes; got size {spec.image_size}')
+    return FilterBank3D(tuple(spec.image_size), spec.in_channels, spec.num_classes)
+
+
 def build_model(
     spatial_dims: int,
     in_channels: int,
@@ -144,33 +167,20 @@ def build_model(
     arch: str = "cnn",
     image_size: tuple[int, ...] | None = None,
 ) -> nn.Module:
-    """The classification model `arch` for data of `spatial_dims` (2 or 3) dimensions.
+    """The classifier `arch` (common/model_registry.py) for `spatial_dims` (2 or 3) data.
 
     "scatter-cnn" is 2D only, needs `image_size` (the scattering is built for one size) and
     has a fixed two-block head (`depth` is the "cnn"'s). "filterbank-3d" (3D only, built for
     one `image_size`) is fixed 3D filter statistics and a linear head; `width`/`depth` unused.
     """
-    if arch == "cnn":
-        width = width or default_width(spatial_dims)
-        return CNN(spatial_dims, in_channels, num_classes, width, depth)
-    if arch == "scatter-cnn":
-        if spatial_dims != 2 or image_size is None or len(image_size) != 2:
-            raise ValueError(
-                f'model="scatter-cnn" is for 2D images; these are {spatial_dims}D (use model="cnn")'
-            )
-        return ScatterCNN(tuple(image_size), in_channels, num_classes, width or 32)
-    if arch == "filterbank-3d":
-        if spatial_dims != 3 or image_size is None or len(image_size) != 3:
-            raise ValueError(
-                f'model="filterbank-3d" is for 3D volumes; these are {spatial_dims}D '
-                '(use model="scatter-cnn" or "cnn")'
-            )
-        from common.filterbank3d import FilterBank3D  # 3D only: keep 2D imports light
-
-        return FilterBank3D(tuple(image_size), in_channels, num_classes)
-    if arch == "slice-unet":
-        raise ValueError(
-            'model="slice-unet" segments 3D volumes; classifiers are "cnn", '
-            '"scatter-cnn" and "filterbank-3d"'
-        )
-    raise ValueError(f"model={arch!r} (run config) is not one of {', '.join(MODELS)}")
+    size = tuple(image_size) if image_size is not None else None
+    spec = SimpleNamespace(
+        spatial_dims=spatial_dims,
+        in_channels=in_channels,
+        num_classes=num_classes,
+        image_size=size,
+        arch=arch,
+        width=width,
+        depth=depth,
+    )
+    return model_registry.build("classification", spec)

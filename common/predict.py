@@ -22,6 +22,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from common import model_registry
 from common.geometry import FileGeometry, like
 from common.metrics import mirrored_logits
 from common.site.index import NIFTI_SUFFIXES, case_id
@@ -259,7 +260,8 @@ def write_saliency(
         heat, what = foreground_probability(torch.softmax(logits.float(), dim=0)), "P(foreground)"
     else:
         target = 1 if len(logits) == 2 else int(logits.argmax())
-        heat, what = class_saliency(predictor.model, image, target)
+        method = model_registry.get(predictor.spec.arch).saliency
+        heat, what = class_saliency(predictor.model, image, target, method)
     heat_file = geometry.to_file_grid(heat)[0]
     written = [_save(Path(f"{stem}_saliency.nii.gz"), like(img, heat_file))]
     if predictor.spec.spatial_dims == 2:

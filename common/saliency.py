@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from common.model_registry import GRAD_CAM, OCCLUSION
+
 
 def target_layer(model: nn.Module) -> str:
     """Name of the last ReLU inside `model.features` (fedvox's CNN and scattering CNN)."""
@@ -30,15 +32,20 @@ def target_layer(model: nn.Module) -> str:
 
 
 def class_saliency(
-    model: nn.Module, image: torch.Tensor, class_index: int
+    model: nn.Module, image: torch.Tensor, class_index: int, method: str | None = None
 ) -> tuple[torch.Tensor, str]:
-    """(1, *size) heat map in [0, 1] and the method's name: Grad-CAM where the model has a
-    convolutional grid, occlusion sensitivity where it has none."""
-    try:
-        target_layer(model)
-    except ValueError:
-        return occlusion(model, image, class_index), "occlusion"
-    return gradcam(model, image, class_index), "Grad-CAM"
+    """(1, *size) heat map in [0, 1] and the method's name: `method` (the model's registry
+    trait, common/model_registry.py), else Grad-CAM where the model has a ReLU in
+    `.features` and occlusion sensitivity where it has none."""
+    if method is None:
+        try:
+            target_layer(model)
+            method = GRAD_CAM
+        except ValueError:
+            method = OCCLUSION
+    if method == OCCLUSION:
+        return occlusion(model, image, class_index), OCCLUSION
+    return gradcam(model, image, class_index), GRAD_CAM
 
 
 def occlusion(model: nn.Module, image: torch.Tensor, class_index: int) -> torch.Tensor:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from common import metric_registry, model_registry
 from common.metrics import (
     batched_logits,
     classification_metrics,
@@ -24,9 +25,7 @@ from common.metrics import (
     predict_logits,
     roc_points,
 )
-from common.models import build_model
 from common.schedule import cosine_decay
-from common.unet import SliceUNet, build_unet
 
 
 @dataclass(frozen=True)
@@ -74,19 +73,17 @@ class Evaluation:
 
 class ClassificationTask:
     name = "classification"
-    best_metric = "auc"
-    central_keys = ("auc", "accuracy", "sensitivity", "specificity", "loss")
+
+    @property
+    def best_metric(self) -> str:
+        return metric_registry.best_key(self.name)
+
+    @property
+    def central_keys(self) -> tuple[str, ...]:
+        return (*(m.name for m in metric_registry.for_task(self.name)), "loss")
 
     def build_model(self, spec: ModelSpec) -> nn.Module:
-        return build_model(
-            spec.spatial_dims,
-            spec.in_channels,
-            spec.num_classes,
-            spec.width,
-            spec.depth,
-            spec.arch,
-            spec.image_size,
-        )
+        return model_registry.build(self.name, spec)
 
     def loss_fn(
         self, structure_weight: float = 1.0, progress: float = 0.0
@@ -160,7 +157,10 @@ class SegmentationTask:
     class, `dice-mean` (their mean, what best.pt is chosen by) and `loss`."""
 
     name = "segmentation"
-    best_metric = "dice-mean"
+
+    @property
+    def best_metric(self) -> str:
+        return metric_registry.best_key(self.name)
 
     def __init__(self, class_names: tuple[str, ...] = ()):
         # Without names (task_for("segmentation")), classes are keyed by label value.
@@ -173,22 +173,14 @@ class SegmentationTask:
     @property
     def central_keys(self) -> tuple[str, ...]:
         fg = self._foreground(len(self.class_names)) if self.class_names else []
-        return ("dice-mean", *(f"dice-{n}" for n in fg), "loss")
+        keys = [(f"{m.name}-mean", *(f"{m.name}-{n}" for n in fg)) for m in self._metrics()]
+        return (*(k for group in keys for k in group), "loss")
+
+    def _metrics(self) -> list[Any]:
+        return metric_registry.for_task(self.name)
 
     def build_model(self, spec: ModelSpec) -> nn.Module:
-        if spec.arch == "slice-unet":
-            if spec.spatial_dims != 3:
-                raise ValueError(
-                    f'model="slice-unet" is for 3D volumes; these are {spec.spatial_dims}D '
-                    '(2D segmentation uses model="cnn", its U-Net)'
-                )
-            return SliceUNet(spec.in_channels, spec.num_classes, spec.width)
-        if spec.arch != "cnn":
-            raise ValueError(
-                f'model="{spec.arch}" is a classifier; segmentation uses a U-Net '
-                '(model="cnn", or "slice-unet" for 3D)'
-            )
-        return build_unet(spec.spatial_dims, spec.in_channels, spec.num_classes, spec.width)
+        return model_registry.build(self.name, spec)
 
     def loss_fn(
         self, structure_weight: float = 1.0, progress: float = 0.0
@@ -211,37 +203,46 @@ class SegmentationTask:
         batch_size: int = 4,
         flips: bool = False,
     ) -> Evaluation:
-        """Per-class Dice (mean over the cases that have the class) and the loss; `flips`:
-        predicted with test-time mirroring (common/metrics.py `mirrored_logits`)."""
-        from monai.metrics import DiceMetric
+        """Every registered segmentation metric (Dice) per class, a mean over the cases that
+        have the class, their `-mean`, and the loss; `flips`: predicted with test-time
+        mirroring (common/metrics.py `mirrored_logits`)."""
         from monai.networks.utils import one_hot
 
         loss_fn = self.loss_fn()
-        # ignore_empty: a case without, say, a nodule gives NaN (not 1.0) for that class, so
-        # the mean is over the cases that have the structure.
-        dice = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
-        per_case, loss_sum = [], 0.0
-        num_classes = 0
+        per_case: dict[str, list[torch.Tensor]] = {m.name: [] for m in self._metrics()}
+        loss_sum, num_classes = 0.0, 0
         for rows, logits in batched_logits(model, images, batch_size, flips):
             y = targets[rows]
             num_classes = logits.shape[1]
             loss_sum += float(loss_fn(logits, y)) * len(y)
             pred = one_hot(logits.argmax(1, keepdim=True), num_classes)
-            per_case.append(dice(pred, one_hot(y, num_classes)))
-        scores = torch.cat(per_case).cpu().numpy()  # (N, foreground classes), NaN = absent
-        with np.errstate(all="ignore"), warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # nanmean of an all-NaN column
-            per_class = np.nanmean(scores, axis=0)
+            truth = one_hot(y, num_classes)
+            for m in self._metrics():
+                per_case[m.name].append(m.compute(pred, truth))
         names = self._foreground(num_classes)
-        metrics = {f"dice-{n}": float(v) for n, v in zip(names, per_class, strict=True)}
-        finite = [v for v in per_class if np.isfinite(v)]
-        metrics["dice-mean"] = float(np.mean(finite)) if finite else float("nan")
+        metrics: dict[str, float] = {}
+        scores = {}
+        for name, parts in per_case.items():
+            scores[name] = torch.cat(parts).cpu().numpy()  # (N, foreground), NaN = absent
+            metrics.update(_per_class(name, scores[name], names))
         metrics["loss"] = loss_sum / max(1, len(images))
-        return Evaluation(metrics, {}, per_case=scores)
+        best = next(m.name for m in self._metrics() if m.best)
+        return Evaluation(metrics, {}, per_case=scores[best])
 
     def score(self, metrics: dict[str, float]) -> float | None:
         """Mean foreground Dice (None when no foreground class is in the holdout)."""
         return _finite(metrics.get(self.best_metric))
+
+
+def _per_class(name: str, scores: np.ndarray, classes: list[str]) -> dict[str, float]:
+    """`<name>-<class>` (nan-mean over cases) and `<name>-mean` (over the finite ones)."""
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # nanmean of an all-NaN column
+        per_class = np.nanmean(scores, axis=0)
+    out = {f"{name}-{n}": float(v) for n, v in zip(classes, per_class, strict=True)}
+    finite = [v for v in per_class if np.isfinite(v)]
+    out[f"{name}-mean"] = float(np.mean(finite)) if finite else float("nan")
+    return out
 
 
 def _finite(value: float | None) -> float | None:

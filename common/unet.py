@@ -18,6 +18,8 @@ of 16 avoids the 1-voxel padding its decoder adds otherwise).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -169,3 +171,13 @@ class SliceUNet(nn.Module):
                 voxels = torch.nonzero(label.flatten() == rarest).flatten()
                 z[i] = voxels[torch.randint(len(voxels), ())] % depth
         return self._stack(images, z), labels[torch.arange(n), :, :, :, z]
+
+
+def unet(spec: Any) -> nn.Module:
+    """model="cnn" for segmentation (`spec`: common/model_registry.py `ModelEntry`)."""
+    return build_unet(spec.spatial_dims, spec.in_channels, spec.num_classes, spec.width)
+
+
+def slice_unet(spec: Any) -> nn.Module:
+    """model="slice-unet" (3D segmentation)."""
+    return SliceUNet(spec.in_channels, spec.num_classes, spec.width)

@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from common import metric_registry
+
 EVAL_NOISE = 8.0  # noise std per count: attack AUC on one release <= Phi(1 / (8 sqrt 2)) = 0.535
 MARGIN_EDGES = np.linspace(-12.0, 12.0, 25)  # 24 bins of width 1; beyond +-12 in the end bins
 HIST_NEG, HIST_POS = "val-hist-neg", "val-hist-pos"
@@ -91,15 +93,6 @@ def histograms(releases: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray] 
     return np.sum([n for n, _ in ok], 0), np.sum([p for _, p in ok], 0)
 
 
-def histogram_auc(neg: np.ndarray, pos: np.ndarray) -> float:
-    """AUC of margin histograms (Mann-Whitney; cases in one bin count as ties)."""
-    if neg.sum() < 1 or pos.sum() < 1:
-        return math.nan
-    below = np.concatenate([[0.0], np.cumsum(neg)[:-1]])
-    auc = np.sum(pos * (below + 0.5 * neg)) / (neg.sum() * pos.sum())
-    return float(np.clip(auc, 0.0, 1.0))
-
-
 def local_metrics(
     release_: dict[str, Any], threshold_margin: float | None, class_names: tuple[str, ...] = ()
 ) -> dict[str, float]:
@@ -111,30 +104,26 @@ def local_metrics(
         with np.errstate(all="ignore"):
             dice = np.clip(np.where(counts >= 1, sums / counts, np.nan), 0.0, 1.0)
         names = class_names[1:] if len(class_names) == len(dice) + 1 else range(1, len(dice) + 1)
-        out = {f"dice-{n}": float(v) for n, v in zip(names, dice, strict=True)}
+        metric = metric_registry.best_metric(metric_registry.SEGMENTATION).name  # the released one
+        out = {f"{metric}-{n}": float(v) for n, v in zip(names, dice, strict=True)}
         finite = dice[np.isfinite(dice)]
-        out["dice-mean"] = float(finite.mean()) if len(finite) else math.nan
+        out[f"{metric}-mean"] = float(finite.mean()) if len(finite) else math.nan
         return out
     if CONFUSION in release_:
         c = np.asarray(release_[CONFUSION], float)
         k = int(round(math.sqrt(len(c))))
-        c = c.reshape(k, k)
-        accuracy = np.clip(np.trace(c) / c.sum(), 0.0, 1.0) if c.sum() >= 1 else math.nan
-        return {"accuracy": float(accuracy)}
+        metrics = metric_registry.for_task(metric_registry.CLASSIFICATION, k)
+        return {m.name: m.from_confusion(c.reshape(k, k)) for m in metrics if m.from_confusion}
     pair = histograms([release_])
     if pair is None:
         return {}
     neg, pos = pair
-    out = {"auc": histogram_auc(neg, pos)}
+    above = None  # the bins called positive, at the pooled decision threshold
     if threshold_margin is not None:
-        above = MARGIN_EDGES[:-1] >= threshold_margin - 1e-9  # bins called positive
-        tp, fp = pos[above].sum(), neg[above].sum()
-        n_pos, n_neg = pos.sum(), neg.sum()
-
-        def rate(x: float, n: float) -> float:
-            return float(np.clip(x / n, 0.0, 1.0)) if n >= 1 else math.nan
-
-        out["sensitivity"] = rate(tp, n_pos)
-        out["specificity"] = rate(n_neg - fp, n_neg)
-        out["accuracy"] = rate(tp + n_neg - fp, n_pos + n_neg)
-    return out
+        above = MARGIN_EDGES[:-1] >= threshold_margin - 1e-9
+    values = {
+        m.name: m.from_histograms(neg, pos, above)
+        for m in metric_registry.for_task(metric_registry.CLASSIFICATION, 2)
+        if m.from_histograms
+    }
+    return {k: v for k, v in values.items() if v is not None}

@@ -97,7 +97,6 @@ def _round_loop(cfg: RunConfig, opened: OpenedRun, grid: ResponsiveGrid) -> Roun
         timeout=cfg.round_timeout,
         recorder=recorder,
         checker=UpdateChecker(cfg, plan.total_rounds, skip),
-        trim_beta=cfg.trim_beta,
         evaluate_after=lambda r: cfg.evaluates_in(r, plan.total_rounds),
         used=_used_releases(run.summary),
         names=node_names(grid.inner),  # registered names, until a reply names its site

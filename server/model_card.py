@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from common import metric_registry
 from server.report_data import RunView, site_gap
 
 MODEL_CARD = "model-card.md"
@@ -23,27 +24,22 @@ BOOTSTRAP = 1000
 def bootstrap_classification(
     probs: np.ndarray, labels: np.ndarray, threshold: float, n: int = BOOTSTRAP, seed: int = 0
 ) -> dict[str, tuple[float, float, float]]:
-    """Binary: {metric: (estimate, low, high)} for AUC, accuracy, sensitivity, specificity.
-    AUC by the rank (Mann-Whitney) formula, all resamples at once."""
-    from scipy.stats import rankdata
-
-    p, y = np.asarray(probs, float)[:, 1], np.asarray(labels, int)
+    """Binary: {metric: (estimate, low, high)} for every registered binary metric
+    (common/metric_registry.py), all resamples at once where the metric can (AUC by the rank
+    formula), else one resample at a time."""
+    probs, y = np.asarray(probs, float), np.asarray(labels, int)
     rng = np.random.default_rng(seed)
     idx = np.vstack([np.arange(len(y)), rng.integers(0, len(y), (n, len(y)))])  # row 0 = data
-    ps, ys = p[idx], y[idx]
-    pos = ys.sum(1)
-    neg = ys.shape[1] - pos
+    ps, ys = probs[:, 1][idx], y[idx]
+    out = {}
     with np.errstate(all="ignore"):
-        ranks = rankdata(ps, axis=1)
-        auc = ((ranks * ys).sum(1) - pos * (pos + 1) / 2) / (pos * neg)
-        pred = ps >= threshold
-        sens = (pred & (ys == 1)).sum(1) / pos
-        spec = (~pred & (ys == 0)).sum(1) / neg
-        acc = (pred == (ys == 1)).mean(1)
-    return {
-        k: _interval(v)
-        for k, v in (("auc", auc), ("accuracy", acc), ("sensitivity", sens), ("specificity", spec))
-    }
+        for m in metric_registry.for_task(metric_registry.CLASSIFICATION, 2):
+            if m.resampled is not None:
+                values = m.resampled(ps, ys, threshold)
+            else:
+                values = np.array([m.compute(probs[i], y[i], threshold) for i in idx])
+            out[m.name] = _interval(np.asarray(values, float))
+    return out
 
 
 def bootstrap_means(
@@ -165,7 +161,7 @@ def _performance(view: RunView) -> list[str]:
     if record is None:
         return lines + ["No holdout predictions recorded.", ""]
     if view.task == "segmentation":
-        names = [k for k in view.metric_keys() if k != "dice-mean"]
+        names = list(metric_registry.segmentation_classes(view.metric_keys()))
         stats = bootstrap_means(np.asarray(record["dice"], float), names)
     elif np.asarray(record["probs"]).shape[1] == 2:
         stats = bootstrap_classification(

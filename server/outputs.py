@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from flwr.common.logger import log
 
+from common import metric_registry
 from common.site import SiteData
 from common.tasks import Evaluation
 from server.console import LOG_FILE, RunLog
@@ -68,7 +69,9 @@ class RunOutputs:
         """round i/N · held-out AUC (or Dice) · max epsilon · round time · ETA."""
         entry = self.run.summary["rounds"][-1]
         central, hospitals = entry["central"], entry["hospitals"].values()
-        key, label = ("dice-mean", "Dice") if "dice-mean" in central else ("auc", "AUC")
+        task = (self.run.summary.get("model") or {}).get("task", "classification")
+        key = metric_registry.best_key(task)
+        label = metric_registry.label(key)
         score = central.get(key)
         eps = [h["epsilon_run"] for h in hospitals if h.get("epsilon_run") is not None]
         seconds = float(entry.get("wall_s") or 0) + float(entry.get("central_eval_s") or 0)

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from common import metric_registry
 from common.files import atomic_write, atomic_write_text
 from server import report_figures as figures
 from server.model_card import MODEL_CARD, model_card
@@ -151,8 +152,7 @@ class ReportWriter:
 
 
 def _seg_class_names(view: RunView) -> list[str]:
-    keys = [k[len("dice-") :] for k in view.metric_keys() if k != "dice-mean"]
-    return ["background", *keys]
+    return ["background", *metric_registry.segmentation_classes(view.metric_keys()).values()]
 
 
 def render(view: RunView, images: dict[str, bytes]) -> str:

@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 
+from common import metric_registry
 from common.calibration import scale_probs
 from server.holdout_record import load_round
 
-PERFORMANCE = ("auc", "accuracy", "sensitivity", "specificity")
 SOFTWARE = ("fedvox", "torch", "flwr", "opacus", "monai", "nibabel", "numpy", "matplotlib")
 
 
@@ -62,9 +62,9 @@ class RunView:
     def metric_keys(self) -> list[str]:
         """Held-out metrics drawn per round: AUC etc., or Dice per class."""
         keys = [k for r in self.rounds for k in r.get("central", {})]
-        if self.task == "segmentation":
-            return list(dict.fromkeys(k for k in keys if k.startswith("dice-")))
-        return [k for k in PERFORMANCE if k in keys]
+        if self.task == metric_registry.SEGMENTATION:
+            return list(dict.fromkeys(k for k in keys if metric_registry.is_metric_key(k)))
+        return [m.name for m in metric_registry.for_task(self.task) if m.name in keys]
 
     def sites(self) -> list[str]:
         names = {s for r in self.rounds for s in r.get("hospitals", {})}
@@ -146,7 +146,7 @@ def site_table(view: RunView) -> tuple[list[str], list[list[str]]]:
 
 def site_gap(view: RunView) -> dict[str, Any] | None:
     """Best and worst hospital by the task's score on its own validation part (last round)."""
-    key = "dice-mean" if view.task == "segmentation" else "auc"
+    key = metric_registry.best_key(view.task)
     if not view.rounds:
         return None
     scores = {
@@ -174,7 +174,7 @@ def _site_metric_keys(view: RunView) -> list[str]:
         if isinstance(h.get("eval"), dict)
         for k in h["eval"]
     ]
-    wanted = [k for k in dict.fromkeys(keys) if k in PERFORMANCE or k.startswith("dice-")]
+    wanted = [k for k in dict.fromkeys(keys) if metric_registry.is_metric_key(k)]
     return wanted + (["loss"] if "loss" in keys else [])
 
 

@@ -24,7 +24,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, FedTrimmedAvg
+from flwr.serverapp.strategy import FedAvg
 
 from common.protocol import (
     ARRAYS,
@@ -36,7 +36,7 @@ from common.protocol import (
     RoundPlan,
     read_reply,
 )
-from server.checks import UpdateChecker, trim_fraction
+from server.checks import UpdateChecker
 from server.recorder import RoundRecorder
 
 REJECTED = "rejected"  # a hospital said ok, the server refused its update (server/checks.py)
@@ -58,7 +58,6 @@ class RoundLoop:
     timeout: float
     recorder: RoundRecorder
     checker: UpdateChecker
-    trim_beta: float = 0.2
     evaluate_after: Callable[[int], bool] = lambda global_round: True
     names: dict[int, str] = field(default_factory=dict)  # node id -> site name, this run
     used: list[str] = field(default_factory=list)  # hashes of releases used in this run
@@ -170,8 +169,6 @@ class RoundLoop:
                 len(replies),
             )
         self.used += [r.release for r in accepted if r.release]
-        if isinstance(self.strategy, FedTrimmedAvg):
-            self.strategy.beta = trim_fraction(len(accepted), self.trim_beta)
         sites = [r.site for r in accepted]
         new, _ = self.strategy.aggregate_train(server_round, [r.message for r in accepted])
         if new is None:

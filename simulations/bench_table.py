@@ -12,6 +12,12 @@ import math
 import statistics
 from pathlib import Path
 
+from common import metric_registry
+
+# the benchmark rows' score columns: the tasks' best metrics ("auc", "dice-mean")
+AUC = metric_registry.best_key(metric_registry.CLASSIFICATION)
+DICE = metric_registry.best_key(metric_registry.SEGMENTATION)
+
 
 def _finite(values: list[float | None]) -> list[float]:
     return [float(v) for v in values if v is not None and math.isfinite(v)]
@@ -31,16 +37,16 @@ def final_round(summary: dict) -> dict:
     last = summary["rounds"][-1]
     central = last["central"]
     site_auc = {
-        site: h["eval"].get("auc")
+        site: h["eval"].get(AUC)
         for site, h in last["hospitals"].items()
-        if isinstance(h.get("eval"), dict) and h["eval"].get("auc") is not None
+        if isinstance(h.get("eval"), dict) and h["eval"].get(AUC) is not None
     }
     # finetune-epochs > 0: each hospital's own fine-tuned copy on its validation part, and the
     # run's epsilon at the hospital including the fine-tuning.
     site_auc_finetuned = {
-        site: h["eval"].get("finetuned-auc")
+        site: h["eval"].get(f"finetuned-{AUC}")
         for site, h in last["hospitals"].items()
-        if isinstance(h.get("eval"), dict) and h["eval"].get("finetuned-auc") is not None
+        if isinstance(h.get("eval"), dict) and h["eval"].get(f"finetuned-{AUC}") is not None
     }
     eps = [h.get("epsilon_run") for h in last["hospitals"].values()]
     eps += [
@@ -55,9 +61,9 @@ def final_round(summary: dict) -> dict:
         "site_auc_finetuned": site_auc_finetuned,
         "dice": _dice(central),
         "site_dice": {
-            site: h["eval"].get("dice-mean")
+            site: h["eval"].get(DICE)
             for site, h in last["hospitals"].items()
-            if isinstance(h.get("eval"), dict) and h["eval"].get("dice-mean") is not None
+            if isinstance(h.get("eval"), dict) and h["eval"].get(DICE) is not None
         },
         "max_epsilon_spent": max(_finite(eps), default=None),
     }
@@ -65,11 +71,11 @@ def final_round(summary: dict) -> dict:
 
 def held_out_numbers(central: dict) -> dict:
     """The held-out metrics a benchmark row keeps, from summary.json's "central"."""
+    metrics = metric_registry.for_task(metric_registry.CLASSIFICATION)
+    numbers = {m.name: central.get(m.name) for m in metrics}
     return {
-        "auc": central.get("auc"),
-        "acc": central.get("accuracy"),
-        "sensitivity": central.get("sensitivity"),
-        "specificity": central.get("specificity"),
+        **numbers,
+        "acc": numbers.get("accuracy"),  # the table's accuracy column
         "threshold": central.get("threshold"),
         "ece": central.get("ece"),
         "ece_raw": central.get("ece-raw"),
@@ -78,7 +84,8 @@ def held_out_numbers(central: dict) -> dict:
 
 def _dice(metrics: dict) -> dict[str, float]:
     """Per-class Dice of a segmentation evaluation ({} for classification)."""
-    return {k[len("dice-") :]: float(v) for k, v in metrics.items() if k.startswith("dice-")}
+    prefix = DICE[: -len("mean")]
+    return {k[len(prefix) :]: float(v) for k, v in metrics.items() if k.startswith(prefix)}
 
 
 def summarise(runs: list[dict]) -> list[dict]:

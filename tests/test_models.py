@@ -53,7 +53,7 @@ def test_model_setting_errors_name_the_setting():
     ).shape == (1, 2)
     with pytest.raises(ValueError, match="model='resnet': expected one of cnn, scatter-cnn"):
         RunConfig.parse({"model": "resnet"})
-    with pytest.raises(ValueError, match="segmentation uses a U-Net"):
+    with pytest.raises(ValueError, match="segmentation uses model=.cnn."):
         spec = ModelSpec("segmentation", 2, 1, 3, (32, 32), arch="scatter-cnn")
         task_for("segmentation").build_model(spec)
     with pytest.raises(ValueError, match='model="slice-unet" is for 3D volumes; these are 2D'):

@@ -13,13 +13,14 @@ from flwr.serverapp import strategy as fl
 from node_messages import message as train_message
 from sklearn.metrics import roc_auc_score
 
+from common import strategy_registry
 from common.config import ConfigError, RunConfig
 from common.files import atomic_write_json
 from common.metrics import classification_metrics, roc_points
 from common.protocol import NodeReply
 from server.checks import UpdateChecker
 from server.run_dir import STOPPED, RunDir, check_resume_config
-from server.strategy import STRATEGIES, build_strategy
+from server.strategy import build_strategy, strategy_class
 
 
 @pytest.mark.parametrize(
@@ -37,7 +38,8 @@ from server.strategy import STRATEGIES, build_strategy
 )
 def test_every_named_strategy_is_the_flower_one(name):
     s = build_strategy(RunConfig.parse({"strategy": name, "proximal-mu": 0.1, "min-nodes": 3}))
-    assert type(s) is STRATEGIES[name]
+    flower = getattr(fl, strategy_registry.get(name).flower_class)
+    assert type(s) is strategy_class(name) and isinstance(s, flower)
     assert s.min_available_nodes == 3
     if name == "fedprox":
         assert isinstance(s, fl.FedProx) and s.proximal_mu == 0.1
