@@ -1,4 +1,4 @@
-"""What became of this node's releases, as the server's messages tell it (issue 15).
+"""What became of this node's releases, as the server's messages tell it.
 
 Every message carries `settled-round` and `used` (common.protocol.RoundPlan): the hashes of
 the releases the server used in this run. At each message the node marks its ledger's

@@ -299,14 +299,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("supernode_args", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     rest = args.supernode_args[1:] if args.supernode_args[:1] == ["--"] else args.supernode_args
+    from client.approval import ApprovalError
+
     try:
         run(rest, args.approved_fabs, warm=not args.cold)
     except SuperNodeError as err:
         print(f"fedvox supernode: error: {err}", file=sys.stderr)
         return 2
-    except Exception as err:  # client.approval's ApprovalError: bad allowlist, unsafe flags
-        if type(err).__name__ != "ApprovalError":
-            raise
+    except ApprovalError as err:  # a bad allowlist or flags that would bypass it
         print(f"fedvox approval: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -1,8 +1,9 @@
 """model="filterbank-3d": fixed 3D differential features, fixed pooling, a linear trained head.
 
-Why (issue 16): under DP-SGD every trained weight pays for noise, and a hospital has a few
-hundred volumes. A 3D CNN must learn its first layers through that noise (FL-DP AUC 0.54 on a
-CT-derived organ-shape set where it reaches 0.81 without DP). Here nothing but the last linear
+Why: under DP-SGD every trained weight pays for noise, and a hospital has a few hundred
+volumes. A 3D CNN must learn its first layers through that noise, and on a CT-derived
+organ-shape set it barely beats chance under DP while it learns without DP (docs/benchmarks.md,
+"3D classification"). Here nothing but the last linear
 layer is trained (~2,000 weights); the rest is fixed maths, like `scatter-cnn` in 2D
 (kymatio's 3D frontend does not import with SciPy >= 1.17, so it is not used).
 

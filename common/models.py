@@ -5,11 +5,11 @@
   CNN. Under DP-SGD every trained weight pays for noise; scattering features are not trained
   (no privacy cost, nothing to learn from ~1000 cases) and are what a CNN's first layers
   would learn anyway (Tramer & Boneh, "Differentially private learning needs better
-  features", ICLR 2021). On the PneumoniaMNIST demo at epsilon 8 it lifted held-out AUC
-  from ~0.94 to ~0.95-0.96 (README, issue 6).
+  features", ICLR 2021). On the PneumoniaMNIST demo under DP it lifts held-out AUC over the
+  plain CNN (docs/benchmarks.md, "Clinical utility under privacy").
 * "filterbank-3d" (3D): the same idea for volumes — fixed multi-scale 3D Gaussian-derivative
   invariants pooled into whole-volume statistics, and only a linear head trained
-  (`common/filterbank3d.py`, issue 16).
+  (`common/filterbank3d.py`).
 
 GroupNorm instead of BatchNorm: BatchNorm mixes samples within a batch, which
 breaks per-sample gradients (and so DP-SGD); Opacus has a grad sampler for

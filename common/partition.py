@@ -1,6 +1,6 @@
 """Splitting one dataset's cases across simulated hospitals, and each hospital's local val part.
 
-Used by `fedvox prepare` (common/datasets.py) and the phantoms (simulations/phantoms.py).
+Used by `fedvox prepare` (common/datasets.py) and the phantoms (simulations/phantoms/sites.py).
 Everything is drawn from the caller's seed / generator: the same call gives the same split.
 
 Why not flwr-datasets' partitioners: they work on Hugging Face `datasets` objects, and

@@ -210,11 +210,10 @@ def release_noise(epsilon: float, releases: int) -> float:
     number of releases: all of them together then behave like one release at noise
     4 x 8 / epsilon, and a curious server's best membership attack on them reaches AUC
     Phi(epsilon / (32 sqrt 2)) at most (0.570 at epsilon 8). Planned into the run with the
-    training-set count (released once at 3x this noise), they cost the DP-SGD noise 0.6-1.3 %
-    more at epsilon 1 to 20 (0.2-0.3 % at the 8 this base was until 2026-12-02). The base was
-    halved because at 8 the decision threshold chosen from the pooled release swung with the
-    noise: held-out ACC 0.886 +- 0.033 over 300 simulated releases on a final demo model, 0.906
-    +- 0.010 at 4 (docs/benchmarks.md, "Threshold").
+    training-set count (released once at 3x this noise), they add a little to the DP-SGD noise.
+    The base is 4, not 8, because at 8 the decision threshold chosen from the pooled release
+    swung with the noise (docs/benchmarks.md: "Threshold and calibration" has the measurements,
+    "Figures behind code comments" the cost in DP-SGD noise).
     """
     return max(1.0, RELEASE_BASE * (8.0 / epsilon) * math.sqrt(max(1, releases)))
 

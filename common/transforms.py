@@ -32,7 +32,7 @@ import torch
 
 # Bump when the chain below changes in a way that changes its output: it is part of key(),
 # so every on-disk cache built by an older chain is ignored and rebuilt.
-PREPROCESS_VERSION = 2  # 2: binary / "mask" images scaled to [0, 1] (issue 16)
+PREPROCESS_VERSION = 2  # 2: binary / "mask" images scaled to [0, 1] (cached features change)
 
 
 @dataclass(frozen=True)

@@ -100,7 +100,7 @@ def _round_loop(cfg: RunConfig, opened: OpenedRun, grid: ResponsiveGrid) -> Roun
         evaluate_after=lambda r: cfg.evaluates_in(r, plan.total_rounds),
         used=_used_releases(run.summary),
         names=node_names(grid.inner),  # registered names, until a reply names its site
-        secure=secure_training(grid, strategy, cfg),  # issue 18: None unless SecAgg+
+        secure=secure_training(grid, strategy, cfg),  # None unless SecAgg+
     )
 
 

@@ -1,4 +1,4 @@
-"""Every hospital's update is checked before Flower aggregates it (issue 15).
+"""Every hospital's update is checked before Flower aggregates it (docs/reliability.md).
 
 A reply that says "ok" still goes through four checks; the first that fails refuses the update
 (the round goes on with the rest, summary.json names the site and the reason):

@@ -2,12 +2,13 @@
 
 Flower 1.42's `HttpGrid.send_and_receive` (flwr/superlink/grid/http_grid.py) sleeps a fixed
 3 s between polls for replies, twice per round (train, then evaluate). With rounds of 10-30 s
-of hospital compute that alone was ~1.2x federation overhead (issue 5). Strategies only call
+of hospital compute that alone was most of the federation overhead (docs/benchmarks.md,
+"Figures behind code comments"). Strategies only call
 `grid.send_and_receive` and `grid.get_node_ids`, so we hand them this thin wrapper: the same
 public `push_messages` / `pull_messages` calls, polled with a short back-off (50 ms growing to
 1 s) instead of 3 s. Everything else is the wrapped grid's, untouched.
 
-Two more things a real federation needs (issue 15):
+Two more things a real federation needs (docs/reliability.md):
 
 - a hospital whose SuperNode died mid-round never replies: the message it had pulled died
   with it. Once the SuperLink counts the node offline (no heartbeat for two intervals, ~60 s)

@@ -191,7 +191,7 @@ def _fmt(value: Any, spec: str = ".3f") -> str:
 
 
 def environment() -> dict[str, str]:
-    """Software versions and the machine the report was written on."""
+    """Software versions and the machine the report (or a benchmark) was written on."""
     out = {"python": platform.python_version(), "platform": platform.platform()}
     for dist in SOFTWARE:
         try:
@@ -200,6 +200,9 @@ def environment() -> dict[str, str]:
             out[dist] = "-"
     out["cpu"] = _cpu_name()
     out["cores"] = str(os.cpu_count())
+    # A container or taskset may grant fewer cores than the machine has; timings depend on these.
+    if hasattr(os, "sched_getaffinity"):
+        out["usable_cores"] = str(len(os.sched_getaffinity(0)))
     return out
 
 

@@ -19,7 +19,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("simulations.prepare", "write hospital folders + holdout from an npz or phantoms"),
     "import": ("client.importers.cli", "DICOM export or nnU-Net/MSD dataset -> a hospital folder"),
     "certs": ("common.certs", "create a CA, server certificate and hospital node keys"),
-    "bench": ("simulations.bench", "speed and utility benchmarks (JSON + table)"),
+    "bench": ("simulations.benchmarks", "speed and utility benchmarks (JSON + table)"),
     "predict": ("simulations.predict", "apply a run's model to NIfTI scans (+ saliency maps)"),
     "report": ("simulations.report", "write a run's report.html and model-card.md"),
     "run": ("simulations.run", "flwr run, waited for; exit code from the run's status"),

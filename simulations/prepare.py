@@ -80,7 +80,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         if args.phantom:
-            from simulations.phantoms import PHANTOMS, make_phantom_sites
+            from simulations.phantoms.sites import PHANTOMS, make_phantom_sites
 
             if args.phantom not in PHANTOMS:
                 raise ValueError(

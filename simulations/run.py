@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from simulations.procs import descendants, end_pids, pid_listening_on, port_open
+from simulations.harness.procs import descendants, end_pids, pid_listening_on, port_open
 
 # `flwr run` options that take a value (so the positionals can be told apart).
 VALUE_OPTIONS = {"--federation", "--run-config", "-c", "--federation-config", "--format"}

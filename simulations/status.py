@@ -60,7 +60,7 @@ def resume_config(path: Path) -> str:
     import json
 
     from server.run_dir import SUMMARY
-    from simulations.local import run_config_arg
+    from simulations.harness.local import run_config_arg
 
     config = json.loads((path / SUMMARY).read_text()).get("config") or {}
     config = {k: v for k, v in config.items() if v is not None and k != "resume-from"}

@@ -4,7 +4,7 @@
 missing, as .ci/run does); None only when it can be neither found nor installed.
 `render(page, workdir)` loads a COPY of the page with a small script appended that writes
 every image's decoded size into the DOM, dumps the DOM, and takes a screenshot of the page
-itself. Both Chromium processes are started and ended by PID (simulations/procs.py), with
+itself. Both Chromium processes are started and ended by PID (simulations/harness/procs.py), with
 their own profile folder, and no network features.
 """
 
@@ -16,7 +16,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from simulations.procs import Procs
+from simulations.harness.procs import Procs
 
 FLAGS = [
     "--headless",

@@ -1,7 +1,7 @@
 """Process harness for the tests: the same one the local simulation runner uses."""
 
-from simulations.procs import *  # noqa: F403
-from simulations.procs import (  # noqa: F401 - names the tests import explicitly
+from simulations.harness.procs import *  # noqa: F403
+from simulations.harness.procs import (  # noqa: F401 - names the tests import explicitly
     VENV_BIN,
     Proc,
     Procs,

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from simulations.cli import main
-from simulations.phantoms import make_phantom_sites
+from simulations.phantoms.sites import make_phantom_sites
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Secure RNG turned off"),

@@ -2,7 +2,7 @@
 
 The command starts its own SuperLink and one SuperNode (client/supernode.py, warm SuperExec)
 on 127.0.0.1 with the shipped deploy/hospital/node.toml policy on a scratch state dir and a
-2D phantom site; it is run here as a real process through simulations/procs.py, so that
+2D phantom site; it is run here as a real process through simulations/harness/procs.py, so that
 everything it started ends by PID even when the test fails.
 """
 
@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from simulations.procs import Procs, flwr_env
+from simulations.harness.procs import Procs, flwr_env
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPECTED = {

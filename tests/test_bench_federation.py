@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from simulations.bench_federation import _round_costs
+from simulations.benchmarks.federation import _round_costs
 
 
 def test_round_costs_add_every_hospitals_train_and_eval_time_and_server_eval():

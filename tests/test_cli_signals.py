@@ -14,7 +14,7 @@ import time
 
 from procs import descendants, wait_for
 
-from simulations.procs import _alive, flwr_env
+from simulations.harness.procs import _alive, flwr_env
 
 
 def test_sigterm_during_a_benchmark_leaves_no_process_behind(tmp_path):

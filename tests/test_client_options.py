@@ -21,7 +21,7 @@ from common import privacy
 from common.models import build_model
 from common.validation import local_metrics
 from common.weights import norm_parameter_names
-from simulations.phantoms import make_phantom_sites
+from simulations.phantoms.sites import make_phantom_sites
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Secure RNG turned off"),

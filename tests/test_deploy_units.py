@@ -4,7 +4,7 @@
   that command: a unit or a page that drifts to another program (plain `flower-superlink`, the
   old `client.approval supernode`) or other arguments fails here;
 - the units are started as real processes by tests/test_deployment.py, test_faults.py and
-  test_deployment_docs.py (`simulations.units.command`: their ExecStart, paths substituted);
+  test_deployment_docs.py (`simulations.harness.units.command`: their ExecStart, paths substituted);
 - node.toml, docs/privacy.md's policy table and `common.config.NodePolicy` list the same keys.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 from flwr.common.config import parse_config_args
 
 from common.config import NodePolicy
-from simulations import units
+from simulations.harness import units
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "deployment.md"

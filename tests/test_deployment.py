@@ -24,7 +24,7 @@ from procs import Proc, Procs, flwr_env, free_port, port_open, wait_for
 from client.approval import fab_hash_of_app
 from client.audit import AUDIT_FILE, read_records
 from common import certs
-from simulations import units
+from simulations.harness import units
 
 ROOT = Path(__file__).resolve().parents[1]
 NGINX_CONF = ROOT / "deploy" / "nginx" / "fedvox-fleet.conf"

@@ -31,8 +31,8 @@ from pathlib import Path
 from procs import Procs, flwr_env, free_port, port_open, wait_for
 from test_deployment import _write_sites
 
-from simulations import units
-from simulations.deploy import NGINX, nginx_conf
+from simulations.harness import units
+from simulations.harness.deploy import NGINX, nginx_conf
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "deployment.md"

@@ -1,10 +1,10 @@
 """Extending fedvox through its registries alone: a model, a strategy and a held-out metric.
 
 The toy entries are registered at run time and removed afterwards (the `registries` fixture).
-The federation runs in this process (`simulations.inprocess`: the real ServerApp `main`, round
-loop, update checks and recorder; the real ClientApp with Opacus DP-SGD; the registered Flower
-strategy): a `flwr run` simulation starts its apps in Ray worker processes, which a
-registration made here would not reach.
+The federation runs in this process (`simulations.harness.inprocess`: the real ServerApp
+`main`, round loop, update checks and recorder; the real ClientApp with Opacus DP-SGD; the
+registered Flower strategy): a `flwr run` simulation starts its apps in Ray worker processes,
+which a registration made here would not reach.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from common.config import ConfigError, RunConfig
 from server.holdout_record import load_round
 from server.report_data import RunView, site_table
 from server.strategy import build_strategy
-from simulations import inprocess as ip
-from simulations.phantoms import make_phantom_sites
+from simulations.harness import inprocess as ip
+from simulations.phantoms.sites import make_phantom_sites
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Secure RNG turned off"),

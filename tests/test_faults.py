@@ -2,13 +2,13 @@
 
 Each test reproduces one row of the fault table and checks the new outcome:
 
-- real processes on 127.0.0.1 (`simulations.deploy.LocalDeployment`: one TLS SuperLink with
+- real processes on 127.0.0.1 (`simulations.harness.deploy.LocalDeployment`: one TLS SuperLink with
   node authentication and `--database` behind nginx, five hospital SuperNodes through
   fedvox's node wrapper, `fedvox run`), shared by the module and ended by PID, own FLWR_HOME:
   a SuperNode killed mid-round, the SuperLink killed mid-round and the run resumed, a bad
   run config through `fedvox run`, and no reply lost with five SuperNodes on one SQLite store;
 - in-process through the real ServerApp, round loop, Flower strategies and ClientApp
-  (`simulations.inprocess`): bad configs, every hospital refusing, bad holdout files and
+  (`simulations.harness.inprocess`): bad configs, every hospital refusing, bad holdout files and
   poisoned updates (NaN, x1e6, a wrong shape, an inflated count, FedMedian, trimmed mean).
 """
 
@@ -25,12 +25,12 @@ import torch
 
 from client.audit import AUDIT_FILE, read_records
 from client.ledger import LEDGER_FILE
-from simulations import inprocess as ip
-from simulations.bench_faults import node_toml_budget
-from simulations.deploy import OPERATOR, PROJECT_DIR, LocalDeployment
-from simulations.local import run_config_arg
-from simulations.phantoms import make_phantom_sites
-from simulations.procs import wait_for
+from simulations.benchmarks.faults import node_toml_budget
+from simulations.harness import inprocess as ip
+from simulations.harness.deploy import OPERATOR, PROJECT_DIR, LocalDeployment
+from simulations.harness.local import run_config_arg
+from simulations.harness.procs import wait_for
+from simulations.phantoms.sites import make_phantom_sites
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Secure RNG turned off"),

@@ -17,8 +17,8 @@ from opacus.accountants import RDPAccountant
 
 from common.tasks import ModelSpec, build_task_model
 from common.weights import fingerprint
-from simulations.local import LocalFederation
-from simulations.phantoms import make_phantom_sites
+from simulations.harness.local import LocalFederation
+from simulations.phantoms.sites import make_phantom_sites
 
 TARGET_EPS = 8.0
 DELTA = 1e-5

@@ -25,7 +25,7 @@ from common.protocol import NodeReply
 from common.site import load_site
 from common.tasks import ModelSpec, task_for
 from server.checks import UpdateChecker
-from simulations.phantoms import make_phantom_sites
+from simulations.phantoms.sites import make_phantom_sites
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Secure RNG turned off"),

@@ -158,7 +158,7 @@ def test_bad_cases_are_skipped_with_their_reason(tmp_path, capsys):
 
 
 def test_imported_nnunet_sites_train_a_segmentation_model_in_two_rounds(tmp_path, capsys):
-    from simulations.local import LocalFederation
+    from simulations.harness.local import LocalFederation
 
     for seed, site in enumerate(("hospital-1", "hospital-2", "holdout")):
         src = make_dataset(tmp_path / "nnunet" / site, n=8, seed=seed)

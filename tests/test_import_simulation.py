@@ -32,7 +32,7 @@ def _xray_export(root: Path, n: int, seed: int) -> str:
 
 
 def test_imported_dicom_sites_train_in_a_two_round_simulation(tmp_path, capsys):
-    from simulations.local import LocalFederation
+    from simulations.harness.local import LocalFederation
 
     data = tmp_path / "data"
     for seed, site in enumerate(("hospital-1", "hospital-2", "holdout")):

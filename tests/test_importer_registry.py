@@ -15,7 +15,7 @@ from client.importers.site import ImportInputError, ImportReport
 from common.site import load_site
 from common.site.writer import open_site
 from simulations.cli import main as fedvox
-from simulations.phantoms import HOLDOUT_STYLE, generate_blobs
+from simulations.phantoms.sites import HOLDOUT_STYLE, generate_blobs
 
 
 def _add_toy(p: argparse.ArgumentParser) -> None:
@@ -54,7 +54,7 @@ def _npy_folder(folder: Path, n: int, seed: int) -> None:
 
 
 def test_a_toy_importer_from_the_registry_alone_writes_a_site_that_trains(toy, tmp_path, capsys):
-    from simulations.inprocess import run_in_process
+    from simulations.harness.inprocess import run_in_process
 
     data = tmp_path / "data"
     for seed, site in enumerate(("hospital-1", "hospital-2", "holdout")):

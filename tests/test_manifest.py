@@ -21,7 +21,7 @@ from common.protocol import MANIFEST
 from common.protocol import NODE_KEYS as PROTOCOL_NODE_KEYS
 from common.site import load_site
 from common.validation import HIST_POS, MARGIN_EDGES, RELEASE_NOISE
-from simulations.phantoms import make_phantom_sites
+from simulations.phantoms.sites import make_phantom_sites
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Secure RNG turned off"),

@@ -15,7 +15,7 @@ from common.models import ScatterCNN, build_model
 from common.privacy import calibrate_noise_multiplier, compute_epsilon
 from common.site import load_site
 from common.tasks import ModelSpec, task_for
-from simulations.phantoms import make_phantom_sites
+from simulations.phantoms.sites import make_phantom_sites
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Secure RNG turned off"),

@@ -19,7 +19,7 @@ from client.app import evaluate, train
 from client.ledger import LEDGER_FILE, PrivacyLedger
 from common.models import build_model
 from common.privacy import compute_epsilon
-from simulations.phantoms import make_phantom_sites
+from simulations.phantoms.sites import make_phantom_sites
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Secure RNG turned off"),

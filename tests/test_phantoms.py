@@ -14,7 +14,7 @@ from sklearn.metrics import roc_auc_score
 
 from common.site import validate_site
 from simulations import prepare
-from simulations.phantoms import PHANTOMS, make_phantom_sites
+from simulations.phantoms.sites import PHANTOMS, make_phantom_sites
 
 
 def load_site(site: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -156,7 +156,7 @@ def organ_sites(tmp_path_factory) -> Path:
 
 
 def test_organ_3d_volumes_labels_and_contract(organ_sites):
-    from simulations.phantoms_organ import PREVALENCE
+    from simulations.phantoms.organ import PREVALENCE
 
     manifest = json.loads((organ_sites / "prepare.json").read_text())
     assert manifest["sites"] == ["hospital-1", "hospital-2", "hospital-3", "holdout"]
@@ -198,7 +198,7 @@ def test_organ_sites_differ_in_scanner_and_orientation(organ_sites):
 def test_organ_abnormality_is_a_small_local_bump():
     from scipy.ndimage import distance_transform_edt
 
-    from simulations.phantoms_organ import HOLDOUT_ORGAN_SITE, organ_mask
+    from simulations.phantoms.organ import HOLDOUT_ORGAN_SITE, organ_mask
 
     for seed in range(4):
         normal = organ_mask(np.random.default_rng(seed), (64,) * 3, HOLDOUT_ORGAN_SITE, False) > 0

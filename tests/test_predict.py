@@ -25,7 +25,7 @@ from common.transforms import PreprocessConfig, build_mask_transform, build_tran
 from common.unet import build_unet
 from server.run_dir import RunDir
 from simulations.cli import main as fedvox
-from simulations.phantoms import HOLDOUT_STYLE, blob_sigma, gaussian_blob, smooth_noise
+from simulations.phantoms.sites import HOLDOUT_STYLE, blob_sigma, gaussian_blob, smooth_noise
 from tests.nifti_factory import write_nifti
 
 SIZE = (28, 28)

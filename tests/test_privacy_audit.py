@@ -12,16 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from simulations.audit_privacy import (
-    NO_CLIPPING,
-    NO_NOISE,
-    NONE,
-    WRONG_SAMPLE_RATE,
+from simulations.audit.faults import NO_CLIPPING, NO_NOISE, NONE, WRONG_SAMPLE_RATE
+from simulations.audit.privacy import (
     AuditSettings,
     audit_config,
     audit_privacy,
 )
-from simulations.audit_stats import (
+from simulations.audit.stats import (
     attack_metrics,
     dp_auc_bound,
     dp_tpr_bound,
@@ -29,7 +26,7 @@ from simulations.audit_stats import (
     one_run_epsilon,
 )
 from simulations.cli import main
-from simulations.phantoms import make_phantom_sites
+from simulations.phantoms.sites import make_phantom_sites
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Secure RNG turned off"),
@@ -154,8 +151,8 @@ def test_the_harness_trains_exactly_as_the_node_does(site, tmp_path, monkeypatch
     from common import privacy
 
     monkeypatch.setattr(gate, "_noisy_count", lambda n, noise: 10 * round(n / 10 + 1))
-    from simulations.audit_canaries import Canaries
-    from simulations.audit_privacy import _node, _round
+    from simulations.audit.canaries import Canaries
+    from simulations.audit.privacy import _node, _round
 
     cfg, overrides = audit_config([SMALL, "num-server-rounds=1 target-epsilon=1"])
     node = _node(site, cfg, tmp_path / "harness")

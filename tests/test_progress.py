@@ -12,7 +12,7 @@ import subprocess
 import time
 
 from common import progress
-from simulations.procs import VENV_BIN
+from simulations.harness.procs import VENV_BIN
 
 
 def test_track_passes_items_through_and_prints_nothing_off_a_terminal(capsys):

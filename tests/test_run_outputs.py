@@ -22,7 +22,7 @@ from server.console import ConsoleFilter
 from server.outputs import RunOutputs
 from server.recorder import HoldoutEvaluator, RoundRecorder
 from server.run_dir import RunDir
-from simulations.phantoms import make_phantom_sites
+from simulations.phantoms.sites import make_phantom_sites
 
 
 def _recorder(tmp_path, name: str) -> tuple[RoundRecorder, RunOutputs]:

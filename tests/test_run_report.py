@@ -20,8 +20,8 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from simulations.cli import main as fedvox
-from simulations.local import LocalFederation
-from simulations.phantoms import make_phantom_sites
+from simulations.harness.local import LocalFederation
+from simulations.phantoms.sites import make_phantom_sites
 from tests import browser
 from tests.nifti_factory import write_nifti
 

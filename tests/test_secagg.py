@@ -23,8 +23,8 @@ from common.config import ConfigError, RunConfig
 from common.protocol import _ROUNDING
 from common.secagg import QUANTIZATION, SECAGG_REPLY_RECORDS
 from server.secagg import SecureAggregationFailed, Sharing
-from simulations.local import LocalFederation
-from simulations.phantoms import make_phantom_sites
+from simulations.harness.local import LocalFederation
+from simulations.phantoms.sites import make_phantom_sites
 
 ROOT = Path(__file__).resolve().parents[1]
 SITES = ("hospital-1", "hospital-2", "hospital-3")

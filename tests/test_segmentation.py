@@ -15,8 +15,8 @@ from opacus.validators import ModuleValidator
 from common.site import DataError, clear_memory_cache, load_site, validate_site
 from common.tasks import ModelSpec, SegmentationTask, task_for
 from common.unet import FOCUS_FLOOR, FOCUS_SHARE, focus_share
-from simulations.local import LocalFederation
-from simulations.phantoms import PHANTOMS, make_phantom_sites
+from simulations.harness.local import LocalFederation
+from simulations.phantoms.sites import PHANTOMS, make_phantom_sites
 
 CLASSES = ["background", "lung", "nodule"]
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from common.models import build_model
-from simulations.bench_utility import parse_epsilons, parse_overrides, summarise
+from simulations.benchmarks.utility import parse_epsilons, parse_overrides, summarise
 from simulations.cli import main as fedvox
 
 ROW_KEYS = {
@@ -135,7 +135,7 @@ def test_non_private_training_leaves_no_privacy_history(sgd):
 
 
 def test_segmentation_runs_make_per_class_dice_rows_and_a_dice_table():
-    from simulations.bench_utility import format_table
+    from simulations.benchmarks.utility import format_table
 
     def run(setting, eps, seed, lung, nodule):
         return {

@@ -22,9 +22,9 @@ from common.transforms import effective_shape
 TASKS = ("classification", "segmentation")
 MAX_SEG_CLASSES = 256  # masks are cached as uint8
 
-# 3D volumes whose size neither the run nor dataset.json gives are resized to this. Issue 6's
-# budget: ~1,300 volumes of 64^3 over 3 hospitals, DP, <= 30 min on 2 cores; a DP step of the 3D
-# CNN costs ~8x more at 64^3 than at 32^3 (measured in simulations/results/utility-3d.json).
+# 3D volumes whose size neither the run nor dataset.json gives are resized to this: a DP step of
+# the 3D CNN costs several times more at 64^3 than at 32^3, and a 3D run must fit a small
+# machine's time budget (docs/benchmarks.md, "Figures behind code comments").
 AUTO_3D_SIZE = (32, 32, 32)
 # Segmentation trains slice-unet (a 2D U-Net over slices), whose cost grows with the in-plane
 # size only: 64^3 keeps small structures (lung nodules of 6-15 mm are 1.5-4 voxels in radius at

@@ -1,6 +1,6 @@
 """What SecAgg+'s quantisation costs, paired: the same DP updates aggregated two ways.
 
-    python -m simulations.secagg_cost [--rounds 3] [--hospitals 5] [--out result.json]
+    python -m simulations.benchmarks.secagg_cost [--rounds 3] [--hospitals 5] [--out result.json]
 
 Two federations on the demo data walk side by side from the same initial model. Every round,
 each hospital trains with DP-SGD (`client.train.local_sgd`, the run's recipe) from its

@@ -1,6 +1,6 @@
-"""`fedvox bench faults`: issue 15's fault table, run for real on this machine (JSON + table).
+"""`fedvox bench faults`: docs/reliability.md's fault table, run for real here (JSON + table).
 
-Deployment rows use real processes on 127.0.0.1 (`simulations.deploy.LocalDeployment`: a TLS
+Deployment rows use real processes on 127.0.0.1 (`simulations.harness.deploy.LocalDeployment`: a TLS
 SuperLink with node authentication and `--database`, nginx if installed, one SuperNode per
 hospital through fedvox's node wrapper, `fedvox run`), ended by PID:
 
@@ -13,7 +13,7 @@ hospital through fedvox's node wrapper, `fedvox run`), ended by PID:
 - many-nodes: N SuperNodes (default 20) x 3 rounds on one SuperLink, TLS + node auth.
 
 In-process rows run the real ServerApp, round loop, Flower strategies and ClientApp
-(`simulations.inprocess`): bad holdout files, and one hospital's poisoned update (NaN, x1e6,
+(`simulations.harness.inprocess`): bad holdout files, and one hospital's poisoned update (NaN, x1e6,
 wrong shape, inflated count; FedMedian with NaN).
 
 Each row: `lost_replies` = releases a hospital made (its privacy ledger says "released") that
@@ -27,13 +27,12 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import tempfile
-import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from simulations.benchmarks.fault_rows import measured, row_of, unused_releases
 
 DEPLOYED = ("round-wall", "node-killed", "superlink-killed", "bad-config")
 FAULTS = (
@@ -43,8 +42,6 @@ FAULTS = (
     "many-nodes",
     "node-toml",
 )
-TARGET_EPSILON = 8.0
-DELTA = 1e-5  # simulations.deploy.POLICY's delta: the ledgers' epsilon is stated at it
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from simulations.bench import machine_info
+    from server.report_data import environment
 
     only = [f.strip() for f in args.only.split(",") if f.strip()]
     unknown = sorted(set(only) - set(FAULTS))
@@ -71,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         root = Path(args.workdir or tmp)
         rows = run_rows(root, only, args.hospitals)
     result = {
-        "machine": machine_info(),
+        "machine": environment(),
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "rows": rows,
     }
@@ -85,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
 
 def run_rows(root: Path, only: list[str], hospitals: int) -> list[dict[str, Any]]:
     """The selected rows (the deployment rows share one deployment of five hospitals)."""
-    from simulations.bench_faults_deploy import deployment_rows, many_nodes_row
+    from simulations.benchmarks.faults_deploy import deployment_rows, many_nodes_row
 
     rows: list[dict[str, Any]] = []
     deployed = [f for f in DEPLOYED if f in only]
@@ -101,111 +98,6 @@ def run_rows(root: Path, only: list[str], hospitals: int) -> list[dict[str, Any]
         for k in POISONS:
             rows.append(measured(k, lambda k=k: poisoned_row(root / "inprocess", k)))
     return rows
-
-
-# -- bookkeeping ------------------------------------------------------------------------------
-
-
-def tree_pss_gb(root_pid: int) -> float:
-    """Memory of a process tree: each process's PSS (its resident pages, shared ones divided
-    among the processes sharing them), so 20 forked ClientApps are not counted 20 times."""
-    from simulations.procs import descendants
-
-    total_kb = 0
-    for pid in [root_pid, *descendants(root_pid)]:
-        try:
-            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Pss:"):
-                    total_kb += int(line.split()[1])
-                    break
-        except (OSError, ValueError):
-            continue
-    return total_kb / 1024 / 1024
-
-
-class PeakMemory:
-    """Peak memory (summed PSS) of this process and everything it started, sampled each s."""
-
-    def __init__(self) -> None:
-        self.peak_gb, self._stop = 0.0, threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            self.peak_gb = max(self.peak_gb, tree_pss_gb(os.getpid()))
-            self._stop.wait(1.0)
-
-    def __enter__(self) -> PeakMemory:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
-def measured(fault: str, make: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """`make()`'s row with its wall time and peak memory; a row that crashed is not ok."""
-    t0 = time.monotonic()
-    with PeakMemory() as mem:
-        try:
-            row = make()
-        except Exception as exc:  # noqa: BLE001 - the table says what broke
-            row = row_of(fault, 0, f"bench error: {exc!r}"[:600], False)
-    row["wall_s"] = round(time.monotonic() - t0, 1)
-    row["peak_rss_gb"] = round(mem.peak_gb, 2)
-    print(f"{row['fault']}: ok={row['ok']} {row['outcome']}", flush=True)
-    return row
-
-
-def row_of(
-    fault: str, hospitals: int, outcome: str, ok: bool, lost: int = 0, eps: float = 0.0
-) -> dict[str, Any]:
-    return {
-        "fault": fault,
-        "hospitals": hospitals,
-        "outcome": outcome,
-        "ok": bool(ok and lost == 0),
-        "lost_replies": lost,
-        "epsilon_charged_unused": round(eps, 4),
-    }
-
-
-def unused_releases(state_dirs: list[Path], summary: dict[str, Any]) -> tuple[int, float]:
-    """(releases of this run the server never used, the most epsilon one hospital paid for
-    them), from the hospitals' ledgers; updates the server refused on purpose do not count."""
-    from client.ledger import RELEASED, PrivacyLedger
-    from common.privacy import compute_epsilon
-
-    run_uid = summary.get("run_uid")
-    refused = {
-        (site, r["round"])
-        for r in summary.get("rounds", [])
-        for site, h in r.get("hospitals", {}).items()
-        if h.get("status") == "rejected"
-    }
-    lost, worst = 0, 0.0
-    for state in state_dirs:
-        ledger = PrivacyLedger.open(state, "rdp")
-        mine = [e for e in ledger.entries if e["status"] == RELEASED]
-        unused = [
-            e
-            for e in mine
-            if e["run_uid"] == run_uid
-            and e.get("phase") in ("train", "eval")
-            and e.get("use") != "used"
-            and (state.name, e["round"]) not in refused
-        ]
-        if not unused:
-            continue
-        lost += len(unused)
-        keep = [e for e in mine if e not in unused]
-
-        def hist(es: list[dict]) -> list:
-            return [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in es]
-
-        worst = max(worst, compute_epsilon(hist(mine), DELTA) - compute_epsilon(hist(keep), DELTA))
-    return lost, worst
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -234,7 +126,7 @@ def node_toml_budget() -> dict[str, float]:
     import tomllib
 
     from common.config import NodePolicy
-    from simulations.local import PROJECT_DIR
+    from simulations.harness.local import PROJECT_DIR
 
     node = tomllib.loads((PROJECT_DIR / "deploy" / "hospital" / "node.toml").read_text())
     app = tomllib.loads((PROJECT_DIR / "pyproject.toml").read_text())
@@ -256,7 +148,7 @@ def node_toml_row() -> dict[str, Any]:
 
 
 def _inprocess_config(root: Path, name: str, **extra: Any) -> dict[str, Any]:
-    from simulations.phantoms import make_phantom_sites
+    from simulations.phantoms.sites import make_phantom_sites
 
     data = root / "data"
     if not (data / "holdout").is_dir():
@@ -283,7 +175,7 @@ def bad_holdout_row(root: Path) -> dict[str, Any]:
     import nibabel as nib
     import numpy as np
 
-    from simulations import inprocess as ip
+    from simulations.harness import inprocess as ip
 
     config = _inprocess_config(root, "bad-holdout")
     holdout = root / "bad-holdout-data"
@@ -306,7 +198,7 @@ def bad_holdout_row(root: Path) -> dict[str, Any]:
 
 
 def _poisons() -> dict[str, tuple[Callable, str, str]]:
-    from simulations import inprocess as ip
+    from simulations.harness import inprocess as ip
 
     return {
         "NaN": (ip.nan_arrays, "NaN", "fedavg"),
@@ -332,7 +224,7 @@ def poisoned_row(root: Path, kind: str) -> dict[str, Any]:
     """hospital-3 of 3 sends a poisoned update: refused, named, the round goes on."""
     import math
 
-    from simulations import inprocess as ip
+    from simulations.harness import inprocess as ip
 
     tamper, needle, strategy = _poisons()[kind]
     name = "poison-" + "".join(c if c.isalnum() else "-" for c in kind)

@@ -1,8 +1,8 @@
 """The shipped systemd units (deploy/*/*.service), read so that tests start what they start.
 
 A unit's `ExecStart` is the one command a hospital IT team installs. The deployment tests and
-`simulations.deploy.LocalDeployment` do not write their own SuperLink/SuperNode command lines:
-they take the unit's, with its install paths replaced by test paths (`command`), so a unit
+`simulations.harness.deploy.LocalDeployment` do not write their own SuperLink/SuperNode command
+lines: they take the unit's, with its install paths replaced by test paths (`command`), so a unit
 that drifts from the tested wrapper (another program, a lost argument) fails them.
 
     argv = command(SUPERLINK_UNIT, {"--port": "8123"}, {"/etc/fedvox/pki/": "/tmp/pki/"})
@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-DEPLOY_DIR = Path(__file__).resolve().parents[1] / "deploy"
+DEPLOY_DIR = Path(__file__).resolve().parents[2] / "deploy"
 SUPERLINK_UNIT = DEPLOY_DIR / "server" / "fedvox-superlink.service"
 SUPERNODE_UNIT = DEPLOY_DIR / "hospital" / "fedvox-supernode.service"
 VENV_PYTHON = "/opt/fedvox/venv/bin/python"  # where the units (and the docs) install fedvox

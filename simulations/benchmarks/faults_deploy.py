@@ -1,4 +1,4 @@
-"""The deployment rows of `fedvox bench faults` (simulations/bench_faults.py says what each
+"""The deployment rows of `fedvox bench faults` (simulations/benchmarks/faults.py says what each
 row measures): real SuperLink and SuperNode processes on 127.0.0.1, ended by PID."""
 
 from __future__ import annotations
@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from client.audit import AUDIT_FILE, read_records
-from simulations.bench_faults import TARGET_EPSILON, measured, row_of, unused_releases
-from simulations.deploy import OPERATOR, PROJECT_DIR, LocalDeployment, RunOutcome
-from simulations.local import run_config_arg
-from simulations.phantoms import make_phantom_sites
-from simulations.procs import wait_for
+from simulations.benchmarks.fault_rows import TARGET_EPSILON, measured, row_of, unused_releases
+from simulations.harness.deploy import OPERATOR, PROJECT_DIR, LocalDeployment, RunOutcome
+from simulations.harness.local import run_config_arg
+from simulations.harness.procs import wait_for
+from simulations.phantoms.sites import make_phantom_sites
 
 FAST = [f"hospital-{i}" for i in (1, 2, 3, 4)]
 SLOW = "hospital-5"  # 10x the cases: it still trains when the others have replied

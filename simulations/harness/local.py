@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from simulations.procs import VENV_BIN, Procs, flwr_env, free_port, port_open, wait_for
+from simulations.harness.procs import VENV_BIN, Procs, flwr_env, free_port, port_open, wait_for
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
+PROJECT_DIR = Path(__file__).resolve().parents[2]
 
 
 def toml_value(value: Any) -> str:

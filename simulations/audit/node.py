@@ -2,13 +2,13 @@
 
     fedvox audit node [--node-config node.toml] [--data SITE] --out audit-node.json
 
-It builds the default deployment on 127.0.0.1 (simulations/deploy.py): a real SuperLink and
+It builds the default deployment on 127.0.0.1 (simulations/harness/deploy.py): a real SuperLink and
 ONE real SuperNode through the project's node entry point (client/supernode.py: its warm
 SuperExec forks every ClientApp from one parent), with the node config's policy keys
 (`accountant`, `max-epsilon`, `delta`, `max-evaluations`, `allow-non-dp`, `site-name`) and
 its data-dir / state-dir replaced: the data is `--data` (read only) or a small 2D phantom site,
 the state dir a scratch one, so the audit never spends the hospital's real ledger. Then a
-hostile ServerApp (simulations/audit_node_app.py, attacks in audit_node_attacks.py) drives the
+hostile ServerApp (simulations/audit/node_app.py, attacks in audit_node_attacks.py) drives the
 node with crafted messages in three `fedvox run`s: the main one, one whose run config says
 dp=false, and one after the node was restarted with its policy keys removed.
 
@@ -29,9 +29,9 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
+PROJECT_DIR = Path(__file__).resolve().parents[2]
 DEFAULT_NODE_CONFIG = PROJECT_DIR / "deploy" / "hospital" / "node.toml"
-PLAN_ENV = "FEDVOX_AUDIT_NODE_PLAN"  # simulations/audit_node_app.py reads its plan from it
+PLAN_ENV = "FEDVOX_AUDIT_NODE_PLAN"  # simulations/audit/node_app.py reads its plan from it
 POLICY_KEYS = ("accountant", "max-epsilon", "delta", "max-evaluations")
 NODE_KEYS = (*POLICY_KEYS, "allow-non-dp", "site-name")  # what the audit takes from the file
 RUN_TIMEOUT_S = 600.0
@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"fedvox audit node: error: {exc}", file=sys.stderr)
         return 2
     from common.files import atomic_write_text
-    from simulations.audit_privacy import provenance
+    from simulations.audit.privacy import provenance
 
     started = time.monotonic()
     data = args.data.resolve() if args.data else None
@@ -143,7 +143,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def audit_node(node: dict[str, Any], data: Path | None, tmp: Path) -> list[dict[str, Any]]:
     """Every attack against one node with `node`'s policy on `data` (or a phantom site)."""
-    from simulations.deploy import LocalDeployment
+    from simulations.harness.deploy import LocalDeployment
 
     site = data or _phantom_site(tmp / "data")
     state = tmp / "state"
@@ -170,7 +170,7 @@ def audit_node(node: dict[str, Any], data: Path | None, tmp: Path) -> list[dict[
 
 def _restart_without_policy(dep: Any) -> None:
     """The same node (key, state dir) again, its node config without the policy keys."""
-    from simulations.procs import wait_for
+    from simulations.harness.procs import wait_for
 
     old = dep.nodes[NODE]
     seen = old.log().count("SuperNode ID")  # the new process appends to the same log
@@ -189,7 +189,7 @@ def _restart_without_policy(dep: Any) -> None:
 
 
 def _phantom_site(root: Path) -> Path:
-    from simulations.phantoms import make_phantom_sites
+    from simulations.phantoms.sites import make_phantom_sites
 
     make_phantom_sites("blobs-2d", root, hospitals=1, cases_per_site=40, holdout_cases=4, seed=0)
     return root / "hospital-1"
@@ -232,7 +232,7 @@ def _app_dir(app: Path) -> Path:
     """fedvox's pyproject with the hostile ServerApp (the ClientApp is the node's own)."""
     app.mkdir(parents=True)
     text = (PROJECT_DIR / "pyproject.toml").read_text()
-    text, n = re.subn(r'serverapp = "[^"]*"', 'serverapp = "simulations.audit_node_app:app"', text)
+    text, n = re.subn(r'serverapp = "[^"]*"', 'serverapp = "simulations.audit.node_app:app"', text)
     if n != 1:
         raise RuntimeError("pyproject.toml no longer names one serverapp")
     (app / "pyproject.toml").write_text(text)
@@ -249,7 +249,7 @@ def _phase(dep: Any, app: Path, plan_file: Path, plan: dict, run_config: dict) -
         return json.loads(out.read_text())
     tail = outcome.output.strip().splitlines()[-3:]
     detail = f"the hostile run failed (exit {outcome.returncode}): {' | '.join(tail)[:400]}"
-    from simulations.audit_node_attacks import row
+    from simulations.audit.node_attacks import row
 
     return {
         "rows": [row(f"phase:{plan['phase']}", "failed", True, detail)],
@@ -261,7 +261,7 @@ def _phase(dep: Any, app: Path, plan_file: Path, plan: dict, run_config: dict) -
 def _judge_all(phases: list[dict[str, Any]], secrets: list[str]) -> list[dict[str, Any]]:
     """The phases' rows, and two judged over every reply of every phase."""
     from common.protocol import MANIFEST
-    from simulations.audit_node_attacks import row, secrets_in
+    from simulations.audit.node_attacks import row, secrets_in
 
     rows = [r for p in phases for r in p["rows"]]
     texts = [t for p in phases for t in p["texts"]]

@@ -22,7 +22,7 @@ passes) calls the real `common.privacy.make_private`, then
 Faults (test-only: harness parameters, no run-config key): "no-noise" (noise std 0 while the
 accountant records sigma: a lost noise call), "no-clipping" (per-sample clipping bypassed, noise
 still scaled by max-grad-norm). The third, "wrong-sample-rate", lives in the harness: the
-accountant is told q = 1/N instead of B/N (simulations/audit_privacy.py).
+accountant is told q = 1/N instead of B/N (simulations/audit/privacy.py).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from common.privacy import make_private
-from simulations.audit_privacy import FAULTS, NO_CLIPPING, NO_NOISE, NONE
+from simulations.audit.faults import FAULTS, NO_CLIPPING, NO_NOISE, NONE
 
 SENTINEL = 10_000.0  # canary i's image is SENTINEL + i everywhere; float32 keeps it exact
 GRADIENT_SCALE = 100.0  # a canary's gradient is this many times max-grad-norm before clipping

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from common.config import RunConfig
 from common.files import atomic_write_text
-from simulations.audit_privacy import (
+from simulations.audit.privacy import (
     add_common_arguments,
     audit_config,
     demo_site,
@@ -236,7 +236,7 @@ def _as_torch(replies: list) -> list:
 def _context(run: dict):
     from flwr.app import Context, RecordDict
 
-    from simulations.bench_utility import default_run_config
+    from simulations.benchmarks.utility import default_run_config
 
     node = {"partition-id": 0, "num-partitions": 1}  # a simulated hospital
     run_config = {**default_run_config(), **run}
@@ -311,7 +311,7 @@ def _evaluate_attack(scores, members, replies) -> dict:
     """AUC, TPR at 1 % FPR and the epsilon lower bound of one attack; the node's DP limit."""
     import numpy as np
 
-    from simulations.audit_stats import (
+    from simulations.audit.stats import (
         attack_metrics,
         clopper_pearson_epsilon,
         dp_auc_bound,

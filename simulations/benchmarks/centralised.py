@@ -23,7 +23,7 @@ from common.site import default_image_size, load_site, read_spec
 from common.tasks import ModelSpec, build_task_model, task_for
 from common.validation import release
 from server.recorder import HoldoutEvaluator
-from simulations.bench_table import held_out_numbers
+from simulations.benchmarks.table import held_out_numbers
 
 
 def run_centralised(data_dir: Path, cfg: RunConfig, seed: int, cache_dir: Path) -> dict:

@@ -1,6 +1,6 @@
-"""Federation-level speed numbers (issue 5): overhead, start-up, data share, scale.
+"""Federation-level speed numbers: overhead, start-up, data share, scale.
 
-Everything is measured on a real Flower simulation (`simulations.local.LocalFederation`)
+Everything is measured on a real Flower simulation (`simulations.harness.local.LocalFederation`)
 from what the run itself records: the server's per-round wall clock (`wall_s`) and
 every hospital's own time (`data-s` loading, `compute-s` training/evaluating) in
 `summary.json`.
@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from simulations.local import LocalFederation
-from simulations.procs import descendants
+from simulations.harness.local import LocalFederation
+from simulations.harness.procs import descendants
 
 
 def _tree_rss_mb(root_pid: int) -> float:
@@ -162,7 +162,7 @@ def measure_scale(
 def measure_secagg(
     workdir: Path, data_dir: Path, hospitals: int, rounds: int = 3
 ) -> dict[str, Any]:
-    """SecAgg+'s cost per round (issue 18): the same run without and with secure aggregation,
+    """SecAgg+'s cost per round: the same run without and with secure aggregation,
     median wall time of rounds 2.. (round 1 pays the one-off data decoding)."""
     walls = {}
     for secure in (False, True):

@@ -7,9 +7,9 @@
 
 The SuperLink and the SuperNodes are started from the shipped systemd units' own ExecStart
 (deploy/server/fedvox-superlink.service, deploy/hospital/fedvox-supernode.service, read by
-`simulations.units`), with this machine's paths and ports. Every hospital has its own key
+`simulations.harness.units`), with this machine's paths and ports. Every hospital has its own key
 (registered with `--name`), node config, state dir and FLWR_HOME, as on its own machine.
-Every process is started through `simulations.procs` and ended by PID when the block exits,
+Every process is started through `simulations.harness.procs` and ended by PID when the block exits,
 even on failure; nothing is killed by name.
 """
 
@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from common import certs
-from simulations import units
-from simulations.local import PROJECT_DIR, run_config_arg
-from simulations.procs import Proc, Procs, flwr_env, free_port, port_open, wait_for
+from simulations.harness import units
+from simulations.harness.local import PROJECT_DIR, run_config_arg
+from simulations.harness.procs import Proc, Procs, flwr_env, free_port, port_open, wait_for
 
 OPERATOR = "fedvox-deploy"
 NGINX_CONF = PROJECT_DIR / "deploy" / "nginx" / "fedvox-fleet.conf"

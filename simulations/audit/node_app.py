@@ -1,8 +1,8 @@
-"""The hostile ServerApp of `fedvox audit node` (simulations/audit_node.py starts it).
+"""The hostile ServerApp of `fedvox audit node` (simulations/audit/node.py starts it).
 
 It follows no script: it builds Messages the way server/rounds.py does (`RoundPlan` config,
 `arrays`, Flower message types) but chooses every field itself, sends them one at a time to
-the one SuperNode under audit and judges each reply (simulations/audit_node_attacks.py).
+the one SuperNode under audit and judges each reply (simulations/audit/node_attacks.py).
 What to do comes from the JSON file named by $FEDVOX_AUDIT_NODE_PLAN (the harness writes it
 before each `fedvox run`; the run config itself must stay one the node can parse): the phase,
 the scratch state dir to read the node's ledger from, where to write the rows.
@@ -32,7 +32,7 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    from simulations.audit_node_attacks import PHASES
+    from simulations.audit.node_attacks import PHASES
 
     plan = json.loads(Path(os.environ[PLAN_ENV]).read_text())
     session = Session.open(grid, dict(context.run_config), plan)

@@ -1,12 +1,12 @@
 """`fedvox bench utility`: what privacy costs in clinical utility, as a table and JSON.
 
-Settings (issue 6):
+Settings:
   - "centralised": the pooled, non-private reference — every hospital's training part in
     one place, trained in-process with the same model and optimiser settings for the same
     number of epochs as the federation sees (rounds x local epochs);
   - "fl": the federation without DP (epsilon = inf), a real Flower simulation;
   - "fl-dp": the federation with DP-SGD at every hospital at each epsilon, a real Flower
-    simulation (`simulations.local.LocalFederation`).
+    simulation (`simulations.harness.local.LocalFederation`).
 
 Every number is the model after the LAST round (never the best round: picking a round by
 its test score would be choosing on the test split). Accuracy is at the decision threshold
@@ -31,10 +31,9 @@ from pathlib import Path
 from common.config import ConfigError, RunConfig
 from common.files import atomic_write_text
 from common.progress import track
-from simulations.bench import machine_info
-from simulations.bench_table import final_round, format_table, merged_runs, summarise
+from simulations.benchmarks.table import final_round, format_table, merged_runs, summarise
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
+PROJECT_DIR = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = PROJECT_DIR / "simulations" / "results" / "utility.json"
 DEFAULT_EPSILONS = "1,3,8,inf"
 
@@ -132,14 +131,14 @@ def run_federation(
     # Each run is a fresh dataset history (its own simulated ledgers), as a benchmark models.
     state = Path(base["output-dir"]).parent / "node-state" / name
     cfg = {**base, "seed": seed, "run-name": name, "state-dir": str(state)}
-    if secure:  # issue 18: SecAgg+ training rounds (server/secagg.py)
+    if secure:  # SecAgg+ training rounds (server/secagg.py)
         cfg["secure-aggregation"] = True
     if math.isinf(epsilon):
         cfg["dp"] = False
     else:
         cfg["dp"] = True
         cfg["target-epsilon"] = float(epsilon)
-    from simulations.bench_federation import PeakMemory
+    from simulations.benchmarks.federation import PeakMemory
 
     with PeakMemory(fed.superlink.pid) as mem:  # SuperLink + simulation + Ray workers
         result = fed.run(cfg, num_supernodes=hospitals, timeout=3600, name=name)
@@ -186,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
         for secure in [False] * ("fl" in settings) + [True] * ("secagg" in settings):
             _federations(bench, work, data_dir, hospitals, epsilons, seeds, secure)
         if "centralised" in settings:
-            from simulations.centralised import run_centralised
+            from simulations.benchmarks.centralised import run_centralised
 
             for seed in seeds:
                 res = run_centralised(data_dir, cfg, seed, work / "cache")
@@ -221,7 +220,7 @@ def _data(args: argparse.Namespace, quick: bool, cfg: RunConfig, work: Path):
             desc += f" (fedvox prepare {json.dumps(prepared)})"
         return data_dir, hospitals, desc
     if quick:
-        from simulations.phantoms import make_phantom_sites
+        from simulations.phantoms.sites import make_phantom_sites
 
         data_dir = work / "data"
         if not (data_dir / "holdout").is_dir():
@@ -243,7 +242,7 @@ def _federations(
 ) -> None:
     """One real Flower simulation per (epsilon, seed) on a private SuperLink; `secure`: under
     SecAgg+ (rows fl-dp-secagg)."""
-    from simulations.local import LocalFederation
+    from simulations.harness.local import LocalFederation
 
     base = {**bench.overrides, "data-dir": str(data_dir), "output-dir": str(work / "runs")}
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -269,10 +268,12 @@ class _Bench:
         out.parent.mkdir(parents=True, exist_ok=True)
 
     def result(self, complete: bool) -> dict:
+        from server.report_data import environment
+
         return {
             "benchmark": "utility",
             "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "machine": machine_info(),
+            "machine": environment(),
             "complete": complete,
             "quick": self.quick,
             "data": self.data,

@@ -7,11 +7,11 @@ handler `client.app._train` is those calls in that order; the harness repeats th
 calling the handler because it needs the one keyword the handler never passes (`private=`,
 the canaries' way in) and because the fault switches must not exist on a node's path.
 
-Into that training go m gradient canaries (simulations/audit_canaries.py), each in the
+Into that training go m gradient canaries (simulations/audit/canaries.py), each in the
 training set with probability 1/2. The adversary is the curious server of docs/privacy.md at
 its strongest: it sees every round's update of the node and scores each canary by its weight's
 movement. The scores give Steinke et al.'s one-run lower bound on epsilon
-(simulations/audit_stats.py), reported beside the epsilon the node's ledger claims.
+(simulations/audit/stats.py), reported beside the epsilon the node's ledger claims.
 
 Each canary owns one weight that has a per-sample gradient of its own, and how many a model has
 depends on the recipe (the epsilon-1 head is narrower) and the image size (fast DP ghost-norms
@@ -38,11 +38,7 @@ from pathlib import Path
 
 from common.config import RunConfig
 from common.files import atomic_write_text
-
-# Test-only DP faults the audit must detect (simulations/audit_canaries.py says how each is made).
-NONE, NO_NOISE, NO_CLIPPING = "none", "no-noise", "no-clipping"
-WRONG_SAMPLE_RATE = "wrong-sample-rate"
-FAULTS = (NONE, NO_NOISE, NO_CLIPPING, WRONG_SAMPLE_RATE)
+from simulations.audit.faults import FAULTS, NONE, WRONG_SAMPLE_RATE
 
 THREAT_MODEL = (
     "white-box curious server: sees every round's weight update of the node (and chooses the "
@@ -65,7 +61,7 @@ class AuditSettings:
     canaries: int | None = None  # None: fit the model (`canary_count`)
     confidence: float = 0.95
     seed: int = 0
-    # Test-only: a deliberate DP fault the audit must detect (simulations/audit_canaries.py).
+    # Test-only: a deliberate DP fault the audit must detect (simulations/audit/canaries.py).
     # Not a run-config key and not reachable from a node: only this harness passes it.
     fault: str = NONE
 
@@ -75,7 +71,7 @@ def audit_privacy(site: Path, cfg: RunConfig, settings: AuditSettings, workdir: 
     import torch
 
     from common.weights import unwrap
-    from simulations.audit_canaries import Canaries
+    from simulations.audit.canaries import Canaries
 
     if settings.fault not in FAULTS:
         raise ValueError(f"unknown fault {settings.fault!r}")
@@ -143,7 +139,7 @@ def _canary_weights(node, data, model) -> list[tuple[str, int]]:
     import copy
 
     from client.train import local_sgd
-    from simulations.audit_canaries import canary_weights
+    from simulations.audit.canaries import canary_weights
 
     k = min(len(data), 4)
     training = replace(node.round_training(), epochs=1, batch_size=k)  # q = 1: never empty
@@ -222,7 +218,7 @@ def _round(node, data, images, labels, state: dict, canaries, fault: str) -> tup
 
 
 def _statistics(canaries, delta: float, confidence: float) -> dict:
-    from simulations.audit_stats import attack_metrics, one_run_ceiling, one_run_epsilon
+    from simulations.audit.stats import attack_metrics, one_run_ceiling, one_run_epsilon
 
     members, scores = canaries.members, canaries.scores
     inside, outside = scores[members], scores[~members]
@@ -294,7 +290,7 @@ def run(args: argparse.Namespace) -> int:
 def audit_config(texts: list[str]) -> tuple[RunConfig, dict]:
     """The project's run config with `-c` overrides (checked like the apps check it)."""
     from common.config import ConfigError
-    from simulations.bench_utility import default_run_config, parse_overrides
+    from simulations.benchmarks.utility import default_run_config, parse_overrides
 
     overrides: dict = {}
     for text in texts:
@@ -320,6 +316,6 @@ def demo_site(cfg: RunConfig) -> Path:
 
 
 def provenance() -> dict:
-    from simulations.bench import machine_info
+    from server.report_data import environment
 
-    return {"machine": machine_info(), "date": dt.date.today().isoformat()}
+    return {"machine": environment(), "date": dt.date.today().isoformat()}

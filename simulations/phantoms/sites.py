@@ -23,7 +23,7 @@ import numpy as np
 from common.datasets import class_counts, write_hospital, write_site
 from common.prepare_output import atomic_output, locked, write_manifest
 from common.progress import track
-from simulations.phantoms_organ import ORGAN_CLASSES, organ_cases, organ_sites  # organ-3d
+from simulations.phantoms.organ import ORGAN_CLASSES, organ_cases, organ_sites  # organ-3d
 
 
 @dataclass(frozen=True)
@@ -161,7 +161,7 @@ def make_phantom_sites(
 
 
 # ---------------------------------------------------------------------------------------------
-# lung-ct: chest CT phantoms for segmentation (issue 7)
+# lung-ct: chest CT phantoms for segmentation
 #
 # Anatomy is drawn in millimetres, then sampled on each hospital's voxel grid, so scanners
 # differ the way real ones do: voxel spacing and slice count (the same chest in more or fewer

@@ -1,4 +1,4 @@
-"""Organ-shape phantoms (issue 16): 3D classification as hard as a real segmented-organ set.
+"""Organ-shape phantoms: 3D classification as hard as a real segmented-organ set.
 
 "organ-3d": a CT-derived binary mask (0/255, 64^3) of one small organ — a flat, two-limbed shape
 (like an adrenal gland) with a random pose, size and smooth low-frequency deformation, 0.2-6 %
@@ -229,7 +229,7 @@ def write_organ_site(
 
 
 def organ_sites(
-    phantom,  # simulations.phantoms.Phantom (not imported: that module imports this one)
+    phantom,  # simulations.phantoms.sites.Phantom (not imported: that module imports this one)
     tmp: Path,
     hospitals: int,
     cases_per_site: int,

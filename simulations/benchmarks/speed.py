@@ -6,8 +6,8 @@ one process: round r runs one step of every mode (order rotated each round), so 
 processes on a shared machine hits all modes alike. Ratios are median step time / median
 non-private step time.
 
-The federation numbers of issue 5 (`federation_overhead`, `startup_s`, `data_share`, `scale`) come
-from real Flower simulation runs (`simulations.bench_federation`); `--no-federation` skips them
+The federation numbers (`federation_overhead`, `startup_s`, `data_share`, `scale`) come
+from real Flower simulation runs (`simulations.benchmarks.federation`); `--no-federation` skips them
 (they are then null).
 
 Top-level imports stay stdlib-only: the CLI imports this module to build its parser.
@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 from common.progress import track
-from simulations.bench import machine_info
 
 MODES = ("nonprivate", "fast", "hooks", "ew")
 
@@ -195,8 +194,8 @@ def federation_section(
     import tempfile
 
     from common.datasets import prepare_from_npz
-    from simulations.bench_federation import measure_federation, measure_scale
-    from simulations.phantoms import make_phantom_sites
+    from simulations.benchmarks.federation import measure_federation, measure_scale
+    from simulations.phantoms.sites import make_phantom_sites
 
     root = workdir or Path(tempfile.mkdtemp(prefix="fedvox-bench-"))
     hospitals, rounds = (2, 2) if quick else (5, 4)
@@ -219,10 +218,10 @@ def federation_section(
 
 
 def secagg_section(root: Path, quick: bool, counts: tuple[int, ...]) -> list[dict]:
-    """SecAgg+'s overhead per round (issue 18) at each hospital count (demo data, IID)."""
+    """SecAgg+'s overhead per round at each hospital count (demo data, IID)."""
     from common.datasets import DEFAULT_SOURCE, prepare_from_npz
-    from simulations.bench_federation import measure_secagg
-    from simulations.phantoms import make_phantom_sites
+    from simulations.benchmarks.federation import measure_secagg
+    from simulations.phantoms.sites import make_phantom_sites
 
     out = []
     for n in counts:
@@ -266,6 +265,8 @@ def _secagg_counts(args: argparse.Namespace) -> tuple[int, ...]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from server.report_data import environment
+
     threads_arg = args.threads or ("1" if args.quick else "1,2")
     try:
         threads = [int(t) for t in threads_arg.split(",") if t.strip()]
@@ -282,7 +283,7 @@ def run(args: argparse.Namespace) -> int:
         return _run_secagg_only(args)
     result = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "machine": machine_info(),
+        "machine": environment(),
         "quick": bool(args.quick),
         **dp_section(args.quick, threads, args.repeats),
         **federation_section(
@@ -313,13 +314,15 @@ def run(args: argparse.Namespace) -> int:
 def _run_secagg_only(args: argparse.Namespace) -> int:
     import tempfile
 
+    from server.report_data import environment
+
     counts = _secagg_counts(args)
     if not counts:
         raise SystemExit("--only-secagg needs --secagg-hospitals, e.g. 5,20")
     root = args.workdir or Path(tempfile.mkdtemp(prefix="fedvox-bench-"))
     result = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "machine": machine_info(),
+        "machine": environment(),
         "quick": bool(args.quick),
         "secagg": secagg_section(root, args.quick, counts),
     }
