@@ -7,7 +7,7 @@ Three actions, each a Flower handler below, and each through the privacy gate
   (`client.train.local_sgd`) with the run's noise; the release is on the ledger before the
   weights leave;
 - `evaluate`: one differentially private release of counts about this site's validation cases
-  (`common.validation`); the server computes local metrics and the threshold from it;
+  (`common.eval_release`); the server computes local metrics and the threshold from it;
 - `finetune` (message type "train.finetune", sent once after the last round): a DP-trained
   copy of the final model for this site; the copy stays here, a release about it leaves.
 
@@ -32,7 +32,6 @@ from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 
-from client.audit import audit_mod
 from client.gate import (
     EVALUATE,
     FINETUNE,
@@ -41,18 +40,19 @@ from client.gate import (
     PrivacyGate,
     release_entry,
 )
+from client.message_log import message_log_mod
 from client.node import Node, NodeConfigError, RunRefused
 from client.releases import settle_releases
-from client.secagg import secagg_mod
+from client.secagg_node import secagg_mod
 from client.statistics import ensure_statistics
 from client.train import LocalTraining, local_sgd
 from common import model_registry
+from common.eval_release import release
 from common.files import atomic_write
 from common.privacy import PrivacyRefusal
 from common.protocol import FAILED, OK, REFUSED, reply
 from common.site import SiteData
 from common.tasks import task_for
-from common.validation import release
 from common.weights import fingerprint, to_record, unwrap
 
 log = logging.getLogger("fedvox.client")
@@ -85,7 +85,7 @@ def shield_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
 # Every message this node handles is appended to <state-dir>/audit.jsonl (deployment).
 # secagg_mod: SecAgg+ training messages go through Flower's secaggplus_mod first; the audit
 # log sees the train message and reply the handler sees. shield_mod keeps every error generic.
-app = ClientApp(mods=[shield_mod, secagg_mod, audit_mod])
+app = ClientApp(mods=[shield_mod, secagg_mod, message_log_mod])
 
 
 @app.train()

@@ -48,7 +48,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from client.audit import AUDIT_FILE, append_record
+from client.message_log import MESSAGE_LOG_FILE, append_record
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 ENTITY_ID = "fedvox-local-allowlist"
@@ -222,7 +222,7 @@ def guard_arguments(approved_fabs: Path | str, supernode_args: list[str]) -> lis
     """Install the allowlist guard in this process and return the `--trusted-entities`
     arguments to add (client/supernode.py starts the node)."""
     check_arguments(approved_fabs, supernode_args)  # a bad allowlist fails at start, too
-    audit_file = _state_dir_from_node_config(_node_config_arg(supernode_args)) / AUDIT_FILE
+    audit_file = _state_dir_from_node_config(_node_config_arg(supernode_args)) / MESSAGE_LOG_FILE
     entities = install_guard(Path(approved_fabs).absolute(), audit_file)
 
     tmp = tempfile.mkdtemp(prefix="fedvox-approval-")

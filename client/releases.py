@@ -16,9 +16,9 @@ from pathlib import Path
 
 from flwr.app import Context, Message
 
-from client.audit import append_record, audit_path
 from client.gate import TRAIN
 from client.ledger import LEDGER_FILE, PrivacyLedger
+from client.message_log import append_record, message_log_path
 from client.node import Node, release_file
 
 log = logging.getLogger("fedvox.client")
@@ -43,7 +43,7 @@ def settle_releases(msg: Message, node: Node, context: Context) -> None:
         ]  # fmt: skip
     for round_ in settled:
         release_file(node.state_dir, plan.run_uid, round_, TRAIN).unlink(missing_ok=True)
-    path = audit_path(context)
+    path = message_log_path(context)
     if path is None or not changed:
         return
     for e in changed:

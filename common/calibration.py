@@ -6,7 +6,7 @@ with label-skewed hospitals and DP noise the global model often scores every cas
 the test split:
 
 - each hospital releases noisy counts of its validation cases per (label, margin bin): a
-  differentially private release charged to its ledger (`common.validation`);
+  differentially private release charged to its ledger (`common.eval_release`);
 - the server adds the hospitals' releases and picks the temperature with the lowest
   validation NLL over the bins (temperature scaling, Guo et al. 2017) and the decision
   threshold that maximises Youden's J = sensitivity + specificity - 1 on the pooled histogram
@@ -31,7 +31,7 @@ import torch
 from monai.metrics import CalibrationErrorMetric
 from sklearn.isotonic import IsotonicRegression
 
-from common.validation import HIST_POS, MARGIN_EDGES, RELEASE_NOISE, histograms
+from common.eval_release import HIST_POS, MARGIN_EDGES, RELEASE_NOISE, histograms
 
 # Temperatures tried: 41 log-spaced values 1/8..8.
 TEMPERATURES = np.geomspace(0.125, 8.0, 41)

@@ -64,7 +64,7 @@ class RunConfig:
     trim_beta: float = 0.2
     min_nodes: int = 2
     round_timeout: float = 3600.0
-    # -- secure aggregation (Flower SecAgg+, server/secagg.py, client/secagg.py)
+    # -- secure aggregation (Flower SecAgg+, server/secagg_round.py, client/secagg_node.py)
     secure_aggregation: bool = False
     secagg_shares: int = 0  # 0 = every hospital of the round holds a share of every other's keys
     secagg_threshold: int = 0  # 0 = a majority of the shares

@@ -37,7 +37,7 @@ class Metric:
     # y (R, N) labels, threshold) -> (R,) values of R resamples at once; None = `compute` each
     resampled: Callable[[np.ndarray, np.ndarray, float], np.ndarray] | None = None
     # a hospital's local value, computed by the server from its DP release
-    # (common/validation.py): binary, from the noisy margin histograms (negatives, positives,
+    # (common/eval_release.py): binary, from the noisy margin histograms (negatives, positives,
     # the bins called positive or None without a threshold; None = not without one); more
     # classes, from the noisy (label, prediction) confusion matrix. None = not released.
     from_histograms: Callable[[np.ndarray, np.ndarray, Any], float | None] | None = None

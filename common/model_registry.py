@@ -98,12 +98,13 @@ def _quoted(names: list[str]) -> str:
 # -- fedvox's own models: "module:function" builders, imported on first use (this module stays
 # torch-free, and the model modules may import it without a cycle)
 
-# "cnn" is two networks: a classifier CNN, and for segmentation the U-Net of the same blocks.
+# "cnn" is the classifier CNN. For segmentation it is the earlier name of "unet" (the U-Net
+# of the same blocks), kept so that run configs and checkpoints from before still build.
 register(
     ModelEntry(
         "cnn",
         {"classification": "common.models:cnn", "segmentation": "common.unet:unet"},
-        summary="is a CNN classifier or, for segmentation, a U-Net",
+        summary='is a CNN classifier (for segmentation, the earlier name of "unet")',
     )
 )
 register(
@@ -134,5 +135,12 @@ register(
         {"segmentation": "common.unet:slice_unet"},
         spatial_dims=(3,),
         summary="segments 3D volumes (a 2D U-Net over axial slices)",
+    )
+)
+register(
+    ModelEntry(
+        "unet",
+        {"segmentation": "common.unet:unet"},
+        summary="segments 2D or 3D images (a U-Net of conv-GroupNorm-ReLU blocks)",
     )
 )

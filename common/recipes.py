@@ -105,7 +105,7 @@ RECIPES: dict[tuple[str, int], Recipe] = {
     ("segmentation", 2): Recipe(
         "2d-segmentation",
         {
-            "model": "cnn",
+            "model": "unet",
             "learning-rate": 0.5,
             "learning-rate-schedule": "cosine",
             "local-epochs": 2,

@@ -174,7 +174,8 @@ class SliceUNet(nn.Module):
 
 
 def unet(spec: Any) -> nn.Module:
-    """model="cnn" for segmentation (`spec`: common/model_registry.py `ModelEntry`)."""
+    """model="unet" (or its earlier name "cnn") for segmentation (`spec`: the registry's
+    `ModelSpec`, common/model_registry.py)."""
     return build_unet(spec.spatial_dims, spec.in_channels, spec.num_classes, spec.width)
 
 

@@ -36,7 +36,7 @@ from server.outputs import RunOutputs
 from server.recorder import HoldoutEvaluator, RoundRecorder
 from server.rounds import RoundLoop
 from server.run_dir import FAILED, FINISHED, STOPPED, RunDir, check_resume_config, write_failed
-from server.secagg import secure_training
+from server.secagg_round import secure_training
 from server.strategy import build_strategy
 
 app = ServerApp()

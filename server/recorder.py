@@ -18,11 +18,11 @@ import torch
 from flwr.common.logger import log
 
 from common.calibration import Calibration, calibrated_metrics, choose_calibration
+from common.eval_release import local_metrics
 from common.predict import predict_fields
 from common.protocol import NodeReply
 from common.site import SiteData
 from common.tasks import Evaluation, Task
-from common.validation import local_metrics
 from common.weights import fingerprint
 from server.run_dir import RunDir
 

@@ -61,7 +61,7 @@ class RoundLoop:
     evaluate_after: Callable[[int], bool] = lambda global_round: True
     names: dict[int, str] = field(default_factory=dict)  # node id -> site name, this run
     used: list[str] = field(default_factory=list)  # hashes of releases used in this run
-    # SecAgg+ (server/secagg.py): trains each round under it; the server sees only the
+    # SecAgg+ (server/secagg_round.py): trains each round under it; the server sees only the
     # sum of the updates, so the per-update checks (server/checks.py) cannot apply there.
     secure: SecureTrain | None = None
 

@@ -1,4 +1,4 @@
-"""Validation releases (common/validation.py) and the threshold + temperature chosen from them
+"""Validation releases (common/eval_release.py) and the threshold + temperature chosen from them
 (common/calibration.py): a hospital sends noisy counts only; the server computes the rest."""
 
 from __future__ import annotations
@@ -15,8 +15,7 @@ from common.calibration import (
     expected_calibration_error,
     scale_probs,
 )
-from common.metrics import classification_metrics, predict_logits
-from common.validation import (
+from common.eval_release import (
     CONFUSION,
     DICE_COUNT,
     DICE_SUM,
@@ -27,6 +26,7 @@ from common.validation import (
     local_metrics,
     release,
 )
+from common.metrics import classification_metrics, predict_logits
 
 
 class Scaled(nn.Module):

@@ -18,8 +18,8 @@ from node_messages import context, message
 from client.app import evaluate, finetune, train
 from client.node import FEDBN_KEY
 from common import privacy
+from common.eval_release import local_metrics
 from common.models import build_model
-from common.validation import local_metrics
 from common.weights import norm_parameter_names
 from simulations.phantoms.sites import make_phantom_sites
 

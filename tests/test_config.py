@@ -82,7 +82,7 @@ def test_node_policy_reads_strings_as_toml_cli_values_arrive():
     [
         ("classification", 2, "scatter-cnn", 20),
         ("classification", 3, "filterbank-3d", 30),
-        ("segmentation", 2, "cnn", 20),
+        ("segmentation", 2, "unet", 20),
         ("segmentation", 3, "slice-unet", 40),
     ],
 )

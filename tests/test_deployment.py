@@ -22,7 +22,7 @@ import pytest
 from procs import Proc, Procs, flwr_env, free_port, port_open, wait_for
 
 from client.approval import fab_hash_of_app
-from client.audit import AUDIT_FILE, read_records
+from client.message_log import MESSAGE_LOG_FILE, read_records
 from common import certs
 from simulations.harness import units
 
@@ -311,12 +311,12 @@ TINY_CLIENT = """
 from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from client.audit import audit_mod
+from client.message_log import message_log_mod
 
 # Importing this module at all leaves a trace: an unapproved app must never get this far.
 Path({marker!r}).write_text("imported")
 
-app = ClientApp(mods=[audit_mod])
+app = ClientApp(mods=[message_log_mod])
 
 
 @app.train()
@@ -390,7 +390,7 @@ def test_node_refuses_unapproved_app_before_it_runs_and_logs_it(federation):
     assert not (fed.root / "imported-rogue").exists(), "unapproved app code ran at the node"
     # Nothing of it was even installed at the node.
     assert not any(rogue_hash[:8] in p.name for p in fed.node_home("sn-h1").rglob("*"))
-    checks = [r for r in read_records(state / AUDIT_FILE) if r["action"] == "fab-check"]
+    checks = [r for r in read_records(state / MESSAGE_LOG_FILE) if r["action"] == "fab-check"]
     assert checks and all(r["status"] == "refused" for r in checks), checks
     assert checks[0]["fab_hash"] == rogue_hash and "allowlist" in checks[0]["reason"]
 
@@ -400,7 +400,7 @@ def test_node_refuses_unapproved_app_before_it_runs_and_logs_it(federation):
     assert [r["error"] for r in replies] == [None], replies
     assert replies[0]["metrics"]["num-examples"] == 7
     assert (fed.root / "imported-approved").exists()
-    records = read_records(state / AUDIT_FILE)
+    records = read_records(state / MESSAGE_LOG_FILE)
     approved_checks = [
         r for r in records if r["action"] == "fab-check" and r["status"] == "approved"
     ]
@@ -426,7 +426,7 @@ def test_node_refuses_unapproved_app_before_it_runs_and_logs_it(federation):
     fed.flwr_run(rogue, f'nodes=1 out="{out}"')
     assert [r["error"] for r in json.loads(out.read_text())] == [None]
     assert node.poll() is None and (fed.root / "imported-rogue").exists()
-    last = [r for r in read_records(state / AUDIT_FILE) if r["action"] == "fab-check"][-1]
+    last = [r for r in read_records(state / MESSAGE_LOG_FILE) if r["action"] == "fab-check"][-1]
     assert (last["fab_hash"], last["status"]) == (rogue_hash, "approved")
 
 
@@ -526,7 +526,7 @@ def test_two_hospitals_two_rounds_over_tls_with_node_auth(federation):
         assert refused["status"] == "refused", refused
         assert "missing: accountant, max-epsilon, delta, max-evaluations" in refused["reason"]
     for site, state in states.items():
-        records = read_records(state / AUDIT_FILE)
+        records = read_records(state / MESSAGE_LOG_FILE)
         train = [r for r in records if r["action"] == "train"]
         assert sorted(r["round"] for r in train) == [1, 2], records
         assert all(r["status"] == "ok" and r["epsilon_run"] > 0 for r in train), train

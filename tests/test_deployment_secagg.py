@@ -17,7 +17,7 @@ from pathlib import Path
 from procs import wait_for
 from test_deployment import OPERATOR, ROOT, _write_sites, federation  # noqa: F401 (fixture)
 
-from client.audit import AUDIT_FILE, read_records
+from client.message_log import MESSAGE_LOG_FILE, read_records
 
 SITES = ("hospital-1", "hospital-2", "hospital-3")
 _calls = count()
@@ -79,7 +79,7 @@ def _run_and_kill(fed, run_name: str, threshold: int, victim) -> dict:  # noqa: 
     )  # fmt: skip
     assert rc == 0, text[-4000:]
     # Submitted; the run goes on in the SuperLink's ServerApp while this test watches.
-    audit = fed.root / "state-hospital-3" / AUDIT_FILE
+    audit = fed.root / "state-hospital-3" / MESSAGE_LOG_FILE
 
     def masked_stages() -> int:
         records = read_records(audit) if audit.is_file() else []

@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 import torch
 
-from client.audit import AUDIT_FILE, read_records
 from client.ledger import LEDGER_FILE
+from client.message_log import MESSAGE_LOG_FILE, read_records
 from simulations.benchmarks.faults import node_toml_budget
 from simulations.harness import inprocess as ip
 from simulations.harness.deploy import OPERATOR, PROJECT_DIR, LocalDeployment
@@ -121,13 +121,13 @@ def test_killed_supernode_rejoins_and_the_round_goes_on_without_it(dep, data):
 
 def test_killed_superlink_loses_no_round_and_charges_no_epsilon_twice(dep, data):
     config = _config(dep, data, "superlink-killed", **{"min-nodes": 5})
-    audits = {h: len(read_records(dep.state_dir(h) / AUDIT_FILE)) for h in FAST}
+    audits = {h: len(read_records(dep.state_dir(h) / MESSAGE_LOG_FILE)) for h in FAST}
 
     def fast_round2_released() -> bool:
         return all(
             any(
                 r.get("action") == "train" and r.get("round") == 2 and r.get("status") == "ok"
-                for r in read_records(dep.state_dir(h) / AUDIT_FILE)[audits[h] :]
+                for r in read_records(dep.state_dir(h) / MESSAGE_LOG_FILE)[audits[h] :]
             )
             for h in FAST
         )
@@ -160,13 +160,13 @@ def test_killed_superlink_loses_no_round_and_charges_no_epsilon_twice(dep, data)
         assert [e["round"] for e in trains] == [1, 2, 3], entries  # round 2 once, not twice
         assert all(e["status"] == "released" and e["use"] == "used" for e in trains)
         released = {e["update_sha256"] for e in trains}
-        audit = read_records(dep.state_dir(h) / AUDIT_FILE)
+        audit = read_records(dep.state_dir(h) / MESSAGE_LOG_FILE)
         mine = [r for r in audit if r["action"] == "train" and r.get("release") in released]
         assert {r["round"] for r in mine} == {1, 2, 3}  # the audit numbers rounds like the ledger
     for h in FAST:  # their round-2 reply was lost with the SuperLink: sent again, the same one
         entries = _entries(dep, h, s["run_uid"])
         round2 = next(e for e in entries if e["phase"] == "train" and e["round"] == 2)
-        audit = read_records(dep.state_dir(h) / AUDIT_FILE)
+        audit = read_records(dep.state_dir(h) / MESSAGE_LOG_FILE)
         sent = [
             r
             for r in audit

@@ -15,12 +15,12 @@ from scipy.stats import norm
 from sklearn.metrics import roc_auc_score
 
 from client.app import evaluate, finetune, train
+from common.eval_release import HIST_POS, MARGIN_EDGES, RELEASE_NOISE
 from common.metrics import predict_logits
 from common.models import build_model
 from common.protocol import MANIFEST
 from common.protocol import NODE_KEYS as PROTOCOL_NODE_KEYS
 from common.site import load_site
-from common.validation import HIST_POS, MARGIN_EDGES, RELEASE_NOISE
 from simulations.phantoms.sites import make_phantom_sites
 
 pytestmark = [

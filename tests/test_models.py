@@ -53,6 +53,14 @@ def test_model_setting_errors_name_the_setting():
     ).shape == (1, 2)
     with pytest.raises(ValueError, match="model='resnet': expected one of cnn, scatter-cnn"):
         RunConfig.parse({"model": "resnet"})
+    # "unet" is the segmentation network's name; "cnn", its earlier name, still builds it
+    # (run configs and checkpoints from before).
+    seg = task_for("segmentation")
+    unet_spec = ModelSpec("segmentation", 2, 1, 3, (32, 32), arch="unet")
+    old_spec = ModelSpec("segmentation", 2, 1, 3, (32, 32), arch="cnn")
+    assert seg.build_model(unet_spec).state_dict().keys() == (
+        seg.build_model(old_spec).state_dict().keys()
+    )
     with pytest.raises(ValueError, match="segmentation uses model=.cnn."):
         spec = ModelSpec("segmentation", 2, 1, 3, (32, 32), arch="scatter-cnn")
         task_for("segmentation").build_model(spec)

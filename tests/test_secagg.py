@@ -21,8 +21,8 @@ import torch
 
 from common.config import ConfigError, RunConfig
 from common.protocol import _ROUNDING
-from common.secagg import QUANTIZATION, SECAGG_REPLY_RECORDS
-from server.secagg import SecureAggregationFailed, Sharing
+from common.secagg_settings import QUANTIZATION, SECAGG_REPLY_RECORDS
+from server.secagg_round import SecureAggregationFailed, Sharing
 from simulations.harness.local import LocalFederation
 from simulations.phantoms.sites import make_phantom_sites
 

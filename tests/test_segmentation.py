@@ -278,7 +278,7 @@ def test_lung_ct_phantom_hospitals_differ_and_validate(tmp_path):
 
 @pytest.mark.parametrize(
     "phantom, size, arch",
-    [("lung-ct-2d", (32, 32), "cnn"), ("lung-ct", (32, 32, 32), "slice-unet")],
+    [("lung-ct-2d", (32, 32), "unet"), ("lung-ct", (32, 32, 32), "slice-unet")],
 )
 def test_two_round_two_hospital_segmentation_simulation(tmp_path, phantom, size, arch):
     """2D and 3D: the 3D recipe ("auto") trains slice-unet and scores whole volumes."""

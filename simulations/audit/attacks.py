@@ -297,8 +297,8 @@ def _bin_scores(replies, data, target: int, cfg, weights: dict):
     """The target's class count in the target's margin bin (the server computes the bin)."""
     import numpy as np
 
+    from common.eval_release import HIST_NEG, HIST_POS, MARGIN_EDGES
     from common.metrics import predict_logits
-    from common.validation import HIST_NEG, HIST_POS, MARGIN_EDGES
 
     logits = predict_logits(_model(data, cfg, weights), data.images[target : target + 1])[0]
     margin = float(logits[1] - logits[0])

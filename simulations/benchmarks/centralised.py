@@ -16,12 +16,12 @@ import torch
 
 from client.train import LocalTraining, local_sgd, scheduled_learning_rate
 from common.config import RunConfig
+from common.eval_release import release
 from common.filterbank3d import has_statistics, set_exact_mean
 from common.paths import list_sites
 from common.schedule import run_progress
 from common.site import default_image_size, load_site, read_spec
 from common.tasks import ModelSpec, build_task_model, task_for
-from common.validation import release
 from server.recorder import HoldoutEvaluator
 from simulations.benchmarks.table import held_out_numbers
 

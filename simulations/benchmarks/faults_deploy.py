@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from client.audit import AUDIT_FILE, read_records
+from client.message_log import MESSAGE_LOG_FILE, read_records
 from simulations.benchmarks.fault_rows import TARGET_EPSILON, measured, row_of, unused_releases
 from simulations.harness.deploy import OPERATOR, PROJECT_DIR, LocalDeployment, RunOutcome
 from simulations.harness.local import run_config_arg
@@ -141,7 +141,7 @@ def _fast_released(dep: LocalDeployment, start: dict[str, int], round_: int) -> 
     return all(
         any(
             r.get("action") == "train" and r.get("round") == round_ and r.get("status") == "ok"
-            for r in read_records(dep.state_dir(h) / AUDIT_FILE)[start[h] :]
+            for r in read_records(dep.state_dir(h) / MESSAGE_LOG_FILE)[start[h] :]
         )
         for h in FAST
     )
@@ -151,7 +151,7 @@ def superlink_killed_row(dep: LocalDeployment, holdout: Path) -> dict[str, Any]:
     """kill -9 the SuperLink once the fast hospitals released round 2; restart it on its
     database; `fedvox status`; resume the run."""
     config = _config(dep, holdout, "superlink-killed")
-    start = {h: len(read_records(dep.state_dir(h) / AUDIT_FILE)) for h in FAST}
+    start = {h: len(read_records(dep.state_dir(h) / MESSAGE_LOG_FILE)) for h in FAST}
     first = _start_run(dep, config, "run-superlink-killed")
     wait_for(lambda: _fast_released(dep, start, 2) or first.poll() is not None, 900, "round 2")
     dep.kill_superlink()

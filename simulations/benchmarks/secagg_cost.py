@@ -6,7 +6,7 @@ Two federations on the demo data walk side by side from the same initial model. 
 each hospital trains with DP-SGD (`client.train.local_sgd`, the run's recipe) from its
 federation's global model with the SAME torch seed in both; then one federation takes plain
 FedAvg of the updates, the other the aggregate Flower's SecAgg+ computes: Flower's own
-`quantize` of weight/max_weight x update (fedvox's settings, common/secagg.py), the integer
+`quantize` of weight/max_weight x update (fedvox's settings, common/secagg_settings.py), the integer
 sum, `dequantize` and the division by the summed quantised weights, exactly as
 `SecAggPlusWorkflow.unmask_stage` does. The pairwise and private masks are left out: they
 cancel exactly in the modular sum, so the unmasked sum is the same integers. Reported: the
@@ -26,7 +26,7 @@ from flwr.common.secure_aggregation.quantization import dequantize, quantize
 from client.train import LocalTraining, local_sgd, steps_per_epoch
 from common.config import RunConfig
 from common.privacy import calibrate_noise_multiplier, pinned_generators
-from common.secagg import QUANTIZATION
+from common.secagg_settings import QUANTIZATION
 from common.site import SiteData, load_site
 from common.tasks import ModelSpec, build_task_model, task_for
 

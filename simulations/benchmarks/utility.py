@@ -131,7 +131,7 @@ def run_federation(
     # Each run is a fresh dataset history (its own simulated ledgers), as a benchmark models.
     state = Path(base["output-dir"]).parent / "node-state" / name
     cfg = {**base, "seed": seed, "run-name": name, "state-dir": str(state)}
-    if secure:  # SecAgg+ training rounds (server/secagg.py)
+    if secure:  # SecAgg+ training rounds (server/secagg_round.py)
         cfg["secure-aggregation"] = True
     if math.isinf(epsilon):
         cfg["dp"] = False

@@ -48,7 +48,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from common.config import RunConfig
 from common.protocol import ARRAYS, CONFIG, FAILED, METRICS, NodeReply, read_reply
-from common.secagg import ARRAY_NAMES, QUANTIZATION
+from common.secagg_settings import ARRAY_NAMES, QUANTIZATION
 
 STAGES = Stage.all()
 
@@ -73,7 +73,7 @@ class Sharing:
         if hospitals > QUANTIZATION.max_hospitals:
             raise SecureAggregationFailed(
                 f"{hospitals} hospitals in one round: the masked sum holds at most "
-                f"{QUANTIZATION.max_hospitals} (common/secagg.py)"
+                f"{QUANTIZATION.max_hospitals} (common/secagg_settings.py)"
             )
         t = threshold or n // 2 + 1
         if t > n:

@@ -1,5 +1,5 @@
-"""client.audit.audit_mod inside a real Flower ClientApp (in-process; the deployment round trip
-is in test_deployment.py)."""
+"""client.message_log.message_log_mod inside a real Flower ClientApp (in-process; the
+deployment round trip is in test_deployment.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.app.metadata import Metadata
 from flwr.clientapp import ClientApp
 
-from client.audit import AUDIT_FILE, append_record, audit_mod, read_records
+from client.message_log import MESSAGE_LOG_FILE, append_record, message_log_mod, read_records
 
 
 def _context(node_config: dict) -> Context:
@@ -32,7 +32,7 @@ def _message(message_type: str, server_round: int) -> Message:
 
 
 def _app(status: str, eps: float | None) -> ClientApp:
-    app = ClientApp(mods=[audit_mod])
+    app = ClientApp(mods=[message_log_mod])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
@@ -59,7 +59,7 @@ def test_one_line_per_message_with_round_epsilon_and_refusals(tmp_path):
     ctx = _context({"state-dir": str(tmp_path), "site-name": "h1"})
     # A fab-check line as the SuperNode-side approval wrapper writes it.
     append_record(
-        tmp_path / AUDIT_FILE,
+        tmp_path / MESSAGE_LOG_FILE,
         {"action": "fab-check", "run_id": 42, "fab_hash": "ab" * 32, "status": "approved"},
     )
     reply = _app("ok", 0.5)(_message("train", 1), ctx)
@@ -67,7 +67,7 @@ def test_one_line_per_message_with_round_epsilon_and_refusals(tmp_path):
     _app("refused", None)(_message("train", 2), ctx)
     with pytest.raises(ValueError, match="bad voxel"):
         _app("crash", None)(_message("train", 3), ctx)
-    recs = [r for r in read_records(tmp_path / AUDIT_FILE) if r["action"] == "train"]
+    recs = [r for r in read_records(tmp_path / MESSAGE_LOG_FILE) if r["action"] == "train"]
     assert [(r["round"], r["status"]) for r in recs] == [(1, "ok"), (2, "refused"), (3, "error")]
     ok, refused, crashed = recs
     assert (

@@ -1,7 +1,9 @@
-"""Node-side audit log: one JSON line per message this hospital node handled.
+"""The node's message log: one JSON line per message this hospital node handled.
 
-`audit_mod` is a Flower client mod (`ClientApp(mods=[audit_mod])`). After the app answered a
-message it appends to `<state-dir>/audit.jsonl`:
+(Operators know it as the node's audit log, and its file keeps that name, `audit.jsonl`; in
+the code it is the message log, so that "audit" means one thing: `fedvox audit`, measuring
+privacy.) `message_log_mod` is a Flower client mod (`ClientApp(mods=[message_log_mod])`).
+After the app answered a message it appends to `<state-dir>/audit.jsonl`:
 
     time, run_id, node_id, fab_hash (full, when the node runs behind client/approval.py),
     app (installed FAB folder: publisher.name.version.<first 8 hex of the FAB hash>), round
@@ -43,13 +45,13 @@ from flwr.clientapp.typing import ClientAppCallable
 
 log = logging.getLogger("fedvox.client")
 
-AUDIT_FILE = "audit.jsonl"
+MESSAGE_LOG_FILE = "audit.jsonl"  # the name deployed nodes already append to
 
 
-def audit_path(context: Context) -> Path | None:
+def message_log_path(context: Context) -> Path | None:
     """`<state-dir>/audit.jsonl` from the node config; None where no state dir is set."""
     state_dir = context.node_config.get("state-dir")
-    return Path(str(state_dir)) / AUDIT_FILE if state_dir else None
+    return Path(str(state_dir)) / MESSAGE_LOG_FILE if state_dir else None
 
 
 def append_record(path: Path, record: dict[str, Any]) -> None:
@@ -98,9 +100,9 @@ def _num(record: Any, key: str) -> float | int | None:
     return record[key]
 
 
-def audit_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+def message_log_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Run the app, then log what it did with this message (see the module docstring)."""
-    path = audit_path(context)
+    path = message_log_path(context)
     if path is None:
         return call_next(msg, context)  # simulation without a state dir: nothing to audit into
     try:

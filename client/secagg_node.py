@@ -35,9 +35,9 @@ from flwr.common import Code, FitRes, Status, bytes_to_ndarray, ndarrays_to_para
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.compat.common import recorddict_compat as compat
 
-from client.audit import append_record, audit_path
+from client.message_log import append_record, message_log_path
 from common.protocol import ARRAYS, CONFIG, METRICS, NODE, OK
-from common.secagg import ARRAY_NAMES, QUANTIZATION
+from common.secagg_settings import ARRAY_NAMES, QUANTIZATION
 
 log = logging.getLogger("fedvox.client")
 
@@ -65,8 +65,8 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
 
 def _audit_stage(msg: Message, context: Context) -> None:
     """One audit line per SecAgg+ stage as it arrives (the masked-vector stage's train
-    message and reply are audited by audit_mod as always)."""
-    path = audit_path(context)
+    message and reply are audited by message_log_mod as always)."""
+    path = message_log_path(context)
     if path is None:
         return
     stage = msg.content.config_records[RECORD_KEY_CONFIGS].get(Key.STAGE)
