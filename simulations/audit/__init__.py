@@ -14,7 +14,8 @@ stay light (the CLI imports them to build its parser).
 from __future__ import annotations
 
 import argparse
-import importlib
+
+from simulations.subcommands import add_subcommands, run_subcommand
 
 AUDITS: dict[str, tuple[str, str]] = {
     "privacy": ("simulations.audit.privacy", "empirical epsilon lower bound (gradient canaries)"),
@@ -24,12 +25,8 @@ AUDITS: dict[str, tuple[str, str]] = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="audit", required=True)
-    for name, (module_name, help_text) in AUDITS.items():
-        sp = sub.add_parser(name, help=help_text, description=help_text)
-        sp.set_defaults(_audit_module=module_name)
-        importlib.import_module(module_name).add_arguments(sp)
+    add_subcommands(parser, "audit", AUDITS)
 
 
 def run(args: argparse.Namespace) -> int:
-    return int(importlib.import_module(args._audit_module).run(args) or 0)
+    return run_subcommand(args)

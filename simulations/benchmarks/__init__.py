@@ -8,7 +8,8 @@ import torch/Flower inside functions.
 from __future__ import annotations
 
 import argparse
-import importlib
+
+from simulations.subcommands import add_subcommands, run_subcommand
 
 # benchmark -> (module, one-line help)
 BENCHMARKS: dict[str, tuple[str, str]] = {
@@ -25,12 +26,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="bench", required=True)
-    for name, (module_name, help_text) in BENCHMARKS.items():
-        sp = sub.add_parser(name, help=help_text, description=help_text)
-        sp.set_defaults(_bench_module=module_name)
-        importlib.import_module(module_name).add_arguments(sp)
+    add_subcommands(parser, "bench", BENCHMARKS)
 
 
 def run(args: argparse.Namespace) -> int:
-    return int(importlib.import_module(args._bench_module).run(args) or 0)
+    return run_subcommand(args)

@@ -7,11 +7,12 @@ Shared by the in-process rows (faults.py) and the deployment rows (faults_deploy
 from __future__ import annotations
 
 import os
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from simulations.harness.procs import PeakSampler, descendants
 
 TARGET_EPSILON = 8.0
 DELTA = 1e-5  # simulations.harness.deploy.POLICY's delta: the ledgers' epsilon is stated at it
@@ -20,8 +21,6 @@ DELTA = 1e-5  # simulations.harness.deploy.POLICY's delta: the ledgers' epsilon 
 def tree_pss_gb(root_pid: int) -> float:
     """Memory of a process tree: each process's PSS (its resident pages, shared ones divided
     among the processes sharing them), so 20 forked ClientApps are not counted 20 times."""
-    from simulations.harness.procs import descendants
-
     total_kb = 0
     for pid in [root_pid, *descendants(root_pid)]:
         try:
@@ -34,37 +33,16 @@ def tree_pss_gb(root_pid: int) -> float:
     return total_kb / 1024 / 1024
 
 
-class PeakMemory:
-    """Peak memory (summed PSS) of this process and everything it started, sampled each s."""
-
-    def __init__(self) -> None:
-        self.peak_gb, self._stop = 0.0, threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            self.peak_gb = max(self.peak_gb, tree_pss_gb(os.getpid()))
-            self._stop.wait(1.0)
-
-    def __enter__(self) -> PeakMemory:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 def measured(fault: str, make: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """`make()`'s row with its wall time and peak memory; a row that crashed is not ok."""
     t0 = time.monotonic()
-    with PeakMemory() as mem:
+    with PeakSampler(lambda: tree_pss_gb(os.getpid()), 1.0) as mem:  # this process tree
         try:
             row = make()
         except Exception as exc:  # noqa: BLE001 - the table says what broke
             row = row_of(fault, 0, f"bench error: {exc!r}"[:600], False)
     row["wall_s"] = round(time.monotonic() - t0, 1)
-    row["peak_rss_gb"] = round(mem.peak_gb, 2)
+    row["peak_rss_gb"] = round(mem.peak, 2)
     print(f"{row['fault']}: ok={row['ok']} {row['outcome']}", flush=True)
     return row
 

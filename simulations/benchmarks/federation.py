@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import json
 import statistics
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from simulations.harness.local import LocalFederation
-from simulations.harness.procs import descendants
+from simulations.harness.procs import PeakSampler, descendants
 
 
 def _tree_rss_mb(root_pid: int) -> float:
@@ -41,25 +40,9 @@ def _tree_rss_mb(root_pid: int) -> float:
     return total_kb / 1024
 
 
-class PeakMemory:
-    """Samples the RSS of a process tree twice a second while a run is going."""
-
-    def __init__(self, root_pid: int) -> None:
-        self.root_pid, self.peak_mb, self._stop = root_pid, 0.0, threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            self.peak_mb = max(self.peak_mb, _tree_rss_mb(self.root_pid))
-            self._stop.wait(0.5)
-
-    def __enter__(self) -> PeakMemory:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+def peak_memory(root_pid: int) -> PeakSampler:
+    """Samples the RSS of a process tree twice a second while a run is going (`.peak`, MB)."""
+    return PeakSampler(lambda: _tree_rss_mb(root_pid), 0.5)
 
 
 def _round_costs(summary: dict[str, Any]) -> list[dict[str, float]]:
@@ -96,7 +79,7 @@ def run_federation(
     }
     with LocalFederation(workdir / f"sim-{hospitals}h") as fed:
         t_launch = time.time()
-        with PeakMemory(fed.superlink.pid) as mem:
+        with peak_memory(fed.superlink.pid) as mem:
             result = fed.run(config, num_supernodes=hospitals, num_cpus=num_cpus, timeout=3600)
     summary = json.loads((workdir / "runs" / config["run-name"] / "summary.json").read_text())
     if summary.get("status") != "finished":
@@ -105,7 +88,7 @@ def run_federation(
         "summary": summary,
         "wall_s": result.wall_s,
         "t_launch": t_launch,
-        "peak_rss_mb": mem.peak_mb,
+        "peak_rss_mb": mem.peak,
     }
 
 

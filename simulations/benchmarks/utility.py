@@ -138,9 +138,9 @@ def run_federation(
     else:
         cfg["dp"] = True
         cfg["target-epsilon"] = float(epsilon)
-    from simulations.benchmarks.federation import PeakMemory
+    from simulations.benchmarks.federation import peak_memory
 
-    with PeakMemory(fed.superlink.pid) as mem:  # SuperLink + simulation + Ray workers
+    with peak_memory(fed.superlink.pid) as mem:  # SuperLink + simulation + Ray workers
         result = fed.run(cfg, num_supernodes=hospitals, timeout=3600, name=name)
     summary_path = Path(base["output-dir"]) / name / "summary.json"
     if result.returncode != 0 or not summary_path.is_file():
@@ -149,7 +149,7 @@ def run_federation(
         )
     out = final_round(json.loads(summary_path.read_text()))
     out["wall_s"] = result.wall_s
-    out["peak_rss_mb"] = mem.peak_mb
+    out["peak_rss_mb"] = mem.peak
     return out
 
 

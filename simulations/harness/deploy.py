@@ -29,7 +29,15 @@ from typing import Any
 from common import certs
 from simulations.harness import units
 from simulations.harness.local import PROJECT_DIR, run_config_arg
-from simulations.harness.procs import Proc, Procs, flwr_env, free_port, port_open, wait_for
+from simulations.harness.procs import (
+    Proc,
+    ProcessGroup,
+    Procs,
+    flwr_env,
+    free_port,
+    port_open,
+    wait_for,
+)
 
 OPERATOR = "fedvox-deploy"
 NGINX_CONF = PROJECT_DIR / "deploy" / "nginx" / "fedvox-fleet.conf"
@@ -61,7 +69,7 @@ class RunOutcome:
     summary: dict[str, Any] | None
 
 
-class LocalDeployment:
+class LocalDeployment(ProcessGroup):
     def __init__(self, root: Path, nginx: bool = True, database: bool = True) -> None:
         self.root = Path(root)
         self.pki = self.root / "pki"
@@ -78,20 +86,12 @@ class LocalDeployment:
         self._node_args: dict[str, tuple[tuple[str, ...], str]] = {}
 
     # -- the server side ------------------------------------------------------------------
-    def __enter__(self) -> LocalDeployment:
-        try:
-            certs.init_ca(self.pki, ["127.0.0.1"])
-            self._operator_config()
-            self.start_superlink()
-            if self.proxy_port:
-                self._start_nginx()
-        except BaseException:
-            self.procs.close()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.procs.close()
+    def _start(self) -> None:
+        certs.init_ca(self.pki, ["127.0.0.1"])
+        self._operator_config()
+        self.start_superlink()
+        if self.proxy_port:
+            self._start_nginx()
 
     def start_superlink(self) -> Proc:
         """The SuperLink as deploy/server/fedvox-superlink.service starts it (its ExecStart,

@@ -15,7 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from simulations.harness.procs import VENV_BIN, Procs, flwr_env, free_port, port_open, wait_for
+from simulations.harness.procs import (
+    VENV_BIN,
+    ProcessGroup,
+    Procs,
+    flwr_env,
+    free_port,
+    port_open,
+    wait_for,
+)
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 
@@ -40,7 +48,7 @@ class RunResult:
     wall_s: float
 
 
-class LocalFederation:
+class LocalFederation(ProcessGroup):
     """`with LocalFederation(workdir) as fed: fed.run({...}, num_supernodes=2)`."""
 
     def __init__(
@@ -53,17 +61,6 @@ class LocalFederation:
         self.env = flwr_env(self.flwr_home, **(extra_env or {}))
         self.procs = Procs(self.workdir / "logs")
         self.port = free_port()
-
-    def __enter__(self) -> LocalFederation:
-        try:
-            self._start()
-        except BaseException:
-            self.procs.close()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.procs.close()
 
     def _start(self) -> None:
         control, fleet, health = free_port(), free_port(), free_port()

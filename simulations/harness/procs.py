@@ -16,10 +16,12 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -163,21 +165,8 @@ class Procs:
             os.killpg(proc.pid, signal.SIGTERM)  # its own session: pgid == pid
         except (ProcessLookupError, PermissionError):
             pass
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and any(_alive(p) for p in pids):
-            proc.popen.poll()  # reap our direct child so it does not linger as a zombie
-            time.sleep(0.1)
-        for pid in pids:
-            if _alive(pid):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        # poll: reap our direct child so it does not linger as a zombie
+        end_pids(pids, grace, waiting=proc.popen.poll)
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
@@ -208,8 +197,11 @@ class Procs:
         return sorted(pid for pid in pids if _alive(pid))
 
 
-def end_pids(pids: list[int], grace: float = 5.0) -> None:
-    """SIGTERM these processes, SIGKILL what is left after `grace` seconds (by PID only)."""
+def end_pids(
+    pids: list[int], grace: float = 5.0, waiting: Callable[[], object] | None = None
+) -> None:
+    """SIGTERM these processes, SIGKILL what is left after `grace` seconds (by PID only);
+    `waiting` is called while they are given time to exit."""
     for pid in pids:
         try:
             os.kill(pid, signal.SIGTERM)
@@ -217,6 +209,8 @@ def end_pids(pids: list[int], grace: float = 5.0) -> None:
             pass
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        if waiting is not None:
+            waiting()
         time.sleep(0.1)
     for pid in pids:
         if _alive(pid):
@@ -267,3 +261,47 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket() as s:
         s.settimeout(0.5)
         return s.connect_ex((host, port)) == 0
+
+
+class PeakSampler:
+    """The largest value `measure()` returned, sampled every `period` seconds in a thread
+    while the `with` block runs (the benchmarks' peak memory of a process tree)."""
+
+    def __init__(self, measure: Callable[[], float], period: float = 1.0) -> None:
+        self.measure, self.period, self.peak = measure, period, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.measure())
+            self._stop.wait(self.period)
+
+    def __enter__(self) -> PeakSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class ProcessGroup:
+    """A `with` block around processes a subclass starts in `_start()`: every one of them is
+    ended, by PID, when the block ends or when starting fails halfway."""
+
+    procs: Procs
+
+    def _start(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        try:
+            self._start()
+        except BaseException:
+            self.procs.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.procs.close()
