@@ -42,6 +42,19 @@ class Calibration:
     temperature: float
     threshold_margin: float | None  # binary: call class 1 when logit margin >= this
     num_cases: int  # validation cases it was chosen on
+    # Youden's J at the chosen threshold on the pooled noisy histograms, and its standard error
+    # (sampling + DP noise). When J is not clearly above 0 the releases could not place a
+    # threshold: the operating point is then noise, and the report and model card say so.
+    youden_j: float | None = None
+    youden_se: float | None = None
+
+    @property
+    def informative(self) -> bool | None:
+        """Is the chosen threshold better than chance on the validation releases (J more
+        than two standard errors above 0)? None without a binary threshold."""
+        if self.youden_j is None or self.youden_se is None:
+            return None
+        return self.youden_j - 2.0 * self.youden_se > 0.0
 
     @property
     def threshold(self) -> float | None:
@@ -68,10 +81,10 @@ def choose_calibration(releases: list[dict]) -> Calibration | None:
     temperature = float(TEMPERATURES[int(np.argmin(nll))])
     # The noise each hospital added (its reply says: `release-noise`), summed per count.
     noise_var = sum(float(r.get(RELEASE_NOISE, 0.0)) ** 2 for r in releases if HIST_POS in r)
-    threshold = None
-    if neg.sum() >= 1 and pos.sum() >= 1:
-        threshold = youden_threshold(neg, pos, noise_var)
-    return Calibration(temperature, threshold, num_cases)
+    if neg.sum() < 1 or pos.sum() < 1:  # the noise ate a class: no threshold, J unknown
+        return Calibration(temperature, None, num_cases, youden_j=0.0, youden_se=1.0)
+    threshold, j, se = youden_operating_point(neg, pos, noise_var)
+    return Calibration(temperature, threshold, num_cases, j, se)
 
 
 def histogram_nll(neg: np.ndarray, pos: np.ndarray) -> np.ndarray:
@@ -83,7 +96,15 @@ def histogram_nll(neg: np.ndarray, pos: np.ndarray) -> np.ndarray:
 
 
 def youden_threshold(hist_neg: np.ndarray, hist_pos: np.ndarray, noise_var: float = 0.0) -> float:
-    """The margin bin edge maximising sensitivity + specificity on (noisy) histograms.
+    """The margin bin edge maximising sensitivity + specificity (`youden_operating_point`)."""
+    return youden_operating_point(hist_neg, hist_pos, noise_var)[0]
+
+
+def youden_operating_point(
+    hist_neg: np.ndarray, hist_pos: np.ndarray, noise_var: float = 0.0
+) -> tuple[float, float, float]:
+    """(threshold, J, standard error of J): the margin bin edge maximising sensitivity +
+    specificity on (noisy) histograms, and how sure the histograms are of it.
 
     Candidates are the inner edges of `MARGIN_EDGES` ("positive when margin >= edge"). The
     histograms carry DP noise (`noise_var`: its variance per summed count), so: (1) each
@@ -109,7 +130,7 @@ def youden_threshold(hist_neg: np.ndarray, hist_pos: np.ndarray, noise_var: floa
         + noise_var * bins_above * (1 / p**2 + 1 / n**2)
     )
     near = np.flatnonzero(j >= j[i] - se)
-    return float(MARGIN_EDGES[1:-1][near[len(near) // 2]])
+    return float(MARGIN_EDGES[1:-1][near[len(near) // 2]]), float(j[i]), float(se)
 
 
 def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, num_bins: int = 15) -> float:
@@ -145,4 +166,22 @@ def calibrated_metrics(
     }
     if calibration.threshold is not None:
         out["threshold"] = calibration.threshold
+    if calibration.youden_j is not None:
+        out["threshold-youden-j"] = calibration.youden_j
+        out["threshold-youden-se"] = calibration.youden_se
     return out
+
+
+def operating_point_warning(central: dict) -> str | None:
+    """A sentence for the report and model card when the run's decision threshold could not
+    be placed by the hospitals' validation releases (see `Calibration.informative`)."""
+    j, se = central.get("threshold-youden-j"), central.get("threshold-youden-se")
+    if j is None or se is None or j - 2.0 * se > 0.0:
+        return None
+    return (
+        f"No usable operating point: at this privacy level the hospitals' noisy validation "
+        f"counts cannot place a decision threshold (Youden's J {j:.2f} ± {se:.2f}, not clearly "
+        "above chance), so accuracy, sensitivity and specificity at the run's threshold describe "
+        "the noise, not the model. Rank by the probability (AUC), or choose a threshold on "
+        "labelled local data before any use."
+    )

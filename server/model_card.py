@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from common import metric_registry
+from common.calibration import operating_point_warning
 from server.report_data import RunView, site_gap
 
 MODEL_CARD = "model-card.md"
@@ -201,6 +202,7 @@ def _calibration(view: RunView) -> list[str]:
         f"before, {_f(c.get('ece'))} after temperature scaling. `fedvox predict` reports the "
         "scaled probability and labels at this threshold.",
         "",
+        *([f"**Warning.** {warning}", ""] if (warning := operating_point_warning(c)) else []),
     ]
 
 

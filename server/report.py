@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from common import metric_registry
+from common.calibration import operating_point_warning
 from common.files import atomic_write, atomic_write_text
 from server import report_figures as figures
 from server.model_card import MODEL_CARD, model_card
@@ -36,7 +37,8 @@ CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;
 h1{font-size:1.5em}h2{font-size:1.15em;border-bottom:1px solid #ccc;padding-top:.6em}
 table{border-collapse:collapse;font-size:.85em;margin:.5em 0}
 td,th{border:1px solid #ddd;padding:3px 8px;text-align:left}th{background:#f3f3f3}
-img{max-width:100%;margin:.3em .5em .3em 0;vertical-align:top}.note{color:#666;font-size:.85em}"""
+img{max-width:100%;margin:.3em .5em .3em 0;vertical-align:top}.note{color:#666;font-size:.85em}
+.warning{color:#8a1c00;border-left:3px solid #8a1c00;padding-left:.5em}"""
 
 
 class ReportWriter:
@@ -228,7 +230,8 @@ def _calibration_note(view: RunView) -> str:
     c = view.rounds[-1].get("central", {}) if view.rounds else {}
     if c.get("ece") is None:
         return ""
-    return (
+    warning = operating_point_warning(c)
+    return (f'<p class="warning"><b>Warning.</b> {_e(warning)}</p>' if warning else "") + (
         f"<p>Expected calibration error {_num(c.get('ece-raw'))} before and "
         f"{_num(c.get('ece'))} after temperature scaling (T = {_num(c.get('temperature'))}); "
         f"decision threshold {_num(c.get('threshold'))} on P(positive), both chosen on the "

@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import html
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -13,6 +16,7 @@ from common.calibration import (
     calibrated_metrics,
     choose_calibration,
     expected_calibration_error,
+    operating_point_warning,
     scale_probs,
 )
 from common.eval_release import (
@@ -27,6 +31,9 @@ from common.eval_release import (
     release,
 )
 from common.metrics import classification_metrics, predict_logits
+from server import report
+from server.model_card import model_card
+from server.report_data import RunView
 
 
 class Scaled(nn.Module):
@@ -158,3 +165,34 @@ def test_segmentation_and_multiclass_releases():
     assert 0.0 <= local_metrics(multi, None)["accuracy"] <= 1.0
     assert choose_calibration([multi]) is None
     assert isinstance(Calibration(1.0, None, 0).threshold, type(None))
+
+
+def _hospital_releases(noise: float, seed: int) -> list[dict]:
+    """Five hospitals' releases about one model, 100 validation cases each, at `noise`."""
+    model, out = Scaled(scale=1.0), []
+    for h in range(5):
+        x, y = _data(100, seed=100 * seed + h)
+        rng = np.random.default_rng(1000 * seed + h)
+        out.append(
+            {**release(predict_logits(model, x), y, rng=rng, noise=noise), "release-noise": noise}
+        )
+    return out
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_an_operating_point_the_releases_cannot_place_is_flagged(seed):
+    """At epsilon 8 (noise 4 per count) five hospitals' releases place a threshold; at
+    epsilon 1 (noise 32) they cannot, and the report and model card say so."""
+    clear = choose_calibration(_hospital_releases(4.0, seed))
+    assert clear is not None and clear.informative is True
+    lost = choose_calibration(_hospital_releases(32.0, seed))
+    assert lost is not None and lost.informative is False
+    x, y = _data(400, seed=seed + 50)
+    probs = predict_probs(Scaled(scale=1.0), x)
+    central = calibrated_metrics(probs, y.numpy(), lost)
+    warning = operating_point_warning(central)
+    assert warning is not None and "No usable operating point" in warning
+    assert operating_point_warning(calibrated_metrics(probs, y.numpy(), clear)) is None
+
+    view = RunView(Path("run"), {"rounds": [{"round": 1, "central": central}]}, None, None)
+    assert warning in model_card(view) and html.escape(warning) in report.render(view, {})
