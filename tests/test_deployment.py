@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import shutil
 import ssl
 import sys
@@ -25,9 +24,9 @@ from client.approval import fab_hash_of_app
 from client.message_log import MESSAGE_LOG_FILE, read_records
 from common import certs
 from simulations.harness import units
+from simulations.harness.deploy import nginx_conf
 
 ROOT = Path(__file__).resolve().parents[1]
-NGINX_CONF = ROOT / "deploy" / "nginx" / "fedvox-fleet.conf"
 NGINX = shutil.which("nginx") or next(
     (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if Path(p).exists()), None
 )
@@ -116,42 +115,6 @@ class Federation:
         return "\n".join(f"===== {p.name}\n{p.log()[-3000:]}" for p in self.procs.procs)
 
 
-def _nginx_conf(root: Path, pki: Path, proxy_port: int, superlink_port: int) -> Path:
-    """The shipped deploy/nginx/fedvox-fleet.conf with only its CHANGE lines filled in."""
-    text = NGINX_CONF.read_text()
-    for old, new in [
-        ("listen 443 ssl;", f"listen 127.0.0.1:{proxy_port} ssl;"),
-        ("/etc/fedvox/pki/", f"{pki}/"),
-        ("https://127.0.0.1:8000$uri", f"https://127.0.0.1:{superlink_port}$uri"),
-    ]:
-        assert old in text, f"{NGINX_CONF} no longer contains {old!r}"
-        text = text.replace(old, new)
-    ng = root / "nginx"
-    (ng / "logs").mkdir(parents=True)
-    (ng / "fedvox-fleet.conf").write_text(text)
-    temp = " ".join(
-        f"{k}_temp_path {ng}/{k};" for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-    )
-    # As root, nginx workers would drop to `nobody`, who cannot read this tmp prefix.
-    user = "user root;" if os.geteuid() == 0 else ""
-    # Only the wrapper is test-specific: run unprivileged-style in a tmp prefix, no daemon.
-    (ng / "nginx.conf").write_text(
-        textwrap.dedent(f"""\
-        worker_processes 1;
-        {user}
-        error_log {ng}/logs/error.log;
-        pid {ng}/nginx.pid;
-        events {{ worker_connections 256; }}
-        http {{
-            access_log {ng}/logs/access.log;
-            {temp}
-            include {ng}/fedvox-fleet.conf;
-        }}
-        """)
-    )
-    return ng / "nginx.conf"
-
-
 @pytest.fixture
 def federation(tmp_path):
     """SuperLink (TLS, --enable-supernode-auth, loopback) + nginx (if installed)."""
@@ -187,7 +150,7 @@ def federation(tmp_path):
         fed = Federation(tmp_path, pki, env, procs, superlink_port, proxy_port, superlink)
         wait_for(lambda: port_open(superlink_port), 60, "SuperLink port", fed.logs)
         if NGINX:
-            conf = _nginx_conf(tmp_path, pki, proxy_port, superlink_port)
+            conf = nginx_conf(tmp_path, pki, proxy_port, superlink_port)
             procs.start(
                 "nginx", [NGINX, "-p", str(conf.parent), "-c", str(conf), "-g", "daemon off;"], env
             )

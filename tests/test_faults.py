@@ -25,7 +25,7 @@ import torch
 
 from client.ledger import LEDGER_FILE
 from client.message_log import MESSAGE_LOG_FILE, read_records
-from simulations.benchmarks.faults import node_toml_budget
+from simulations.benchmarks.faults import inprocess_config, node_toml_budget
 from simulations.harness import inprocess as ip
 from simulations.harness.deploy import OPERATOR, PROJECT_DIR, LocalDeployment
 from simulations.harness.local import run_config_arg
@@ -203,25 +203,11 @@ def test_the_shipped_node_toml_serves_more_than_one_default_run():
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("faults-inprocess")
-    make_phantom_sites("blobs-2d", root / "data", 3, cases_per_site=30, holdout_cases=20, seed=3)
-    return root
+    return tmp_path_factory.mktemp("faults-inprocess")  # inprocess_config makes its data
 
 
 def _run(small: Path, name: str, tamper: dict | None = None, **extra) -> ip.InProcessRun:
-    config = {
-        "data-dir": str(small / "data"),
-        "output-dir": str(small / "runs"),
-        "state-dir": str(small / "state" / name),
-        "run-name": name,
-        "num-server-rounds": 1,
-        "batch-size": 16,
-        "local-epochs": 1,
-        "model-width": 4,
-        "model-depth": 1,
-        "augmentation": False,
-        **extra,
-    }
+    config = inprocess_config(small, name, **extra)  # the benchmark's own rows' config
     return ip.run_in_process(config, 3, tamper)
 
 

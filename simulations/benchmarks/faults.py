@@ -147,7 +147,8 @@ def node_toml_row() -> dict[str, Any]:
 # -- in process -------------------------------------------------------------------------------
 
 
-def _inprocess_config(root: Path, name: str, **extra: Any) -> dict[str, Any]:
+def inprocess_config(root: Path, name: str, **extra: Any) -> dict[str, Any]:
+    """A 1-round run config on 3 small blob hospitals under `root/data` (made if missing)."""
     from simulations.phantoms.sites import make_phantom_sites
 
     data = root / "data"
@@ -177,7 +178,7 @@ def bad_holdout_row(root: Path) -> dict[str, Any]:
 
     from simulations.harness import inprocess as ip
 
-    config = _inprocess_config(root, "bad-holdout")
+    config = inprocess_config(root, "bad-holdout")
     holdout = root / "bad-holdout-data"
     shutil.rmtree(holdout, ignore_errors=True)
     shutil.copytree(Path(config["data-dir"]) / "holdout", holdout)
@@ -228,7 +229,7 @@ def poisoned_row(root: Path, kind: str) -> dict[str, Any]:
 
     tamper, needle, strategy = _poisons()[kind]
     name = "poison-" + "".join(c if c.isalnum() else "-" for c in kind)
-    config = _inprocess_config(root, name, strategy=strategy)
+    config = inprocess_config(root, name, strategy=strategy)
     run = ip.run_in_process(config, 3, {3: tamper})
     s = run.summary
     rejected = s["rounds"][1].get("rejected", []) if len(s.get("rounds", [])) > 1 else []
