@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import csv
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from client.importers import dicom_scan
 from client.importers.dicom_convert import ConversionFailed, convert_series, converter
 from client.importers.site import ImportInputError, ImportReport
 from client.importers.state import case_id, check_state_dir, load_salt, update_mapping
+from common.site.index import read_csv_table
 from common.site.writer import SiteWriter, StagedCase, open_site
 
 TOOL = "fedvox import dicom"
@@ -46,12 +46,7 @@ class LabelRow:
 def read_labels(path: Path) -> tuple[str, dict[str, LabelRow]]:
     """(key column, key -> row) of a labels CSV: `accession` or `study_uid`, `label`[, split]."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ImportInputError(f"--labels {path}: unreadable ({e})") from None
-    reader = csv.reader(text.splitlines())
-    header = [h.strip().lower() for h in next(reader, [])]
+    header, reader = read_csv_table(path, ImportInputError, f"--labels {path}")
     keys = [h for h in header if h in LABEL_KEYS]
     unknown = [h for h in header if h not in (*LABEL_KEYS, "label", "split")]
     if len(keys) != 1 or "label" not in header or unknown or len(set(header)) != len(header):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,19 @@ class Row:
     problem: str = ""
 
 
+def read_csv_table(
+    path: Path, error: type[Exception], name: str | None = None
+) -> tuple[list[str], Iterator[list[str]]]:
+    """(lower-cased header, the remaining rows) of a CSV file (a BOM is ignored); unreadable:
+    `error` naming `name` (default: the path)."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise error(f"{name or path}: unreadable ({e})") from None
+    reader = csv.reader(text.splitlines())
+    return [h.strip().lower() for h in next(reader, [])], reader
+
+
 def read_labels(site: Path, segmentation: bool = False) -> list[Row]:
     """labels.csv rows. Segmentation: optional, `case[,split]` (a label column is ignored)."""
     path = site / "labels.csv"
@@ -42,12 +56,7 @@ def read_labels(site: Path, segmentation: bool = False) -> list[Row]:
         raise DataError(
             f"{site}: missing labels.csv (expected {path} with header case,label[,split])"
         )
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: unreadable ({e})") from e
-    reader = csv.reader(text.splitlines())
-    header = [h.strip().lower() for h in next(reader, [])]
+    header, reader = read_csv_table(path, DataError)
     if segmentation and "case" not in header:
         raise DataError(f"{path}: header must contain a 'case' column, got {header}")
     if not segmentation and ("case" not in header or "label" not in header):
