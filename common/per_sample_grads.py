@@ -64,8 +64,8 @@ def _conv_weight_per_sample(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) 
             r = r.narrow(2 + i, 0, w_shape[2 + i])
         return r.reshape(cin, n, cout, *w_shape[2:]).permute(1, 2, 0, *range(3, 3 + d))
     if d == 2 and layer.groups == 1 and g[0, 0].numel() <= 64:
-        # Tiny 2D maps (<= 8x8): im2col + one batched matmul beats the grouped kernel (measured
-        # 8.6 vs 10.1 ms for 64 -> 128 channels on 7x7, batch 64). With make_private such layers
+        # Tiny 2D maps (<= 8x8): im2col + one batched matmul beats the grouped kernel
+        # (docs/benchmarks.md, "Figures behind code comments"). With make_private such layers
         # usually take the ghost-norm path instead (see _use_ghost).
         a = unfold2d(
             x,

@@ -52,10 +52,10 @@ class Recipe:
 
 
 RECIPES: dict[tuple[str, int], Recipe] = {
-    # scatter-cnn: fixed wavelet scattering + a small CNN. PneumoniaMNIST, 5 hospitals,
-    # epsilon 8: AUC 0.959 +- 0.003 over 3 seeds (20 rounds x 4 epochs, lr 0.05, no augmentation);
-    # epsilon 1: a head of width 16 (half the trained weights) 0.904 +- 0.006 against 0.892 /
-    # 0.859 at width 32 (docs/benchmarks.md, the epsilon-1 screen).
+    # scatter-cnn: fixed wavelet scattering + a small CNN, no augmentation. Below epsilon 2 a
+    # head of width 16 (half the trained weights) carries less of the noise and scored higher
+    # than width 32 (docs/benchmarks.md, the epsilon-1 screen; figures: "Figures behind code
+    # comments").
     ("classification", 2): Recipe(
         "2d-classification",
         {
@@ -78,11 +78,10 @@ RECIPES: dict[tuple[str, int], Recipe] = {
         },
     ),
     # filterbank-3d: fixed 3D Gaussian-derivative invariants, centred by each hospital's one
-    # released feature mean, a linear head. Organ phantom (3 x 340 training volumes, 300 held
-    # out), epsilon 8, through Flower, 3 seeds: AUC 0.818 +- 0.024 against the pooled non-DP
-    # 0.841 +- 0.003 (same model and loop), ~3.5 min a run; 10 x 4 at batch 32, lr 0.1 gave
-    # 0.786 +- 0.006 against 0.837. The plain 3D CNN reached 0.54 with DP on real 3D data. No
-    # augmentation: the features are rotation invariant and memoised per case.
+    # released feature mean, a linear head: under DP it comes close to its pooled non-DP
+    # reference where the plain 3D CNN did not learn, and more rounds of fewer epochs beat
+    # 10 x 4 at batch 32 ("Figures behind code comments"). No augmentation: the features are
+    # rotation invariant and memoised per case.
     ("classification", 3): Recipe(
         "3d-classification",
         {
@@ -100,8 +99,8 @@ RECIPES: dict[tuple[str, int], Recipe] = {
             "test-time-flips": False,
         },
     ),
-    # lung-CT phantom 2D, 3 hospitals, epsilon 8: Dice lung 0.986, nodule 0.847 (batch 96 in
-    # physical chunks of 48, cosine decay).
+    # 2D U-Net on the lung-CT phantom's slices: batch 96 in physical chunks of 48 (memory),
+    # cosine decay ("Figures behind code comments").
     ("segmentation", 2): Recipe(
         "2d-segmentation",
         {
@@ -125,10 +124,9 @@ RECIPES: dict[tuple[str, int], Recipe] = {
     # and the structure weight of the loss (per case, background / structure voxels capped at
     # 10 -> 1) both decay along the run's cosine. The final model predicts with test-time
     # mirroring (softmax averaged over the 8 flips of the volume): under DP noise it scatters
-    # small false nodules that the average removes. Lung-CT phantom at 64^3, 3 hospitals,
-    # epsilon 8, 5 seeds: Dice lung 0.991, nodule 0.487 +- 0.092 single-pass, 0.614 +- 0.085
-    # with the flips, in <= 20 min (pooled non-DP at lr 0.05: 0.998 / 0.843); without the
-    # emphasis, 30 rounds: 0.976 / 0.367. The 3D U-Net took 6 min 45 s a DP round at 64^3.
+    # small false nodules that the average removes. Both the flips and the emphasis raised the
+    # nodule Dice on the lung-CT phantom, and a 3D U-Net cost far more per DP round at 64^3
+    # ("Figures behind code comments").
     ("segmentation", 3): Recipe(
         "3d-segmentation",
         {

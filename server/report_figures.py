@@ -22,7 +22,7 @@ def _figure(width: float = 6.4, height: float = 3.4):
 
     fig = Figure(figsize=(width, height), dpi=DPI)
     # Fixed margins, not constrained/tight layout: those re-render the figure and doubled the
-    # cost of a per-round refresh (measured: ~0.3 s -> ~0.6 s for the metrics plot).
+    # cost of a per-round refresh (docs/benchmarks.md, "Figures behind code comments").
     fig.subplots_adjust(left=0.1, right=0.97, bottom=0.15, top=0.88, wspace=0.3)
     return fig
 

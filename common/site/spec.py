@@ -28,7 +28,8 @@ MAX_SEG_CLASSES = 256  # masks are cached as uint8
 AUTO_3D_SIZE = (32, 32, 32)
 # Segmentation trains slice-unet (a 2D U-Net over slices), whose cost grows with the in-plane
 # size only: 64^3 keeps small structures (lung nodules of 6-15 mm are 1.5-4 voxels in radius at
-# 4 mm voxels, under 2 at 32^3) at ~30 s a DP round for 3 hospitals (docs/benchmarks.md).
+# 4 mm voxels, under 2 at 32^3) at a DP round's cost that fits the time budget
+# (docs/benchmarks.md, "Figures behind code comments").
 AUTO_3D_SEG_SIZE = (64, 64, 64)
 
 

@@ -215,7 +215,8 @@ def bad_config_row(dep: LocalDeployment, holdout: Path) -> dict[str, Any]:
     return row_of("bad run config (4 kinds)", len(ALL), outcome, ok)
 
 
-# A SuperNode + its warm SuperExec (torch imported): 0.5 GB PSS measured idle, + a ClientApp.
+# A SuperNode + its warm SuperExec (torch imported) idle, + a ClientApp (docs/benchmarks.md,
+# "Figures behind code comments").
 GB_PER_HOSPITAL = 0.7
 GB_LEFT_TO_OTHERS = 2.0  # a shared host: what the row never takes from everyone else
 
