@@ -2,10 +2,10 @@
 
 The series are found, checked and chosen by `fedvox import dicom`'s own code
 (client/importers/dicom_scan.py, client/importers/dicom.py: one usable series per study, the
-same reasons for every skipped one) and converted by the same dcm2niix call into a private temporary folder, so the
-model sees the voxels, orientation and Hounsfield scaling a site imported from the same export
-would hold. The prediction is then `common.predict.predict_file` on that volume: the NIfTI
-outputs and the predictions.csv row are those of a NIfTI input.
+same reasons for every skipped one) and converted by the same dcm2niix call into a private
+temporary folder, so the model sees the voxels, orientation and Hounsfield scaling a site
+imported from the same export would hold. The prediction is then `common.predict.predict_file`
+on that volume: the NIfTI outputs and the predictions.csv row are those of a NIfTI input.
 
 With `--dicom` the results go back to DICOM (simulations/dicom_out.py) on the source's own
 pixel grid: every pixel of every source frame is mapped through the frame's position,
