@@ -147,7 +147,8 @@ def conv_weight_norm_sample(layer: nn.Conv2d, x: torch.Tensor, g: torch.Tensor) 
     n = x.shape[0]
     gg = g.reshape(n, g.shape[1], -1)  # (n, Cout, T)
     ggt = torch.bmm(gg.transpose(1, 2), gg)
-    return torch.einsum("nij,nij->n", _unfolded_gram(layer, x), ggt).clamp_(min=0).sqrt_()
+    # An elementwise product and sum: einsum's batched-matmul route took 6x longer here.
+    return (_unfolded_gram(layer, x) * ggt).flatten(1).sum(1).clamp_(min=0).sqrt_()
 
 
 def _sampler(
