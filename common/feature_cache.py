@@ -31,7 +31,7 @@ from common.files import atomic_write
 CACHE_BYTES = 512 * 2**20  # at most this much memoised feature data in a process
 _CACHE: OrderedDict[bytes, torch.Tensor] = OrderedDict()
 _SIZE = [0]  # bytes held in _CACHE
-FILE_FORMAT = 1
+FILE_FORMAT = 2
 FEATURES_FILE = "features.fedvox-cache.pt"  # the name `persisted` files get in a cache folder
 _LOADED: dict[Path, set[bytes]] = {}  # file -> the keys it holds (read once per process)
 
@@ -131,10 +131,16 @@ def persisted(path: Path | None) -> Iterator[None]:
 
 
 def _entries(keys: list[bytes]) -> dict:
+    """One stacked tensor per feature shape (thousands of small tensors save ~5x slower)."""
+    groups: dict[tuple, list[bytes]] = {}
+    for k in keys:
+        groups.setdefault((tuple(_CACHE[k].shape), str(_CACHE[k].dtype)), []).append(k)
     return {
         "format": FILE_FORMAT,
-        "keys": [k.hex() for k in keys],
-        "rows": [_CACHE[k] for k in keys],
+        "groups": [
+            {"keys": [k.hex() for k in ks], "rows": torch.stack([_CACHE[k] for k in ks])}
+            for ks in groups.values()
+        ],
     }
 
 
@@ -143,9 +149,11 @@ def _load(path: Path) -> set[bytes]:
         saved = torch.load(path, weights_only=True)
         if saved.get("format") != FILE_FORMAT:
             return set()
-        keys = [bytes.fromhex(k) for k in saved["keys"]]
-        for key, features in zip(keys, saved["rows"], strict=True):
-            _store(key, features)
-        return set(keys)
+        keys: set[bytes] = set()
+        for group in saved["groups"]:
+            for key, features in zip(group["keys"], group["rows"], strict=True):
+                _store(bytes.fromhex(key), features.clone())  # its own memory, to be evicted
+                keys.add(bytes.fromhex(key))
+        return keys
     except Exception:  # noqa: BLE001 - missing, another version's or damaged: computed afresh
         return set()
