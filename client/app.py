@@ -48,6 +48,7 @@ from client.statistics import ensure_statistics
 from client.train import LocalTraining, local_sgd
 from common import model_registry
 from common.eval_release import release
+from common.feature_cache import FEATURES_FILE, persisted
 from common.files import atomic_write
 from common.privacy import PrivacyRefusal
 from common.protocol import FAILED, OK, REFUSED, reply
@@ -187,9 +188,15 @@ def _train(msg: Message, node: Node) -> Message:
         settings = node.round_training(int(plan["num_examples_released"]))
 
         def compute() -> tuple[dict, list, str]:
-            result = local_sgd(
-                model, data.images, data.labels, settings, planned[0], node.round_loss(data.spec)
-            )
+            with persisted(node.state_dir / "cache" / FEATURES_FILE):
+                result = local_sgd(
+                    model,
+                    data.images,
+                    data.labels,
+                    settings,
+                    planned[0],
+                    node.round_loss(data.spec),
+                )
             node.remember(model)
             state = unwrap(model).state_dict()
             # Kept until the next round, so a lost reply can be sent again at no cost.

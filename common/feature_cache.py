@@ -10,19 +10,39 @@ The cache lives in the process: a simulated hospital's Ray actor and the server 
 rounds; a deployed node's ClientApp (one forked process per message) keeps it across the
 epochs of a round. It is bounded in bytes, least recently used out. Augmented inputs differ
 every time: they miss, are computed afresh, and age out.
+
+`persisted(path)` keeps the features a block of code used in a file as well (a node's own
+cache folder, next to its decoded cases): the next process, round or run on the same cases
+starts with them instead of recomputing (round 1 of the 2D demo computed ~5,000 scatterings).
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import torch
+
+from common.files import atomic_write
 
 CACHE_BYTES = 512 * 2**20  # at most this much memoised feature data in a process
 _CACHE: OrderedDict[bytes, torch.Tensor] = OrderedDict()
 _SIZE = [0]  # bytes held in _CACHE
+FILE_FORMAT = 2
+FEATURES_FILE = "features.fedvox-cache.pt"  # the name `persisted` files get in a cache folder
+_LOADED: dict[Path, set[bytes]] = {}  # file -> the keys it holds (read once per process)
+
+
+class _Block(set):
+    """The keys a `persisted` block used; `fresh`: some were computed in it."""
+
+    fresh = False
+
+
+_BLOCKS: list[_Block] = []
 
 
 def memoised(
@@ -43,6 +63,9 @@ def memoised(
     keys = [_key(tag, case) for case in x]
     rows = {k: _CACHE[k] for k in keys if k in _CACHE}
     missing = [i for i, k in enumerate(keys) if k not in rows]
+    for block in _BLOCKS:
+        block.update(keys)
+        block.fresh = block.fresh or bool(missing)
     if missing:
         with torch.no_grad():
             fresh = torch.cat(
@@ -76,4 +99,61 @@ def _store(key: bytes, features: torch.Tensor) -> None:
 def clear() -> None:
     """Forget every memoised feature (tests; a process that wants its memory back)."""
     _CACHE.clear()
+    _LOADED.clear()
     _SIZE[0] = 0
+
+
+@contextmanager
+def persisted(path: Path | None) -> Iterator[None]:
+    """Features memoised inside the block are read from `path` first (once per process) and,
+    when the block computed any afresh, written back with every feature the block used, so a
+    later process finds them. None: memory only. An unreadable file is ignored (and replaced);
+    a file that cannot be written costs only the time saved."""
+    if path is None:
+        yield
+        return
+    path = Path(path)
+    if path not in _LOADED:
+        _LOADED[path] = _load(path)
+    block = _Block()
+    _BLOCKS.append(block)
+    try:
+        yield
+    finally:
+        _BLOCKS.remove(block)
+    if block.fresh:
+        keep = [k for k in _LOADED[path] | block if k in _CACHE]
+        try:
+            atomic_write(path, lambda f: torch.save(_entries(keep), f))
+            _LOADED[path] = set(keep)
+        except OSError:
+            pass
+
+
+def _entries(keys: list[bytes]) -> dict:
+    """One stacked tensor per feature shape (thousands of small tensors save ~5x slower)."""
+    groups: dict[tuple, list[bytes]] = {}
+    for k in keys:
+        groups.setdefault((tuple(_CACHE[k].shape), str(_CACHE[k].dtype)), []).append(k)
+    return {
+        "format": FILE_FORMAT,
+        "groups": [
+            {"keys": [k.hex() for k in ks], "rows": torch.stack([_CACHE[k] for k in ks])}
+            for ks in groups.values()
+        ],
+    }
+
+
+def _load(path: Path) -> set[bytes]:
+    try:
+        saved = torch.load(path, weights_only=True)
+        if saved.get("format") != FILE_FORMAT:
+            return set()
+        keys: set[bytes] = set()
+        for group in saved["groups"]:
+            for key, features in zip(group["keys"], group["rows"], strict=True):
+                _store(bytes.fromhex(key), features.clone())  # its own memory, to be evicted
+                keys.add(bytes.fromhex(key))
+        return keys
+    except Exception:  # noqa: BLE001 - missing, another version's or damaged: computed afresh
+        return set()

@@ -19,6 +19,7 @@ branches on dimensionality.
 
 from __future__ import annotations
 
+import copy
 from types import SimpleNamespace
 from typing import Any
 
@@ -64,6 +65,23 @@ class CNN(nn.Module):
         return self.head(self.pool(self.features(x)).flatten(1))
 
 
+_SCATTERINGS: dict[tuple, nn.Module] = {}
+
+
+def _scattering(scales: int, shape: tuple[int, ...], angles: int) -> nn.Module:
+    """A fresh copy of the scattering for these settings. Its filters are fixed maths that
+    take ~0.26 s to build (a hospital builds the model every round): built once per process,
+    copied after (~2 ms)."""
+    key = (scales, shape, angles)
+    if key not in _SCATTERINGS:
+        # kymatio.torch would also import its 3D scattering, which needs scipy.special.sph_harm
+        # (removed in SciPy 1.17); the 2D frontend alone does not.
+        from kymatio.scattering2d.frontend.torch_frontend import ScatteringTorch2D
+
+        _SCATTERINGS[key] = ScatteringTorch2D(J=scales, shape=shape, L=angles)
+    return copy.deepcopy(_SCATTERINGS[key])
+
+
 class ScatterCNN(nn.Module):
     """Fixed 2D scattering (J scales, L angles, orders 0-2) -> GroupNorm -> 2 conv blocks -> linear.
 
@@ -81,10 +99,6 @@ class ScatterCNN(nn.Module):
         angles: int = 8,
     ) -> None:
         super().__init__()
-        # kymatio.torch would also import its 3D scattering, which needs scipy.special.sph_harm
-        # (removed in SciPy 1.17); the 2D frontend alone does not.
-        from kymatio.scattering2d.frontend.torch_frontend import ScatteringTorch2D
-
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
         # The scattering subsamples by 2^J and the head pools once more: >= 2^(J+1) a side.
@@ -93,7 +107,7 @@ class ScatterCNN(nn.Module):
                 f'model="scatter-cnn" needs images of at least {2 ** (scales + 1)} pixels a side, '
                 f"got {tuple(image_size)}"
             )
-        self.scattering = ScatteringTorch2D(J=scales, shape=tuple(image_size), L=angles)
+        self.scattering = _scattering(scales, tuple(image_size), angles)
         self.tag = f"scatter-cnn{(tuple(image_size), in_channels, scales, angles)}"
         for name, buffer in list(self.scattering.named_buffers(recurse=False)):
             delattr(self.scattering, name)

@@ -130,6 +130,8 @@ class DiceCrossEntropy(nn.Module):
             raise ValueError(f"structure-weight={structure_weight}: expected a number >= 1")
         self.structure_weight = float(structure_weight)
         self.dice = DiceLoss(to_onehot_y=True, softmax=True, batch=False, reduction="none")
+        # "none": one loss per case (Opacus' ghost clipping sets it to get per-sample losses).
+        self.reduction = "mean"
 
     def class_weights(self, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
         """(N, K) weights from each case's own label map `labels` (N, ...)."""
@@ -148,7 +150,8 @@ class DiceCrossEntropy(nn.Module):
         ce = nn.functional.cross_entropy(logits, labels, reduction="none").flatten(1)
         voxel_weights = weights.gather(1, labels.flatten(1))
         ce = (ce * voxel_weights).sum(1) / voxel_weights.sum(1)
-        return (dice + ce).mean()
+        per_case = dice + ce
+        return per_case if self.reduction == "none" else per_case.mean()
 
 
 class SegmentationTask:

@@ -25,6 +25,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import RunConfig
+from common.feature_cache import FEATURES_FILE
 from common.paths import default_output_dir, demo_data_dir
 from common.protocol import RoundPlan
 from common.site import SiteData, default_image_size, load_site, read_spec
@@ -82,7 +83,8 @@ def _round_loop(cfg: RunConfig, opened: OpenedRun, grid: ResponsiveGrid) -> Roun
     run, plan = opened.run, opened.plan
     recorder = RoundRecorder(
         run,
-        HoldoutEvaluator(opened.task, opened.holdout),
+        # next to the holdout's decoded cases (open_run's cache_dir)
+        HoldoutEvaluator(opened.task, opened.holdout, run.path.parent / ".cache" / FEATURES_FILE),
         opened.model,
         plan.round_offset,
         cfg.test_time_flips,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from logging import INFO
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -19,6 +20,7 @@ from flwr.common.logger import log
 
 from common.calibration import Calibration, calibrated_metrics, choose_calibration
 from common.eval_release import local_metrics
+from common.feature_cache import persisted
 from common.predict import predict_fields
 from common.protocol import NodeReply
 from common.site import SiteData
@@ -31,9 +33,10 @@ if TYPE_CHECKING:
 
 
 class HoldoutEvaluator:
-    def __init__(self, task: Task, holdout: SiteData) -> None:
+    def __init__(self, task: Task, holdout: SiteData, features_file: Path | None = None) -> None:
         self.task = task
         self.holdout = holdout
+        self.features_file = features_file  # fixed front ends' holdout features, kept on disk
 
     def evaluate(
         self, model: torch.nn.Module, validation: list[dict[str, Any]], flips: bool = False
@@ -45,7 +48,8 @@ class HoldoutEvaluator:
         chosen = {"threshold": calib.threshold} if calib and calib.threshold is not None else {}
         if flips:
             chosen["flips"] = True  # run config test-time-flips: segmentation only
-        result = self.task.evaluate(model, self.holdout.images, self.holdout.labels, **chosen)
+        with persisted(self.features_file):
+            result = self.task.evaluate(model, self.holdout.images, self.holdout.labels, **chosen)
         central = {k: result.metrics.get(k) for k in self.task.central_keys if k in result.metrics}
         if calib is not None and result.logits is not None:
             central.update(calibrated_metrics(result.probs, self.holdout.labels.numpy(), calib))

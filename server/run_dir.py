@@ -53,6 +53,7 @@ class RunDir:
             "run_name": run_name,
             "run_uid": uuid.uuid4().hex,
             "status": RUNNING,
+            "started_at": time.time(),  # with ended_at: the run's wall (fedvox bench speed)
             "server": this_process(),  # so a killed run can be told from a running one
             "config": cfg.as_dict(),
             "model": model,

@@ -344,8 +344,31 @@ def test_bench_speed_quick_writes_json(tmp_path):
     from simulations.cli import main
 
     out = tmp_path / "speed.json"
-    assert main(["bench", "speed", "--quick", "--no-federation", "--out", str(out)]) == 0
+    # A finished demo-like run: AUC 0.95 first reached in round 2, 10 + 1 + 12 + 1 s in.
+    run = tmp_path / "run"
+    run.mkdir()
+    rounds = [
+        {"round": i, "central": {"auc": a}, "wall_s": w, "central_eval_s": 1.0}
+        for i, a, w in ((1, 0.9, 10.0), (2, 0.951, 12.0), (3, 0.94, 12.0))
+    ]
+    model = {"task": "classification", "spatial_dims": 2}
+    summary = {"model": model, "rounds": rounds, "started_at": 100.0, "ended_at": 150.0}
+    (run / "summary.json").write_text(json.dumps(summary))
+    args = ["bench", "speed", "--quick", "--no-federation", "--out", str(out), "--runs", str(run)]
+    assert main(args) == 0
     res = json.loads(out.read_text())
+    recipes = res["recipes"]
+    assert set(recipes) == {"2d-classification", "3d-classification", "3d-segmentation"}
+    for name, r in recipes.items():
+        assert r["failed"] == {}, name  # every Opacus mode runs every default model
+        assert r["dp_step_ratio"] > 0 and all(v > 0 for v in r["opacus_step_ratio"].values())
+        assert set(r["opacus_step_ratio"]) == {"hooks", "ew", "ghost"}
+    assert recipes["2d-classification"]["model"] == "scatter-cnn"
+    assert recipes["3d-segmentation"]["model"] == "slice-unet"
+    assert recipes["2d-classification"]["run_wall_s"] == 50.0
+    assert recipes["2d-classification"]["time_to_target_s"] == 24.0
+    assert recipes["3d-classification"]["run_wall_s"] is None
+    assert "--runs" in recipes["3d-classification"]["note"]
     assert set(res["dp_step_ratio"]) == {"2d", "3d"}
     assert set(res["opacus_step_ratio"]) == {"hooks_2d", "ew_2d", "hooks_3d", "ew_3d"}
     for r in [*res["dp_step_ratio"].values(), *res["opacus_step_ratio"].values()]:

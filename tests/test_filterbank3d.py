@@ -90,6 +90,35 @@ def test_features_are_memoised_per_case_and_identical():
     assert not torch.equal(other.features(x), first) and len(feature_cache._CACHE) == 4
 
 
+def test_persisted_features_are_read_back_by_a_later_process_and_a_damaged_file_is_replaced(
+    tmp_path: Path,
+):
+    model = fb.FilterBank3D((16, 16, 16), 1, 2, scales=(1.0,))
+    x = torch.cat([_blob(seed=1), _blob(seed=2)])
+    path = tmp_path / "cache" / feature_cache.FEATURES_FILE
+    feature_cache.clear()
+    with feature_cache.persisted(path):
+        first = model.features(x)
+    assert path.is_file()
+    feature_cache.clear()  # a new process: memory empty, the file stays
+    calls = []
+    compute = model._compute
+    model._compute = lambda batch: calls.append(len(batch)) or compute(batch)
+    with feature_cache.persisted(path):
+        again = model.features(x)
+    assert calls == [] and torch.equal(again, first)  # read back, nothing recomputed
+    path.write_bytes(b"not a torch file")
+    feature_cache.clear()
+    with feature_cache.persisted(path):
+        assert torch.equal(model.features(x), first)
+    assert calls == [2]  # computed afresh, and the file rewritten with them
+    feature_cache.clear()
+    with feature_cache.persisted(path):
+        model.features(x)
+    assert calls == [2]
+    feature_cache.clear()
+
+
 @pytest.mark.parametrize("arch, size", [("filterbank-3d", (16, 16, 16)), ("scatter-cnn", (28, 28))])
 def test_an_empty_poisson_batch_passes_through_a_memoised_front_end(arch, size):
     """Poisson sampling draws empty batches on small sites; the model must answer one."""

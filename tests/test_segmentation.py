@@ -360,6 +360,12 @@ def test_the_segmentation_loss_is_per_case_and_weights_structures_against_backgr
     weights = weighted.class_weights(target[:, 0], 3)
     expected = torch.tensor([[1.0, 48 / 15, 10.0]] * 2 + [[1.0, 3.0, 1.0]] * 2)  # absent: 1
     assert torch.allclose(weights, expected)
+    # reduction "none" (Opacus' ghost clipping asks for it): each case's own term, mean = the loss.
+    weighted.reduction = "none"
+    per_case = weighted(logits, target)
+    weighted.reduction = "mean"
+    assert per_case.shape == (4,) and torch.allclose(per_case.mean(), weighted(logits, target))
+    assert torch.allclose(per_case[0], weighted(logits[:1], target[:1]))
     # The small structure's share of the case's gradient grows with the weight.
     g1, g10 = case0_gradient(task.loss_fn(), target), case0_gradient(weighted, target)
     small = target[0, 0] == 2
