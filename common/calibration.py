@@ -178,10 +178,16 @@ def operating_point_warning(central: dict) -> str | None:
     j, se = central.get("threshold-youden-j"), central.get("threshold-youden-se")
     if j is None or se is None or j - 2.0 * se > 0.0:
         return None
+    why = (
+        f"Youden's J {j:.2f} ± {se:.2f} on them, not clearly above chance"
+        if central.get("threshold") is not None
+        else "after the noise, one class has no cases left in the pooled counts; the run falls "
+        "back to P(positive) >= 0.5"
+    )
     return (
-        f"No usable operating point: at this privacy level the hospitals' noisy validation "
-        f"counts cannot place a decision threshold (Youden's J {j:.2f} ± {se:.2f}, not clearly "
-        "above chance), so accuracy, sensitivity and specificity at the run's threshold describe "
-        "the noise, not the model. Rank by the probability (AUC), or choose a threshold on "
-        "labelled local data before any use."
+        "No usable operating point: at this privacy level the hospitals' noisy validation "
+        f"counts cannot place a decision threshold ({why}), so accuracy, sensitivity and "
+        "specificity at the run's threshold (and the temperature chosen on the same counts) "
+        "describe the noise, not the model. Rank by the probability (AUC), or choose a "
+        "threshold on labelled local data before any use."
     )
