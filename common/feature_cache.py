@@ -44,6 +44,7 @@ FILE_FORMAT = 2
 FEATURES_FILE = "features.fedvox-cache.pt"  # the name `persisted` files get in a cache folder
 _LOADED: dict[Path, set[bytes]] = {}  # file -> the keys it holds (read once per process)
 SAMPLES = 256  # values of a case its fingerprint reads
+_NUMPY_DTYPES = {torch.float32, torch.float64, torch.float16, torch.uint8, torch.int16, torch.int32}
 
 
 class _Block(set):
@@ -123,7 +124,7 @@ def known(cases: torch.Tensor) -> None:
     source = _SOURCES.get(id(cases))
     if source is not None and source.ref() is cases and source.version == cases._version:
         return
-    if cases.device.type == "cpu" and len(cases):
+    if cases.device.type == "cpu" and len(cases) and cases.dtype in _NUMPY_DTYPES:
         _SOURCES[id(cases)] = _Source(cases)
 
 
