@@ -21,6 +21,7 @@ from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from common import feature_cache
 from common.config import RunConfig
 from common.privacy import HistoryEntry, PoissonLoader, make_private, steps_taken
 from common.schedule import cosine_decay, run_progress
@@ -194,6 +195,7 @@ def local_sgd(
     the non-private reference of the utility benchmark (epsilon = inf); history is empty.
     """
     s = settings
+    feature_cache.known(images)  # batches are its rows: a fixed front end finds them unhashed
     loader = _loader(TensorDataset(images, labels), s, private=noise_multiplier is not None)
     optimizer = torch.optim.SGD(model.parameters(), lr=s.learning_rate, momentum=s.momentum)
     global_params = [p.detach().clone() for p in model.parameters()] if s.proximal_mu > 0 else []

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_curve
 
-from common import metric_registry
+from common import feature_cache, metric_registry
 
 
 def classification_metrics(
@@ -51,6 +51,7 @@ def batched_logits(
     """The one batched-inference loop: (rows, logits) per chunk of `images`, eval mode.
     `flips`: each chunk's `mirrored_logits` (segmentation's test-time flips)."""
     model.eval()
+    feature_cache.known(images)  # a fixed front end finds its rows' features unhashed
     for start in range(0, len(images), batch_size):
         rows = slice(start, start + batch_size)
         yield rows, mirrored_logits(model, images[rows]) if flips else model(images[rows])

@@ -11,6 +11,18 @@ exits with:
 `flwr run` against a local-simulation connection starts a detached SuperLink that outlives
 it; if this command's `flwr run` started one, it is ended here (by the PID that listens on
 Flower's local port, never by name).
+
+Against the local simulation, hospitals are trained in parallel: unless the user set
+`client-resources-num-cpus`, each simulated hospital gets the machine's cores divided among
+as many Ray actors as there are hospitals (at most one per core; Ray gives each actor's torch
+that many threads). Flower's own default, 2 CPUs a client, trains them one after another on
+a 2-core machine.
+
+Flower builds the app bundle (FAB) by listing every file under the app folder before it
+filters them, a virtual environment's tens of thousands included (~4-10 s on 2 cores with the
+README's `.venv` in the checkout). `flwr run` is handed a temporary copy of the app instead,
+holding what Flower could bundle (its file types, minus what .gitignore excludes), walked
+without entering ignored folders: the same FAB.
 """
 
 from __future__ import annotations
@@ -22,8 +34,12 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
+import tomllib
 from pathlib import Path
+
+import pathspec
 
 from simulations.harness.procs import descendants, end_pids, pid_listening_on, port_open
 
@@ -32,6 +48,11 @@ VALUE_OPTIONS = {"--federation", "--run-config", "-c", "--federation-config", "-
 LOCAL_PORT_ENV = "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"
 EXIT = {"finished": 0, "failed": 1, "stopped": 2}
 SUMMARY_LINE = re.compile(r"(?:outputs in|summary in) (/\S+?)[,)\s]")
+FLOWER_DEFAULT_SUPERNODES = 2  # Flower 1.42's local simulation, when none is given
+# The file types Flower 1.42 puts in a FAB (flwr.common.constant.FAB_INCLUDE_PATTERNS)
+FAB_SUFFIXES = {".py", ".toml", ".md", ".yaml", ".yml", ".json", ".jsonl"}
+FAB_NAMES = {"LICENSE", ".gitignore"}
+NEVER_ENTERED = {".git", ".venv", "__pycache__", ".flwr"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,14 +62,60 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    argv = [a for a in args.flwr_args if a != "--"]
+    argv = with_client_resources([a for a in args.flwr_args if a != "--"], _cores())
     local_port = _local_port()
     was_up = port_open(local_port)
+    with tempfile.TemporaryDirectory(prefix="fedvox-app-") as tmp:
+        try:
+            return _run_and_wait(with_app_copy(argv, Path(tmp)))
+        finally:
+            if not was_up and port_open(local_port):
+                _end_local_superlink(local_port)
+
+
+def with_app_copy(argv: list[str], into: Path) -> list[str]:
+    """`argv` with its app folder replaced by a copy in `into` of the files Flower may put
+    in its bundle; `argv` itself where the app is not a plain local folder Flower's
+    defaults describe (a hub app, a missing folder, fab-include patterns of its own)."""
+    at = _positional_indices(argv)
+    app = Path(argv[at[0]] if at else ".")
     try:
-        return _run_and_wait(argv)
-    finally:
-        if not was_up and port_open(local_port):
-            _end_local_superlink(local_port)
+        pyproject = tomllib.loads((app / "pyproject.toml").read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        return argv  # not a local app folder: Flower says what is wrong with it
+    if "fab-include" in pyproject.get("tool", {}).get("flwr", {}).get("app", {}):
+        return argv
+    ignored = _gitignore(app)
+    for root, dirs, files in os.walk(app):
+        here = Path(root).relative_to(app)
+        dirs[:] = [
+            d
+            for d in dirs
+            if d not in NEVER_ENTERED
+            and not ignored.match_file(f"{(here / d).as_posix()}/")
+            and not (Path(root, d) / "pyvenv.cfg").exists()
+        ]
+        for name in files:
+            rel = here / name
+            wanted = Path(name).suffix in FAB_SUFFIXES or name in FAB_NAMES
+            if (
+                wanted
+                and not Path(root, name).is_symlink()
+                and not ignored.match_file(rel.as_posix())
+            ):
+                (into / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(Path(root, name), into / rel)
+    if not at:
+        return [str(into), *argv]
+    return [*argv[: at[0]], str(into), *argv[at[0] + 1 :]]
+
+
+def _gitignore(app: Path) -> pathspec.PathSpec:
+    try:
+        lines = (app / ".gitignore").read_text().splitlines()
+    except OSError:
+        lines = []
+    return pathspec.GitIgnoreSpec.from_lines(lines)
 
 
 def _run_and_wait(argv: list[str]) -> int:
@@ -83,15 +150,21 @@ def _tee(argv: list[str]) -> str:
 
 def _superlink_arg(argv: list[str]) -> str | None:
     """The SUPERLINK positional of `flwr run [APP] [SUPERLINK]`, if given."""
-    positionals, skip = [], False
-    for a in argv:
+    at = _positional_indices(argv)
+    return argv[at[1]] if len(at) > 1 else None
+
+
+def _positional_indices(argv: list[str]) -> list[int]:
+    """Where `flwr run`'s positionals [APP] [SUPERLINK] are in `argv`."""
+    at, skip = [], False
+    for i, a in enumerate(argv):
         if skip:
             skip = False
         elif a in VALUE_OPTIONS:
             skip = True
         elif not a.startswith("-"):
-            positionals.append(a)
-    return positionals[1] if len(positionals) > 1 else None
+            at.append(i)
+    return at
 
 
 def _wait_for_end(flwr: str, superlink: str | None, run_id: str, poll_s: float = 3.0) -> str:
@@ -155,6 +228,47 @@ def _verdict(flower_status: str, summary_path: Path | None) -> tuple[str, str]:
             "once its ServerApp is gone; continue it with resume-from)"
         )
     return "stopped", f"no summary.json status; Flower says {flower_status}"
+
+
+def with_client_resources(argv: list[str], cores: int) -> list[str]:
+    """`argv` with `client-resources-num-cpus` added to its federation config when the run
+    goes to the local simulation and the user did not set it: `cores` shared by as many Ray
+    actors as hospitals, at most one per core (2 cores, 5 hospitals: 2 actors of 1 CPU)."""
+    overrides = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--federation-config"]
+    overrides += [a.split("=", 1)[1] for a in argv if a.startswith("--federation-config=")]
+    federation = " ".join(overrides)
+    if (
+        "client-resources-num-cpus" in federation
+        or any(o.endswith(".toml") for o in overrides)  # a file: Flower takes nothing beside it
+        or not _is_local_simulation(_superlink_arg(argv))
+    ):
+        return argv
+    found = re.search(r"num-supernodes\s*=\s*(\d+)", federation)
+    hospitals = int(found[1]) if found else FLOWER_DEFAULT_SUPERNODES
+    cpus = max(1, cores // max(1, min(cores, hospitals)))
+    return [*argv, "--federation-config", f"client-resources-num-cpus={cpus}"]
+
+
+def _is_local_simulation(superlink: str | None) -> bool:
+    """Does `flwr run` send this run to a local simulation (connection address ":local:")?"""
+    home = Path(os.environ.get("FLWR_HOME") or Path.home() / ".flwr")
+    try:
+        config = tomllib.loads((home / "config.toml").read_text()).get("superlink", {})
+    except (OSError, tomllib.TOMLDecodeError):
+        config = {}  # no config yet: `flwr run` creates one whose default is "local"
+    name = superlink or config.get("default", "local")
+    connection = config.get(name)
+    if isinstance(connection, dict):
+        return connection.get("address") == ":local:"
+    return name == "local"
+
+
+def _cores() -> int:
+    """The cores this process may use (its affinity set, as Ray sees them)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _local_port() -> int:

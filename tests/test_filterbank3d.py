@@ -119,6 +119,29 @@ def test_persisted_features_are_read_back_by_a_later_process_and_a_damaged_file_
     feature_cache.clear()
 
 
+def test_a_changed_case_never_reuses_the_features_of_the_registered_row_it_was():
+    """Batches drawn from a registered tensor find their features without hashing; a case
+    changed where its fingerprint does not look (a copy, or the tensor itself in place)
+    must still get its own features, not the row's it came from."""
+    model = fb.FilterBank3D((16, 16, 16), 1, 2, scales=(1.0,))
+    cases = torch.cat([_blob(seed=s) for s in range(4)])
+    feature_cache.clear()
+    feature_cache.known(cases)
+    assert torch.equal(model.features(cases[torch.tensor([2, 0])]), model._compute(cases[[2, 0]]))
+    assert feature_cache._SOURCES[id(cases)].keys  # found through the registration
+    flat = cases[1].reshape(-1)
+    sampled = set(((torch.arange(feature_cache.SAMPLES) * 2654435761) % flat.numel()).tolist())
+    unseen = next(i for i in range(flat.numel()) if i not in sampled)
+    before = model.features(cases[1:2].clone())  # row 1's features memoised under its key
+    changed = cases[1:2].clone()
+    changed.reshape(-1)[unseen] += 5.0  # same fingerprint as row 1, other bytes
+    assert not torch.equal(model._compute(changed), before)
+    assert torch.equal(model.features(changed), model._compute(changed))
+    cases.reshape(len(cases), -1)[1, unseen] += 5.0  # the registered tensor itself, in place
+    assert torch.equal(model.features(cases[1:2].clone()), model._compute(cases[1:2]))
+    feature_cache.clear()
+
+
 @pytest.mark.parametrize("arch, size", [("filterbank-3d", (16, 16, 16)), ("scatter-cnn", (28, 28))])
 def test_an_empty_poisson_batch_passes_through_a_memoised_front_end(arch, size):
     """Poisson sampling draws empty batches on small sites; the model must answer one."""
