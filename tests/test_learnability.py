@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import pytest
 
+from common.protocol import OK, NodeReply
 from server.learnability import (
     NOT_LEARNED_DICE,
     SMALL_CLASS_SNR,
+    learnability,
     not_learned,
     not_learned_warning,
     run_signal_to_noise,
@@ -34,6 +36,27 @@ def test_signal_to_noise_grows_with_the_cases_and_falls_with_the_noise():
     assert at_120 < SMALL_CLASS_SNR <= at_200
     assert run_signal_to_noise([170] * 3, [8.28] * 3, 96, 80) == pytest.approx(at_200 / 2)
     assert run_signal_to_noise([0, 0], [1.0, 1.0], 96, 80) is None
+
+
+def test_the_estimate_needs_dp_segmentation_and_released_counts():
+    summary = {
+        "model": {"task": "segmentation"},
+        "config": {"dp": True, "batch-size": 96, "local-epochs": 2, "target-epsilon": 8.0},
+        "planned_rounds": 40,
+    }
+    replies = [
+        NodeReply(f"hospital-{i}", OK, "", {"num-examples": 170.0, "noise-multiplier": 4.14})
+        for i in (1, 2, 3)
+    ]
+    entry = learnability(summary, replies)
+    assert entry["signal_to_noise"] == pytest.approx(449.8, abs=0.1) and entry["warning"] is None
+    few = [NodeReply(r.site, OK, "", {**r.metrics, "num-examples": 100.0}) for r in replies]
+    assert "signal-to-noise is 265" in learnability(summary, few)["warning"]
+    assert learnability({**summary, "model": {"task": "classification"}}, replies) is None
+    assert learnability({**summary, "config": {**summary["config"], "dp": False}}, replies) is None
+    # secure aggregation: the count leaves a node only masked, so no estimate
+    masked = [NodeReply(r.site, OK, "", {"noise-multiplier": 4.14}) for r in replies]
+    assert learnability(summary, masked) is None
 
 
 def test_a_run_that_misses_a_class_names_it_and_warned_before(tmp_path):
