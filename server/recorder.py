@@ -91,9 +91,8 @@ class RoundRecorder:
         global_round = self.offset + server_round
         self.model.load_state_dict(state_dict)
         validation = [r.metrics for r in evaluate if r.ok]
-        # test-time-flips: this invocation's last round is evaluated as predict will use the
-        # model, with mirroring; earlier rounds single-pass (8 passes over the holdout every
-        # round would add ~40 % to a 3D run: docs/benchmarks.md)
+        # test-time-flips: this invocation's last round is evaluated mirrored, as predict uses
+        # the model; earlier ones single-pass (8 passes a round: ~40 % more, docs/benchmarks.md)
         flips = self.test_time_flips and global_round == getattr(self.outputs, "last_round", None)
         central, result, calib = self.evaluator.evaluate(self.model, validation, flips)
         self.threshold_margin = calib.threshold_margin if calib else None
