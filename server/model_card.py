@@ -16,7 +16,7 @@ import numpy as np
 
 from common import metric_registry
 from common.calibration import operating_point_warning
-from server.report_data import RunView, site_gap
+from server.report_data import RunView, class_warnings, site_gap
 
 MODEL_CARD = "model-card.md"
 BOOTSTRAP = 1000
@@ -172,6 +172,8 @@ def _performance(view: RunView) -> list[str]:
         return lines + ["Confidence intervals are computed for binary tasks only.", ""]
     lines += ["| metric | estimate | 95 % CI |", "|---|---|---|"]
     lines += [f"| {k} | {_f(e)} | {_f(lo)}–{_f(hi)} |" for k, (e, lo, hi) in stats.items()]
+    if view.task == "segmentation":
+        lines += [line for w in class_warnings(view) for line in ("", f"**Warning.** {w}")]
     if view.rounds and view.rounds[-1].get("test_time_flips"):
         lines += [
             "",

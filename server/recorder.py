@@ -11,13 +11,14 @@ metrics, every hospital's status, epsilon and local validation metrics) and one 
 from __future__ import annotations
 
 import time
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from flwr.common.logger import log
 
+from common import metric_registry
 from common.calibration import Calibration, calibrated_metrics, choose_calibration
 from common.eval_release import local_metrics
 from common.feature_cache import persisted
@@ -26,6 +27,7 @@ from common.protocol import NodeReply
 from common.site import SiteData
 from common.tasks import Evaluation, Task
 from common.weights import fingerprint
+from server.learnability import NOT_LEARNED_DICE, learnability, not_learned, not_learned_warning
 from server.run_dir import RunDir
 
 if TYPE_CHECKING:
@@ -89,9 +91,8 @@ class RoundRecorder:
         global_round = self.offset + server_round
         self.model.load_state_dict(state_dict)
         validation = [r.metrics for r in evaluate if r.ok]
-        # test-time-flips: this invocation's last round is evaluated as predict will use the
-        # model, with mirroring; earlier rounds single-pass (8 passes over the holdout every
-        # round would add ~40 % to a 3D run: docs/benchmarks.md)
+        # test-time-flips: this invocation's last round is evaluated mirrored, as predict uses
+        # the model; earlier ones single-pass (8 passes a round: ~40 % more, docs/benchmarks.md)
         flips = self.test_time_flips and global_round == getattr(self.outputs, "last_round", None)
         central, result, calib = self.evaluator.evaluate(self.model, validation, flips)
         self.threshold_margin = calib.threshold_margin if calib else None
@@ -129,6 +130,7 @@ class RoundRecorder:
                 "rejected": [r.summary() for r in train if r.status == "rejected"],
             }
         )
+        self._judge_classes(global_round, central, train)
         self.run.write_summary()
         self.last_time = time.time()
         self._log(global_round, central)
@@ -148,6 +150,30 @@ class RoundRecorder:
             else:
                 entry.update({"finetune-status": r.status, "finetune-reason": r.reason})
         self.run.write_summary()
+
+    def _judge_classes(
+        self, global_round: int, central: dict[str, float | None], train: list[NodeReply]
+    ) -> None:
+        """Segmentation: with the first released counts, can the run learn small classes
+        (a warning while most of the budget is still unspent); after every round, which
+        classes the model has not learned (a warning after this invocation's last round)."""
+        if getattr(self.evaluator.task, "name", None) != metric_registry.SEGMENTATION:
+            return
+        summary = self.run.summary
+        if "learnability" not in summary and train:
+            entry = learnability(summary, list(train))
+            if entry is not None:
+                summary["learnability"] = entry
+                if entry["warning"]:
+                    log(WARNING, "fedvox: %s", entry["warning"])
+        missed = not_learned(central)
+        summary["not_learned"] = {
+            "round": global_round,
+            "floor": NOT_LEARNED_DICE,
+            "classes": missed,
+        }
+        if missed and global_round == getattr(self.outputs, "last_round", None):
+            log(WARNING, "fedvox: %s", not_learned_warning(central))
 
     @property
     def _class_names(self) -> tuple[str, ...]:

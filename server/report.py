@@ -24,6 +24,7 @@ from server import report_figures as figures
 from server.model_card import MODEL_CARD, model_card
 from server.report_data import (
     RunView,
+    class_warnings,
     classification_view,
     environment,
     site_gap,
@@ -174,6 +175,8 @@ def render(view: RunView, images: dict[str, bytes]) -> str:
         "be stricter (it refuses a round that would exceed it).</p>",
     ]
     if view.task == "segmentation":
+        warnings = class_warnings(view)
+        parts[2:2] = [f'<p class="warning"><b>Warning.</b> {_e(w)}</p>' for w in warnings]
         parts += ["<h2>Held-out slices (server's holdout)</h2>", _img(images, "slices", "slices")]
     else:
         parts += [

@@ -21,6 +21,7 @@ import numpy as np
 from common import metric_registry
 from common.calibration import scale_probs
 from server.holdout_record import load_round
+from server.learnability import not_learned_warning
 
 SOFTWARE = ("fedvox", "torch", "flwr", "opacus", "monai", "nibabel", "numpy", "matplotlib")
 
@@ -78,6 +79,17 @@ class RunView:
 
     def wall_s(self) -> float:
         return float(sum(round_seconds(r) for r in self.rounds))
+
+
+def class_warnings(view: RunView) -> list[str]:
+    """Segmentation: the classes the model has not learned (last evaluated round) and, from
+    the hospitals' first released counts, whether the run could learn small classes at all."""
+    warnings = []
+    if view.rounds and (missed := not_learned_warning(view.rounds[-1].get("central", {}))):
+        warnings.append(f"After round {view.rounds[-1]['round']}: {missed}")
+    if early := (view.summary.get("learnability") or {}).get("warning"):
+        warnings.append(early)
+    return warnings
 
 
 def round_seconds(entry: dict[str, Any]) -> float:
