@@ -30,11 +30,11 @@ import numpy as np
 from simulations.phantoms.organ import _limb, _rotation, _smooth_field, write_sites
 
 PREVALENCE = 0.3  # holdout; hospitals draw around it
-FOV_MM = 96.0  # nominal field of view (all sites): 1.5 mm voxels at 64^3, 3 mm at 32^3
-LESION_RADIUS_MM = (2.5, 6.0)
-CT_CONTRAST_HU = (12.0, 30.0)  # |lesion - organ|
+FOV_MM = 96.0  # nominal field of view (all sites): 2 mm voxels at 48^3, 3 mm at 32^3
+LESION_RADIUS_MM = (3.0, 7.0)
+CT_CONTRAST_HU = (20.0, 45.0)  # |lesion - organ|
 BRIGHT_SHARE = 0.25  # CT: share of lesions brighter than the organ (the rest are darker)
-MR_CONTRAST = (0.06, 0.16)  # MRI: lesion over organ, as a share of the organ's signal
+MR_CONTRAST = (0.12, 0.3)  # MRI: lesion over organ, as a share of the organ's signal
 # tissue signals: CT in HU, MRI (T2-like) relative to fat
 CT_HU = {"fat": -100.0, "organ": 60.0, "kidney": 150.0, "vessel": 160.0}
 MR_SIGNAL = {"fat": 1.0, "organ": 0.45, "kidney": 0.7, "vessel": 0.06}
@@ -68,14 +68,14 @@ def random_lesion_site(rng: np.random.Generator, size: tuple[int, ...], mr: bool
         prevalence=float(np.clip(rng.normal(PREVALENCE, 0.05), 0.18, 0.42)),
         gain=float(rng.uniform(150, 2500) if mr else rng.uniform(0.9, 1.1)),
         offset=0.0 if mr else float(rng.uniform(-30, 30)),
-        noise=float(rng.uniform(0.03, 0.05) if mr else rng.uniform(8, 22)),
+        noise=float(rng.uniform(0.03, 0.05) if mr else rng.uniform(8, 20)),
         bias=float(rng.uniform(0.1, 0.3)) if mr else 0.0,
     )
 
 
 def holdout_lesion_site(size: tuple[int, ...], mr: bool) -> LesionSite:
     n, s = int(size[0]), FOV_MM / int(size[0])
-    mid = (1000.0, 0.0, 0.04, 0.2) if mr else (1.0, 0.0, 15.0, 0.0)
+    mid = (1000.0, 0.0, 0.04, 0.2) if mr else (1.0, 0.0, 14.0, 0.0)
     return LesionSite((s, s, s), (n, n, n), ("R", "A", "S"), PREVALENCE, *mid)
 
 

@@ -391,6 +391,6 @@ PHANTOMS: dict[str, Phantom] = {
     "lung-ct-2d": Phantom(lung_ct_case, (64, 64), LUNG_CLASSES, "CT", "segmentation", (64, 64)),
     "organ-3d": Phantom(organ_cases, (64, 64, 64), ORGAN_CLASSES, "mask", make_sites=organ_sites),
     "organ-ct-3d": Phantom(organ_cases, (64, 64, 64), ORGAN_CLASSES, "CT", make_sites=organ_sites),
-    "lesion-ct-3d": Phantom(lesion_cases, (64,) * 3, ORGAN_CLASSES, "CT", make_sites=lesion_sites),
-    "lesion-mr-3d": Phantom(lesion_cases, (64,) * 3, ORGAN_CLASSES, "MR", make_sites=lesion_sites),
+    "lesion-ct-3d": Phantom(lesion_cases, (48,) * 3, ORGAN_CLASSES, "CT", make_sites=lesion_sites),
+    "lesion-mr-3d": Phantom(lesion_cases, (48,) * 3, ORGAN_CLASSES, "MR", make_sites=lesion_sites),
 }
