@@ -15,7 +15,7 @@ multiple-instance learning: a volume is abnormal if some place in it is.
    scanner units and gains differ, and DP-SGD wants centred inputs; no data statistic has to
    be released for that), then averaged over 2x2x2 cells (16^3 positions at 32^3: the features
    of a case fit the feature cache at half precision).
-3. Learned (~600 weights at the defaults): a two-layer per-position scorer (a 1x1x1 MLP) giving
+3. Learned (529 weights at the defaults): a two-layer per-position scorer (a 1x1x1 MLP) giving
    one score per finding class at every position, pooled by log-mean-exp, a soft maximum: a
    high score anywhere raises the volume's score; class 0 ("normal", no finding) is the
    reference logit 0.

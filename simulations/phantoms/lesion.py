@@ -1,16 +1,16 @@
 """Local-finding phantoms: a small lesion somewhere in an organ, in CT (HU) and MRI (scanner units).
 
-"lesion-ct-3d" / "lesion-mr-3d": a ~96 mm field of view of the upper abdomen — a large organ
-(liver-like: a deformed ellipsoid in a random pose, with a fine texture) in fat, a kidney-like
-neighbour partly in view, and vessels branching through the organ. Label 1 ("abnormal", ~30 %) =
-one small lesion inside the organ: 2.5-6 mm in radius, an irregular (lobulated, elongated)
-shape, anywhere in the organ, with a contrast near the noise (CT: 12-30 HU darker or, for a
-quarter of them, brighter than the organ, against 8-22 HU of noise per voxel; MRI: brighter on a
-T2-like image, 6-16 % of the organ's signal against 3-5 % of noise).
+"lesion-ct-3d" / "lesion-mr-3d": a ~96 mm field of view of the upper abdomen (48^3 written, 2 mm
+voxels) — a large organ (liver-like: a deformed ellipsoid in a random pose, with a fine texture)
+in fat, a kidney-like neighbour partly in view, and vessels branching through the organ. Label 1
+("abnormal", ~30 %) = one small lesion inside the organ: 3-7 mm in radius, an irregular
+(lobulated, elongated) shape, anywhere in the organ (CT: 35-70 HU darker or, for a quarter of
+them, brighter than the organ, against 8-20 HU of noise per voxel and vessels 60 HU brighter;
+MRI: 30-60 % brighter than the organ on a T2-like image, against noise of 7-11 % of its signal).
 
 What makes them hard:
-* the finding is a few voxels of a volume at the model's 32^3 (3 mm voxels) and its contrast is
-  about the noise's: nothing in whole-volume statistics moves with it;
+* the finding is a few voxels of a volume at the model's 32^3 (3 mm voxels), a few times the
+  noise per voxel: nothing in whole-volume statistics moves with it;
 * normal anatomy has lesion-like spots: vessel cross-sections and branchings (brighter in CT,
   dark flow voids in MRI), the organ's texture and its edges;
 * hospitals differ (`LesionSite`): in-plane voxel size and slice thickness (the matrix's slice
@@ -32,11 +32,11 @@ from simulations.phantoms.organ import _limb, _rotation, _smooth_field, write_si
 PREVALENCE = 0.3  # holdout; hospitals draw around it
 FOV_MM = 96.0  # nominal field of view (all sites): 2 mm voxels at 48^3, 3 mm at 32^3
 LESION_RADIUS_MM = (3.0, 7.0)
-CT_CONTRAST_HU = (20.0, 45.0)  # |lesion - organ|
+CT_CONTRAST_HU = (35.0, 70.0)  # |lesion - organ|
 BRIGHT_SHARE = 0.25  # CT: share of lesions brighter than the organ (the rest are darker)
-MR_CONTRAST = (0.12, 0.3)  # MRI: lesion over organ, as a share of the organ's signal
+MR_CONTRAST = (0.3, 0.6)  # MRI: lesion over organ, as a share of the organ's signal
 # tissue signals: CT in HU, MRI (T2-like) relative to fat
-CT_HU = {"fat": -100.0, "organ": 60.0, "kidney": 150.0, "vessel": 160.0}
+CT_HU = {"fat": -100.0, "organ": 60.0, "kidney": 150.0, "vessel": 120.0}
 MR_SIGNAL = {"fat": 1.0, "organ": 0.45, "kidney": 0.7, "vessel": 0.06}
 
 
