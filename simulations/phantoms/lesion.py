@@ -93,15 +93,16 @@ def texture(
 
 def _vessels(rng: np.random.Generator, p: np.ndarray, inside: np.ndarray) -> np.ndarray:
     """A tree of tubes from a hilum on the organ's edge to random points inside it (bool)."""
-    from simulations.phantoms.sites import _segment_distance  # sites imports this module
-
     pts = p[inside]
     hilum = pts[np.argmax(pts @ rng.standard_normal(3))]
     tube = np.zeros(len(pts), dtype=bool)
     for end in pts[rng.choice(len(pts), size=6)]:
         mid = hilum + 0.5 * (end - hilum) + rng.normal(0, 5, 3)
         for a, b, r in ((hilum, mid, 3.0), (mid, end, 1.8)):
-            tube |= _segment_distance(pts, a, b) <= r * rng.uniform(0.7, 1.2)
+            t = np.clip((pts - a) @ (b - a) / max(float((b - a) @ (b - a)), 1e-9), 0.0, 1.0)
+            tube |= np.linalg.norm(pts - (a + t[:, None] * (b - a)), axis=1) <= r * rng.uniform(
+                0.7, 1.2
+            )
     vessel = np.zeros(len(p), dtype=bool)
     vessel[inside] = tube
     return vessel
@@ -148,8 +149,6 @@ def anatomy(
 
 def lesion_volume(rng: np.random.Generator, site: LesionSite, lesion: bool, ct: bool) -> np.ndarray:
     """One volume (X, Y, Z), RAS: CT in HU (int16) or MRI in the scanner's units (int16)."""
-    from simulations.phantoms.sites import smooth_noise  # sites imports this module
-
     tissue, p = anatomy(rng, site, lesion)
     shape, spacing = site.matrix, site.spacing
     fine = texture(rng, shape, spacing, 2.0)
@@ -159,7 +158,8 @@ def lesion_volume(rng: np.random.Generator, site: LesionSite, lesion: bool, ct: 
         base["lesion"] += sign * rng.uniform(*CT_CONTRAST_HU)
         hu = sum(tissue[k] * base[k] for k in base) + 6.0 * fine * (1 - tissue["fat"])
         hu += 12.0 * tissue["fat"] * texture(rng, shape, spacing, 1.5)
-        hu = site.offset + site.gain * hu + site.noise * smooth_noise(rng, shape, sigma=0.6)
+        noise = texture(rng, shape, spacing, 0.6 * min(spacing))  # slightly correlated
+        hu = site.offset + site.gain * hu + site.noise * noise
         return np.rint(hu).astype(np.int16)
     base = {**MR_SIGNAL, "lesion": MR_SIGNAL["organ"] * (1 + rng.uniform(*MR_CONTRAST))}
     signal = sum(tissue[k] * base[k] for k in base) * (1 + 0.04 * fine)
