@@ -129,6 +129,18 @@ register(
         saliency=OCCLUSION,
     )
 )
+# Per-position scores pooled over the volume: no released statistic (each case standardises
+# its own features), and no grid a Grad-CAM could use after the pooling, so occlusion.
+register(
+    ModelEntry(
+        "mil-3d",
+        {"classification": "common.mil3d:mil_3d"},
+        spatial_dims=(3,),
+        summary="classifies 3D volumes by a local finding (fixed local filters, a small "
+        "per-position scorer, soft-maximum pooling)",
+        saliency=OCCLUSION,
+    )
+)
 register(
     ModelEntry(
         "slice-unet",

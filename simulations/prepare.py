@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--phantom",
         default=None,
         help="write a synthetic phantom instead (blobs-2d, blobs-3d, lung-ct, lung-ct-2d, "
-        "organ-3d, organ-ct-3d)",
+        "organ-3d, organ-ct-3d, lesion-ct-3d, lesion-mr-3d)",
     )
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--hospitals", type=int, default=5, help="number of hospitals (default 5)")

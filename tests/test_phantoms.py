@@ -225,3 +225,52 @@ def test_organ_phantoms_are_deterministic_by_seed(tmp_path):
     assert -200 < np.median(a) < 0 and np.percentile(a, 99.9) > 0
     meta = json.loads((tmp_path / "a" / "holdout" / "dataset.json").read_text())
     assert meta["modality"] == "CT"
+
+
+# lesion-ct-3d / lesion-mr-3d: a small lesion somewhere in an organ, CT in HU, MRI in scanner units
+
+
+@pytest.mark.parametrize("name", ["lesion-ct-3d", "lesion-mr-3d"])
+def test_lesion_sites_are_valid_nifti_with_shifted_scanners(tmp_path, name):
+    out = tmp_path / name
+    kw = dict(hospitals=3, cases_per_site=10, holdout_cases=10, image_size=(24, 24, 24))
+    counts = make_phantom_sites(name, out, seed=3, **kw)
+    ct = name == "lesion-ct-3d"
+    grids, medians = set(), []
+    for site in ["hospital-1", "hospital-2", "hospital-3", "holdout"]:
+        assert validate_site(out / site).exit_code == 0
+        meta = json.loads((out / site / "dataset.json").read_text())
+        assert meta["modality"] == ("CT" if ct else "MR") and meta["task"] == "classification"
+        images, labels, splits = load_site(out / site)
+        assert counts[site] == np.bincount(labels, minlength=2).tolist()
+        if site == "holdout":
+            assert labels.sum() == 3 and splits == [""] * 10  # exactly 30 % positive
+        first = nib.load(next((out / site / "images").iterdir()))
+        assert first.get_data_dtype() == np.int16
+        grids.add((images.shape[1:], nib.aff2axcodes(first.affine), first.header.get_zooms()))
+        medians.append(float(np.median(images)))
+    assert len(grids) == 4  # grid, voxel size or axis order differ between the sites
+    if ct:  # HU: fat (-100) around a soft-tissue organ (60), calibration within 30 HU
+        assert all(-150 < m < 100 for m in medians), medians
+    else:  # arbitrary units: each scanner its own scale
+        assert max(medians) > 1.5 * min(medians) and min(medians) > 0, medians
+
+
+def test_a_lesion_is_small_inside_the_organ_and_the_only_difference():
+    from simulations.phantoms.lesion import LESION_RADIUS_MM, anatomy, holdout_lesion_site
+
+    site = holdout_lesion_site((64, 64, 64), mr=False)  # 1.5 mm voxels
+    voxel = site.spacing[0] ** 3
+    for seed in range(3):
+        normal, _ = anatomy(np.random.default_rng(seed), site, False)
+        found, _ = anatomy(np.random.default_rng(seed), site, True)
+        lesion = found["lesion"]
+        # the same anatomy; the lesion takes its place inside the organ and nothing else
+        assert np.allclose(found["organ"] + lesion, normal["organ"])
+        for k in ("fat", "kidney", "vessel"):
+            assert np.array_equal(found[k], normal[k])
+        volume = lesion.sum() * voxel  # mm^3: a ball of radius 2.5-6 mm, irregular
+        assert 0.3 * 4 / 3 * np.pi * LESION_RADIUS_MM[0] ** 3 < volume
+        assert volume < 3 * 4 / 3 * np.pi * LESION_RADIUS_MM[1] ** 3
+        spread = np.argwhere(lesion > 0.5).std(axis=0) * site.spacing[0]
+        assert spread.max() < 6, spread  # one spot, not scattered

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -199,7 +200,7 @@ def write_organ_site(
     volumes: np.ndarray,
     labels: np.ndarray,
     splits: list[str] | None,
-    site: OrganSite,
+    site: Any,  # OrganSite or any site with .spacing and .axcodes
     modality: str,
 ) -> None:
     """images/<case>.nii.gz stored in the site's orientation + labels.csv + dataset.json."""
@@ -239,16 +240,33 @@ def organ_sites(
     val_fraction: float,
 ) -> dict[str, list[int]]:
     """Write hospital-1..K (with a stratified local val part) and holdout; class counts."""
-    ct = phantom.modality == "CT"
-    counts: dict[str, list[int]] = {}
     sites = [(f"hospital-{h}", random_organ_site(rng)) for h in range(1, hospitals + 1)]
+    named = []
     for name, site in [*sites, ("holdout", HOLDOUT_ORGAN_SITE)]:
         # A smaller matrix covers the same ~64 mm field of view with coarser voxels (the organ
         # must fit; small sizes are for tests), a larger one finer voxels.
         fov = tuple(s * FOV_VOXELS / n for s, n in zip(site.spacing, size, strict=True))
-        site = replace(site, spacing=fov)
+        named.append((name, replace(site, spacing=fov)))
+    return write_sites(phantom, tmp, named, cases_per_site, holdout_cases, rng, size, val_fraction)
+
+
+def write_sites(
+    phantom,  # simulations.phantoms.sites.Phantom
+    tmp: Path,
+    named: list[tuple[str, Any]],
+    cases_per_site: int,
+    holdout_cases: int,
+    rng: np.random.Generator,
+    size: tuple[int, ...],
+    val_fraction: float,
+) -> dict[str, list[int]]:
+    """Each (name, site) drawn by `phantom.generate(rng, n, size, site, ct)` and written;
+    every site but "holdout" with a stratified local val part. Per-class counts by site."""
+    ct = phantom.modality == "CT"
+    counts: dict[str, list[int]] = {}
+    for name, site in named:
         n = holdout_cases if name == "holdout" else cases_per_site
-        volumes, labels = organ_cases(rng, n, size, site, ct)
+        volumes, labels = phantom.generate(rng, n, size, site, ct)
         splits = None
         if name != "holdout":
             splits = ["val" if v else "train" for v in local_val_split(labels, val_fraction, rng)]

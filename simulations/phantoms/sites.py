@@ -23,6 +23,7 @@ import numpy as np
 from common.datasets import class_counts, write_hospital, write_site
 from common.prepare_output import atomic_output, locked, write_manifest
 from common.progress import track
+from simulations.phantoms.lesion import lesion_cases, lesion_sites  # lesion-ct-3d, lesion-mr-3d
 from simulations.phantoms.organ import ORGAN_CLASSES, organ_cases, organ_sites  # organ-3d
 
 
@@ -390,4 +391,6 @@ PHANTOMS: dict[str, Phantom] = {
     "lung-ct-2d": Phantom(lung_ct_case, (64, 64), LUNG_CLASSES, "CT", "segmentation", (64, 64)),
     "organ-3d": Phantom(organ_cases, (64, 64, 64), ORGAN_CLASSES, "mask", make_sites=organ_sites),
     "organ-ct-3d": Phantom(organ_cases, (64, 64, 64), ORGAN_CLASSES, "CT", make_sites=organ_sites),
+    "lesion-ct-3d": Phantom(lesion_cases, (48,) * 3, ORGAN_CLASSES, "CT", make_sites=lesion_sites),
+    "lesion-mr-3d": Phantom(lesion_cases, (48,) * 3, ORGAN_CLASSES, "MR", make_sites=lesion_sites),
 }
