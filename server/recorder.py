@@ -187,7 +187,7 @@ class RoundRecorder:
         )
         log(
             INFO,
-            "fedvox round %d: held-out %s  max hospital epsilon %s",
+            "fedvox round %d: held-out %s  max hospital lifetime epsilon %s",
             global_round,
             shown,
             f"{max(eps):.2f}" if eps else "-",
