@@ -75,8 +75,8 @@ def choose_calibration(releases: list[dict]) -> Calibration | None:
         return None
     neg, pos = pair
     num_cases = int(round(float(neg.sum() + pos.sum())))
-    if num_cases < 1:
-        return None
+    if num_cases < 1:  # the noise ate every case: nothing to choose on, and the report says so
+        return Calibration(1.0, None, 0, youden_j=0.0, youden_se=1.0)
     nll = histogram_nll(np.clip(neg, 0, None), np.clip(pos, 0, None))
     temperature = float(TEMPERATURES[int(np.argmin(nll))])
     # The noise each hospital added (its reply says: `release-noise`), summed per count.
@@ -181,8 +181,8 @@ def operating_point_warning(central: dict) -> str | None:
     why = (
         f"Youden's J {j:.2f} ± {se:.2f} on them, not clearly above chance"
         if central.get("threshold") is not None
-        else "after the noise, one class has no cases left in the pooled counts; the run falls "
-        "back to P(positive) >= 0.5"
+        else "after the noise, a class (or every case) is gone from the pooled counts; the run "
+        "falls back to P(positive) >= 0.5"
     )
     return (
         "No usable operating point: at this privacy level the hospitals' noisy validation "

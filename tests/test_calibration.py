@@ -196,3 +196,17 @@ def test_an_operating_point_the_releases_cannot_place_is_flagged(seed):
 
     view = RunView(Path("run"), {"rounds": [{"round": 1, "central": central}]}, None, None)
     assert warning in model_card(view) and html.escape(warning) in report.render(view, {})
+
+
+def test_releases_whose_noise_ate_every_case_still_flag_the_operating_point():
+    """At epsilon 1 the pooled noisy counts can sum below one case (~8 % of runs of the demo):
+    no threshold, and the report and model card still say the operating point is noise."""
+    releases = _hospital_releases(32.0, 0)
+    for r in releases:  # the noise drew every count down
+        for key in (HIST_NEG, HIST_POS):
+            r[key] = [-5.0] * len(r[key])
+    calib = choose_calibration(releases)
+    assert calib is not None and calib.threshold is None and calib.informative is False
+    x, y = _data(200, seed=7)
+    central = calibrated_metrics(predict_probs(Scaled(scale=1.0), x), y.numpy(), calib)
+    assert "No usable operating point" in (operating_point_warning(central) or "")
