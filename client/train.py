@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from common import feature_cache
 from common.config import RunConfig
+from common.feature_cache import CaseRows, collate_rows
 from common.privacy import HistoryEntry, PoissonLoader, make_private, steps_taken
 from common.schedule import cosine_decay, run_progress
 from common.weights import unwrap
@@ -165,7 +166,7 @@ def _loader(dataset: TensorDataset, s: LocalTraining, private: bool) -> DataLoad
     """Shuffled batches; under DP Poisson batches from a fresh generator, q = 1 / steps, the
     steps from the planned count (a node's released one), not the dataset's exact size."""
     if not private:
-        return DataLoader(dataset, batch_size=s.batch_size, shuffle=True)
+        return DataLoader(dataset, batch_size=s.batch_size, shuffle=True, collate_fn=collate_rows)
     planned = s.planned_examples or len(dataset)
     steps = steps_per_epoch(planned, s.batch_size)
     return PoissonLoader(dataset, steps, expected_batch_size=planned / steps)
@@ -196,7 +197,7 @@ def local_sgd(
     """
     s = settings
     feature_cache.known(images)  # batches are its rows: a fixed front end finds them unhashed
-    loader = _loader(TensorDataset(images, labels), s, private=noise_multiplier is not None)
+    loader = _loader(CaseRows(images, labels), s, private=noise_multiplier is not None)
     optimizer = torch.optim.SGD(model.parameters(), lr=s.learning_rate, momentum=s.momentum)
     global_params = [p.detach().clone() for p in model.parameters()] if s.proximal_mu > 0 else []
     model.train()  # Opacus refuses a module in eval mode (e.g. after an evaluation)

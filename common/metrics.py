@@ -54,7 +54,9 @@ def batched_logits(
     feature_cache.known(images)  # a fixed front end finds its rows' features unhashed
     for start in range(0, len(images), batch_size):
         rows = slice(start, start + batch_size)
-        yield rows, mirrored_logits(model, images[rows]) if flips else model(images[rows])
+        chunk = images[rows]
+        feature_cache.rows_of(chunk, images, torch.arange(len(images))[rows])
+        yield rows, mirrored_logits(model, chunk) if flips else model(chunk)
 
 
 def mirrored_logits(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:

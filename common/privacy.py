@@ -33,6 +33,7 @@ from opacus.data_loader import DPDataLoader
 
 from common import fast_dp
 from common.config import NodePolicy, RunConfig
+from common.feature_cache import collate_rows
 
 # (noise_multiplier, sample_rate, steps): the unit Opacus' accountants compose.
 HistoryEntry = tuple[float, float, int]
@@ -148,20 +149,27 @@ def _calibrate_with(
         raise PrivacyRefusal(
             f"the run's planned validation releases alone would spend epsilon {epsilon:g}"
         )
-    # The noise without the fixed releases is a lower bound; bracket upwards from it.
-    # Secant steps on (sigma, epsilon), kept inside a bracket that always holds the answer.
-    low = calibrate_noise_multiplier(epsilon, delta, q, steps, accountant)
-    e_low, high = eps(low), low * 1.03
-    e_high = eps(high)
-    while e_high > epsilon:
-        low, e_low, high = high, e_high, high * 1.25
-        e_high = eps(high)
-        if high > 1e6:
+    # Bracket the answer by doubling or halving from 1, then secant steps on (log sigma, log
+    # epsilon), nearly a straight line, always kept inside the bracket: ~6 evaluations where
+    # Opacus' bisection (the earlier start) took ~20, each ~40 ms (a node's first message).
+    low = high = e_low = e_high = None
+    sigma = 1.0
+    while low is None or high is None:
+        e = eps(sigma)
+        if e > epsilon:
+            low, e_low, sigma = sigma, e, sigma * 2.0
+        else:
+            high, e_high, sigma = sigma, e, sigma / 2.0
+        if sigma > 1e6:
             raise PrivacyRefusal(f"no noise level reaches epsilon {epsilon:g} for this run")
     for _ in range(60):
         if epsilon - tolerance <= e_high <= epsilon or high - low < 1e-6 * high:
             return high
-        guess = low + (e_low - epsilon) * (high - low) / (e_low - e_high)
+        if math.isfinite(e_low) and e_low > 0 and e_high > 0:
+            t = (math.log(e_low) - math.log(epsilon)) / (math.log(e_low) - math.log(e_high))
+            guess = math.exp(math.log(low) + t * (math.log(high) - math.log(low)))
+        else:
+            guess = math.sqrt(low * high)
         mid = min(max(guess, low + 0.05 * (high - low)), high - 0.05 * (high - low))
         e_mid = eps(mid)
         if e_mid > epsilon:
@@ -321,7 +329,11 @@ class PoissonLoader(DPDataLoader):
         self, dataset: torch.utils.data.Dataset, steps: int, expected_batch_size: float
     ) -> None:
         generator = fresh_generator()
-        super().__init__(dataset, sample_rate=1.0 / steps, generator=generator)
+        # collate_rows: one gather per batch (and a fixed front end finds its rows) for a
+        # CaseRows dataset; torch's default collate for any other
+        super().__init__(
+            dataset, sample_rate=1.0 / steps, generator=generator, collate_fn=collate_rows
+        )
         self.batch_sampler.steps = steps  # not int(1 / (1 / steps)), which may round down
         self.expected_batch_size = float(expected_batch_size)
 

@@ -33,7 +33,7 @@ from server.report_data import (
 
 REPORT, FIGURES = "report.html", "report"
 # A per-round refresh may cost at most this share of the time since the previous one.
-REFRESH_SHARE = 0.05
+REFRESH_SHARE = 0.02
 CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
 h1{font-size:1.5em}h2{font-size:1.15em;border-bottom:1px solid #ccc;padding-top:.6em}
 table{border-collapse:collapse;font-size:.85em;margin:.5em 0}

@@ -104,6 +104,8 @@ def test_the_2d_recipe_lowers_the_learning_rate_and_head_width_with_epsilon():
     ]
     assert [r.learning_rate for r in runs] == [0.05, 0.02, 0.01]
     assert [r.model_options["width"] for r in runs] == [None, None, 16]
+    # 2 local epochs a round; below epsilon 2 twice the rounds (docs/benchmarks.md)
+    assert [(r.num_server_rounds, r.local_epochs) for r in runs] == [(20, 2), (20, 2), (40, 2)]
     no_dp = RunConfig.parse({**PYPROJECT, "dp": False, "target-epsilon": 1.0})
     assert (
         no_dp.resolved("classification", 2).learning_rate,

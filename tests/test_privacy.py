@@ -99,13 +99,15 @@ def test_ledger_survives_a_fresh_process_and_refuses_a_corrupt_file(tmp_path):
         PrivacyLedger.open(tmp_path, accountant="rdp")
 
 
-def test_calibration_with_planned_releases_still_ends_at_the_target():
+@pytest.mark.parametrize("epsilon", [0.5, 1.0, 8.0, 30.0])
+def test_calibration_with_planned_releases_still_ends_at_the_target(epsilon):
     q, steps = 64 / 900, 10 * 15
-    fixed = ((release_noise(8.0, 1), 1.0, 1),)
-    plain = calibrate_noise_multiplier(8.0, 1e-5, q, steps)
-    sigma = calibrate_noise_multiplier(8.0, 1e-5, q, steps, fixed=fixed)
-    assert plain < sigma < 1.01 * plain  # the releases cost under 1 % more noise
-    assert 7.99 <= compute_epsilon([(sigma, q, steps), *fixed], 1e-5) <= 8.0
+    noise = release_noise(epsilon, 1)
+    fixed = ((noise, 1.0, 1), (3 * noise, 1.0, 1))  # a validation release and the count
+    plain = calibrate_noise_multiplier(epsilon, 1e-5, q, steps)
+    sigma = calibrate_noise_multiplier(epsilon, 1e-5, q, steps, fixed=fixed)
+    assert plain < sigma < 1.02 * plain  # the releases cost under 2 % more noise
+    assert epsilon - 0.005 <= compute_epsilon([(sigma, q, steps), *fixed], 1e-5) <= epsilon
 
 
 @pytest.mark.parametrize("dims,shape", [(2, (1, 28, 28)), (3, (1, 16, 16, 16))])
