@@ -31,6 +31,11 @@ def test_local_simulation_gets_one_actor_per_core_up_to_one_per_hospital(flwr_ho
     assert _cpus(with_client_resources(FIVE, 16)) == ["client-resources-num-cpus=3"]
     assert _cpus(with_client_resources(["."], 16)) == ["client-resources-num-cpus=8"]
     assert _cpus(with_client_resources(["."], 1)) == ["client-resources-num-cpus=1"]
+    three = [".", "--federation-config", "num-supernodes=3"]  # 3 hospitals, 2 cores: 3 actors
+    assert with_client_resources(three, 2)[-1] == "client-resources-num-cpus=1 init-args-num-cpus=3"
+    assert _cpus(with_client_resources(three, 4)) == ["client-resources-num-cpus=1"]
+    ray = [".", "--federation-config", "num-supernodes=3 init-args-num-cpus=2"]
+    assert _cpus(with_client_resources(ray, 2)) == ["client-resources-num-cpus=1"]
     own = [".", "--federation-config", "num-supernodes=5 client-resources-num-cpus=2"]
     assert with_client_resources(own, 2) == own  # the user's choice stands
     toml = [".", "--federation-config", "sim.toml"]
