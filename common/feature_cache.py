@@ -175,8 +175,8 @@ def known(cases: torch.Tensor) -> None:
         _SOURCES[id(cases)] = _Source(cases)
 
 
-_NOTED: dict[int, tuple[_Source, torch.Tensor]] = {}  # id(batch) -> (its source, its rows)
-_NOTED_REFS: dict[int, tuple[weakref.ref, int]] = {}  # id(batch) -> (the batch, its version)
+# id(batch) -> (the batch, its version when noted, its source, its rows there)
+_NOTED: dict[int, tuple[weakref.ref, int, _Source, torch.Tensor]] = {}
 
 
 def rows_of(batch: torch.Tensor, cases: torch.Tensor, index: torch.Tensor) -> None:
@@ -187,21 +187,16 @@ def rows_of(batch: torch.Tensor, cases: torch.Tensor, index: torch.Tensor) -> No
     if source is None or source.current() is not cases:
         return
     ident = id(batch)
-    _NOTED[ident] = (source, index)
-    _NOTED_REFS[ident] = (weakref.ref(batch, lambda _: _forget(ident)), batch._version)
-
-
-def _forget(ident: int) -> None:
-    _NOTED.pop(ident, None)
-    _NOTED_REFS.pop(ident, None)
+    ref = weakref.ref(batch, lambda _: _NOTED.pop(ident, None))
+    _NOTED[ident] = (ref, batch._version, source, index)
 
 
 def _noted(x: torch.Tensor) -> tuple[_Source, torch.Tensor] | None:
     """(source, rows) of a noted batch `x`, unchanged since; else None."""
-    ref = _NOTED_REFS.get(id(x))
-    if ref is None or ref[0]() is not x or ref[1] != x._version:
+    entry = _NOTED.get(id(x))
+    if entry is None or entry[0]() is not x or entry[1] != x._version:
         return None
-    source, index = _NOTED[id(x)]
+    source, index = entry[2], entry[3]
     return (source, index) if source.current() is not None else None
 
 
@@ -300,7 +295,6 @@ def clear() -> None:
     _LOADED.clear()
     _SOURCES.clear()
     _NOTED.clear()
-    _NOTED_REFS.clear()
     _SIZE[0] = 0
 
 

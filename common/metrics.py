@@ -55,7 +55,7 @@ def batched_logits(
     for start in range(0, len(images), batch_size):
         rows = slice(start, start + batch_size)
         chunk = images[rows]
-        feature_cache.rows_of(chunk, images, torch.arange(len(images))[rows])
+        feature_cache.rows_of(chunk, images, torch.arange(start, start + len(chunk)))
         yield rows, mirrored_logits(model, chunk) if flips else model(chunk)
 
 

@@ -152,16 +152,20 @@ def _calibrate_with(
     # Bracket the answer by doubling or halving from 1, then secant steps on (log sigma, log
     # epsilon), nearly a straight line, always kept inside the bracket: ~6 evaluations where
     # Opacus' bisection (the earlier start) took ~20, each ~40 ms (a node's first message).
+    # An epsilon that is not a number counts as too much: only a sigma shown to spend at most
+    # `epsilon` is ever returned.
     low = high = e_low = e_high = None
     sigma = 1.0
     while low is None or high is None:
         e = eps(sigma)
-        if e > epsilon:
+        if not e <= epsilon:
             low, e_low, sigma = sigma, e, sigma * 2.0
         else:
             high, e_high, sigma = sigma, e, sigma / 2.0
         if sigma > 1e6:
             raise PrivacyRefusal(f"no noise level reaches epsilon {epsilon:g} for this run")
+        if sigma < 1e-6:  # next to no noise already fits: keep the noise found
+            return high
     for _ in range(60):
         if epsilon - tolerance <= e_high <= epsilon or high - low < 1e-6 * high:
             return high
@@ -172,7 +176,7 @@ def _calibrate_with(
             guess = math.sqrt(low * high)
         mid = min(max(guess, low + 0.05 * (high - low)), high - 0.05 * (high - low))
         e_mid = eps(mid)
-        if e_mid > epsilon:
+        if not e_mid <= epsilon:
             low, e_low = mid, e_mid
         else:
             high, e_high = mid, e_mid
