@@ -152,14 +152,28 @@ def _training_inputs(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: LocalTraining
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """What a sampled batch trains on: the model's view of each case (slice-unet: one slice
-    stack of each volume), then augmented. Both act per case after sampling, so each case
-    still gives one clipped gradient a step."""
+    stack of each volume; already taken by the loader from a `_cases` dataset: a view of a
+    view is the view), then augmented. Both act per case after sampling, so each case still
+    gives one clipped gradient a step."""
     training_view = getattr(model, "training_view", None)
     if training_view is not None:
         x, y = training_view(x, y, settings.progress)
     if settings.augmentation and len(x):
         x, y = augment(x, y)
     return x, y
+
+
+def _cases(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, settings: LocalTraining
+) -> CaseRows:
+    """The dataset the loader samples. A model with a training view (slice-unet) has it taken
+    straight from the sampled rows: gathering ~96 whole 64^3 volumes (and their label maps)
+    a batch to keep one slice stack of each was ~13 % of a 3D segmentation round."""
+    cases = CaseRows(images, labels)
+    training_view = getattr(model, "training_view", None)
+    if training_view is not None:
+        cases.view = lambda x, y, rows: training_view(x, y, settings.progress, rows)
+    return cases
 
 
 def _loader(dataset: TensorDataset, s: LocalTraining, private: bool) -> DataLoader:
@@ -197,7 +211,7 @@ def local_sgd(
     """
     s = settings
     feature_cache.known(images)  # batches are its rows: a fixed front end finds them unhashed
-    loader = _loader(CaseRows(images, labels), s, private=noise_multiplier is not None)
+    loader = _loader(_cases(model, images, labels, s), s, private=noise_multiplier is not None)
     optimizer = torch.optim.SGD(model.parameters(), lr=s.learning_rate, momentum=s.momentum)
     global_params = [p.detach().clone() for p in model.parameters()] if s.proximal_mu > 0 else []
     model.train()  # Opacus refuses a module in eval mode (e.g. after an evaluation)

@@ -52,6 +52,7 @@ class RunConfig:
     augmentation: bool | str = AUTO
     structure_weight: float | str = AUTO  # segmentation loss: a small structure's top weight
     test_time_flips: bool | str = AUTO  # segmentation: predict with test-time mirroring
+    holdout_every: int | str = AUTO  # the server scores its holdout after every k-th round
     max_physical_batch: int | str = AUTO
     fedbn: bool = False
     finetune_epochs: int = 0
@@ -146,7 +147,7 @@ class RunConfig:
         positive_int(self, "num_server_rounds", "local_epochs", "batch_size", "min_nodes")
         at_least_zero(self, "total_rounds", "max_physical_batch", "finetune_epochs")
         at_least_zero(self, "model_width", "seed", "demo_hospitals")
-        positive_int(self, "model_depth")
+        positive_int(self, "model_depth", "holdout_every")
         positive_float(self, "max_grad_norm", "round_timeout", "demo_alpha")
         if not (self.structure_weight >= 1 and math.isfinite(self.structure_weight)):
             raise ConfigError(f"structure-weight={self.structure_weight}: expected a number >= 1")
@@ -304,6 +305,7 @@ PLACEHOLDERS = {
     "model-width": 0,
     "structure-weight": 1.0,
     "test-time-flips": False,
+    "holdout-every": 1,
 }
 
 

@@ -218,7 +218,12 @@ def _dense_lookup(tag: str, x: torch.Tensor) -> torch.Tensor | None:
 class CaseRows(TensorDataset):
     """A TensorDataset whose batches say which rows they are (`rows_of`): a loader over it
     gathers each batch with one index per tensor instead of stacking cases one by one, and
-    a fixed front end finds the batch's features by row. Use with `collate_rows`."""
+    a fixed front end finds the batch's features by row. Use with `collate_rows`.
+
+    `view(*tensors, rows) -> batch`, when set, makes each batch from the rows directly (a
+    model's training view: client/train.py), so whole cases are never gathered."""
+
+    view: Any = None
 
     def __getitems__(self, indices: list[int]) -> _Picked:
         return _Picked(self, indices)
@@ -236,6 +241,9 @@ def collate_rows(batch: list) -> Any:
         return default_collate(batch)
     index = torch.as_tensor(list(batch), dtype=torch.long)
     tensors = batch.dataset.tensors
+    view = getattr(batch.dataset, "view", None)
+    if view is not None:  # a model's training view of the rows (slice-unet: slice stacks)
+        return list(view(*tensors, index))
     out = [t[index] for t in tensors]
     rows_of(out[0], tensors[0], index)
     return out

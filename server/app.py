@@ -88,6 +88,7 @@ def _round_loop(cfg: RunConfig, opened: OpenedRun, grid: ResponsiveGrid) -> Roun
         opened.model,
         plan.round_offset,
         cfg.test_time_flips,
+        cfg.holdout_every,
     )
     # fedbn: each site keeps its own norm layers, so they are not bounded by one round's DP
     skip = tuple(norm_parameter_names(opened.model)) if cfg.fedbn else ()

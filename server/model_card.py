@@ -174,7 +174,7 @@ def _performance(view: RunView) -> list[str]:
     lines += [f"| {k} | {_f(e)} | {_f(lo)}–{_f(hi)} |" for k, (e, lo, hi) in stats.items()]
     if view.task == "segmentation":
         lines += [line for w in class_warnings(view) for line in ("", f"**Warning.** {w}")]
-    if view.rounds and view.rounds[-1].get("test_time_flips"):
+    if view.last_scored.get("test_time_flips"):
         lines += [
             "",
             "Predicted with test-time mirroring (the softmax averaged over each scan and its "
@@ -182,7 +182,7 @@ def _performance(view: RunView) -> list[str]:
             "earlier rounds' numbers are single-pass.",
         ]
     best = view.best_round
-    if best is not None and view.rounds and best != view.rounds[-1]["round"]:
+    if best is not None and view.last_scored and best != view.last_scored["round"]:
         lines += [
             "",
             f"`best.pt` (round {best}) was chosen by this same holdout, so its "
@@ -192,7 +192,7 @@ def _performance(view: RunView) -> list[str]:
 
 
 def _calibration(view: RunView) -> list[str]:
-    c = view.rounds[-1].get("central", {}) if view.rounds else {}
+    c = view.last_scored.get("central", {})
     if c.get("temperature") is None:
         return []
     return [

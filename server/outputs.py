@@ -45,21 +45,27 @@ class RunOutputs:
             self.log.__exit__(*exc)
 
     def after_round(
-        self, global_round: int, result: Evaluation, model: torch.nn.Module, flips: bool = False
+        self,
+        global_round: int,
+        result: Evaluation | None,
+        model: torch.nn.Module,
+        flips: bool = False,
     ) -> None:
-        """Keep the holdout predictions, print the round's line, refresh the report."""
+        """Keep the holdout predictions (`result` None: the holdout was not scored this
+        round), print the round's line, refresh the report."""
         central = self.run.summary["rounds"][-1]["central"]
-        _safely(
-            "holdout record",
-            save_round,
-            self.run.path,
-            global_round,
-            self.holdout,
-            result,
-            model,
-            central,
-            flips,
-        )
+        if result is not None:
+            _safely(
+                "holdout record",
+                save_round,
+                self.run.path,
+                global_round,
+                self.holdout,
+                result,
+                model,
+                central,
+                flips,
+            )
         log(INFO, "%s", self.progress_line(global_round))
         cost = _safely("report", self.report.refresh, self.run.summary)
         if cost is not None:
@@ -72,13 +78,17 @@ class RunOutputs:
         task = (self.run.summary.get("model") or {}).get("task", "classification")
         key = metric_registry.best_key(task)
         label = metric_registry.label(key)
-        score = central.get(key)
+        score, scored_at = central.get(key), global_round
+        if entry.get("holdout_scored") is False:  # holdout-every: the last scored round's
+            scored = [r for r in self.run.summary["rounds"] if r.get("central")]
+            score = scored[-1]["central"].get(key) if scored else None
+            scored_at = scored[-1]["round"] if scored else None
         eps = [h["epsilon_run"] for h in hospitals if h.get("epsilon_run") is not None]
         seconds = float(entry.get("wall_s") or 0) + float(entry.get("central_eval_s") or 0)
-        parts = [
-            f"fedvox round {global_round}/{self.last_round}",
-            f"held-out {label} {score:.3f}" if score is not None else f"held-out {label} -",
-        ]
+        shown = f"held-out {label} {score:.3f}" if score is not None else f"held-out {label} -"
+        if score is not None and scored_at != global_round:
+            shown += f" (round {scored_at})"
+        parts = [f"fedvox round {global_round}/{self.last_round}", shown]
         if global_round == 0:
             return " · ".join(parts + ["initial model"])
         budget = self.run.summary["config"].get("target-epsilon")

@@ -58,6 +58,16 @@ class HoldoutEvaluator:
         return central, result, calib
 
 
+def scores_holdout(global_round: int, every: int, last_round: int | None) -> bool:
+    """Is the global model scored on the holdout after `global_round`? After round 0, every
+    `every`-th round (run config holdout-every) and the invocation's `last_round` (None:
+    unknown, so every round): the holdout can cost as much CPU as the hospitals' training
+    (3D segmentation: 40 volumes of 64^3, docs/benchmarks.md)."""
+    return (
+        every <= 1 or global_round % every == 0 or last_round is None or global_round >= last_round
+    )
+
+
 class RoundRecorder:
     def __init__(
         self,
@@ -66,6 +76,7 @@ class RoundRecorder:
         model: torch.nn.Module,
         offset: int,
         test_time_flips: bool = False,
+        holdout_every: int = 1,
     ) -> None:
         self.run = run
         self.evaluator = evaluator
@@ -76,6 +87,7 @@ class RoundRecorder:
         self.threshold_margin: float | None = None  # the last calibration's
         self.outputs: RunOutputs | None = None  # progress line, report (set by server/app.py)
         self.test_time_flips = test_time_flips  # how the model is to predict (run config)
+        self.holdout_every = holdout_every  # run config holdout-every
 
     def record(
         self,
@@ -94,30 +106,21 @@ class RoundRecorder:
         # test-time-flips: this invocation's last round is evaluated mirrored, as predict uses
         # the model; earlier ones single-pass (8 passes a round: ~40 % more, docs/benchmarks.md)
         flips = self.test_time_flips and global_round == getattr(self.outputs, "last_round", None)
-        central, result, calib = self.evaluator.evaluate(self.model, validation, flips)
+        central, result, calib, operating = self._score(global_round, validation, flips)
         self.threshold_margin = calib.threshold_margin if calib else None
         task = self.evaluator.task
-        score = task.score(result.metrics)
+        score = task.score(result.metrics) if result is not None else None
         is_best = score is not None and score > self.best_score
         if is_best:
             self.best_score = score
             self.run.summary["best"] = {"round": global_round, task.best_metric: score}
-        holdout = self.evaluator.holdout
-        self.run.save_checkpoint(
-            global_round,
-            self.model.state_dict(),
-            self.run.summary["model"],
-            best=is_best,
-            predict=predict_fields(
-                holdout.preprocess, holdout.spec.class_names, central, self.test_time_flips
-            ),
-        )
-        for name, artifact in result.artifacts.items():
-            self.run.save_artifact(name, global_round, artifact)
+        self._checkpoint(global_round, is_best, operating, result)
         self.run.summary["rounds"].append(
             {
                 "round": global_round,
                 "central": central,
+                # false: skipped by holdout-every ("central" is {})
+                "holdout_scored": result is not None,
                 "test_time_flips": flips,
                 "weights_sha256": fingerprint(self.model.state_dict()),
                 # Wall clock since the previous round's evaluation ended (round 0: since start).
@@ -130,13 +133,44 @@ class RoundRecorder:
                 "rejected": [r.summary() for r in train if r.status == "rejected"],
             }
         )
-        self._judge_classes(global_round, central, train)
+        self._judge_classes(global_round, central if result is not None else None, train)
         self.run.write_summary()
         self.last_time = time.time()
-        self._log(global_round, central)
+        if result is not None:
+            self._log(global_round, central)
         if self.outputs is not None:
             self.outputs.after_round(global_round, result, self.model, flips)
         return central
+
+    def _checkpoint(
+        self, global_round: int, best: bool, operating: dict[str, Any], result: Evaluation | None
+    ) -> None:
+        holdout = self.evaluator.holdout
+        self.run.save_checkpoint(
+            global_round,
+            self.model.state_dict(),
+            self.run.summary["model"],
+            best=best,
+            predict=predict_fields(
+                holdout.preprocess, holdout.spec.class_names, operating, self.test_time_flips
+            ),
+        )
+        for name, artifact in (result.artifacts if result is not None else {}).items():
+            self.run.save_artifact(name, global_round, artifact)
+
+    def _score(
+        self, global_round: int, validation: list[dict[str, Any]], flips: bool
+    ) -> tuple[dict[str, float | None], Evaluation | None, Calibration | None, dict[str, Any]]:
+        """(held-out metrics, the evaluation, the calibration, the checkpoint's operating
+        point); a round `holdout-every` skips has no metric and no evaluation (None), but its
+        checkpoint still gets the operating point the hospitals' releases choose."""
+        last_round = getattr(self.outputs, "last_round", None)
+        if scores_holdout(global_round, self.holdout_every, last_round):
+            central, result, calib = self.evaluator.evaluate(self.model, validation, flips)
+            return central, result, calib, central
+        calib = choose_calibration(validation)
+        point = {"threshold": calib.threshold, "temperature": calib.temperature} if calib else {}
+        return {}, None, calib, point
 
     def add_finetuned(self, replies: list[NodeReply]) -> None:
         """Each hospital's fine-tuned-copy metrics, beside its last-round evaluation."""
@@ -152,11 +186,12 @@ class RoundRecorder:
         self.run.write_summary()
 
     def _judge_classes(
-        self, global_round: int, central: dict[str, float | None], train: list[NodeReply]
+        self, global_round: int, central: dict[str, float | None] | None, train: list[NodeReply]
     ) -> None:
         """Segmentation: with the first released counts, can the run learn small classes
-        (a warning while most of the budget is still unspent); after every round, which
-        classes the model has not learned (a warning after this invocation's last round)."""
+        (a warning while most of the budget is still unspent); after every scored round
+        (`central` None: not scored), which classes the model has not learned (a warning after
+        this invocation's last round)."""
         if getattr(self.evaluator.task, "name", None) != metric_registry.SEGMENTATION:
             return
         summary = self.run.summary
@@ -166,6 +201,8 @@ class RoundRecorder:
                 summary["learnability"] = entry
                 if entry["warning"]:
                     log(WARNING, "fedvox: %s", entry["warning"])
+        if central is None:
+            return
         missed = not_learned(central)
         summary["not_learned"] = {
             "round": global_round,

@@ -230,7 +230,7 @@ def _context_section(view: RunView) -> list[str]:
 
 
 def _calibration_note(view: RunView) -> str:
-    c = view.rounds[-1].get("central", {}) if view.rounds else {}
+    c = view.last_scored.get("central", {})
     if c.get("ece") is None:
         return ""
     warning = operating_point_warning(c)

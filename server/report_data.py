@@ -30,7 +30,7 @@ SOFTWARE = ("fedvox", "torch", "flwr", "opacus", "monai", "nibabel", "numpy", "m
 class RunView:
     path: Path
     summary: dict[str, Any]
-    last: dict[str, Any] | None  # holdout record of the last round
+    last: dict[str, Any] | None  # holdout record of the last scored round (holdout-every)
     best: dict[str, Any] | None  # ... of the best round
 
     @classmethod
@@ -38,8 +38,8 @@ class RunView:
         run_dir = Path(run_dir)
         if summary is None:
             summary = json.loads((run_dir / "summary.json").read_text())
-        rounds = summary.get("rounds") or []
-        last_round = rounds[-1]["round"] if rounds else None
+        scored = [r for r in summary.get("rounds") or [] if r.get("holdout_scored") is not False]
+        last_round = scored[-1]["round"] if scored else None
         best_round = (summary.get("best") or {}).get("round")
         last = load_round(run_dir, last_round)
         best = last if best_round == last_round else load_round(run_dir, best_round)
@@ -52,6 +52,13 @@ class RunView:
     @property
     def rounds(self) -> list[dict[str, Any]]:
         return self.summary.get("rounds") or []
+
+    @property
+    def last_scored(self) -> dict[str, Any]:
+        """The summary entry of the last round whose model was scored on the holdout (every
+        round, unless holdout-every skipped some); {} before any."""
+        scored = [r for r in self.rounds if r.get("holdout_scored") is not False]
+        return scored[-1] if scored else {}
 
     @property
     def best_round(self) -> int | None:
@@ -85,8 +92,9 @@ def class_warnings(view: RunView) -> list[str]:
     """Segmentation: the classes the model has not learned (last evaluated round) and, from
     the hospitals' first released counts, whether the run could learn small classes at all."""
     warnings = []
-    if view.rounds and (missed := not_learned_warning(view.rounds[-1].get("central", {}))):
-        warnings.append(f"After round {view.rounds[-1]['round']}: {missed}")
+    last = view.last_scored
+    if last and (missed := not_learned_warning(last.get("central", {}))):
+        warnings.append(f"After round {last['round']}: {missed}")
     if early := (view.summary.get("learnability") or {}).get("warning"):
         warnings.append(early)
     return warnings

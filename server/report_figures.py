@@ -40,11 +40,12 @@ def metrics_figure(
     fig = _figure(8.0, 3.2)
     left, right = fig.subplots(1, 2, width_ratios=(2, 1))
     for i, (name, values) in enumerate(series.items()):
-        left.plot(rounds, _nan(values), "o-", ms=3, color=COLORS[i % len(COLORS)], label=name)
+        xs, ys = _scored(rounds, values)
+        left.plot(xs, ys, "o-", ms=3, color=COLORS[i % len(COLORS)], label=name)
     left.set(xlabel="round", ylabel="held-out", ylim=(-0.02, 1.02), title="Held-out metrics")
     left.grid(alpha=0.3)
     left.legend(fontsize=8, loc="lower right")
-    right.plot(rounds, _nan(loss), "o-", ms=3, color="#444444")
+    right.plot(*_scored(rounds, loss), "o-", ms=3, color="#444444")
     right.set(xlabel="round", title="Held-out loss")
     right.grid(alpha=0.3)
     _integer_ticks(left, right)
@@ -137,6 +138,13 @@ def slices_figure(slices: list[dict], class_names: Sequence[str]) -> bytes:
     )
     fig.suptitle(f"dashed = truth, solid = prediction ({names})", fontsize=8)
     return _png(fig)
+
+
+def _scored(rounds: Sequence[int], values: Sequence[float | None]) -> tuple[list[int], list[float]]:
+    """The rounds with a value (holdout-every skips some: the line joins the scored ones);
+    a NaN value stays, as a gap."""
+    kept = [(r, v) for r, v in zip(rounds, values, strict=True) if v is not None]
+    return [r for r, _ in kept], _nan([v for _, v in kept])
 
 
 def _nan(values: Sequence[float | None]) -> list[float]:

@@ -208,6 +208,7 @@ RESUME_MAY_CHANGE = frozenset(
         "min-nodes",
         "output-dir",
         "run-name",
+        "holdout-every",
     }  # fmt: skip
 )
 

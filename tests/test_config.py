@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from common.config import ConfigError, NodePolicy, RunConfig
+from server.recorder import scores_holdout
 
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
@@ -139,3 +140,28 @@ def test_test_time_flips_are_the_3d_segmentation_recipes_and_refused_for_a_class
     assert on.resolved("segmentation", 2).test_time_flips is True
     with pytest.raises(ConfigError, match="test-time-flips=true is for segmentation"):
         on.resolved("classification", 2)
+
+
+def test_holdout_every_is_4_for_3d_segmentation_1_elsewhere_and_at_least_1():
+    every = {
+        (task, dims): RunConfig.parse(PYPROJECT).resolved(task, dims).holdout_every
+        for task in ("classification", "segmentation")
+        for dims in (2, 3)
+    }
+    assert every == {
+        ("classification", 2): 1,
+        ("classification", 3): 1,
+        ("segmentation", 2): 1,
+        ("segmentation", 3): 4,
+    }
+    assert (
+        RunConfig.parse({**PYPROJECT, "holdout-every": 2}).resolved("segmentation", 3).holdout_every
+        == 2
+    )
+    for bad in (0, -1):
+        with pytest.raises(ConfigError, match="holdout-every"):
+            RunConfig.parse({**PYPROJECT, "holdout-every": bad})
+    # round 0, every k-th, and the invocation's last round (or every round if it is unknown)
+    assert [r for r in range(11) if scores_holdout(r, 4, 10)] == [0, 4, 8, 10]
+    assert [r for r in range(4) if scores_holdout(r, 4, None)] == [0, 1, 2, 3]
+    assert [r for r in range(4) if scores_holdout(r, 1, 3)] == [0, 1, 2, 3]

@@ -25,17 +25,49 @@ from server.run_dir import RunDir
 from simulations.phantoms.sites import make_phantom_sites
 
 
-def _recorder(tmp_path, name: str) -> tuple[RoundRecorder, RunOutputs]:
+def _recorder(
+    tmp_path, name: str, rounds: int = 2, holdout_every: int = 1
+) -> tuple[RoundRecorder, RunOutputs]:
     make_phantom_sites("blobs-2d", tmp_path / "data", 1, cases_per_site=8, holdout_cases=24)
     holdout = load_site(tmp_path / "data" / "holdout", split="all", log=lambda m: None)
     task = task_for(holdout.spec)
     spec = ModelSpec.of(holdout, {})
-    cfg = RunConfig.parse({"run-name": name, "num-server-rounds": 2})
+    cfg = RunConfig.parse({"run-name": name, "num-server-rounds": rounds})
     run = RunDir.create(cfg, tmp_path / "runs", spec.as_dict(), {"holdout_cases": len(holdout)})
     torch.manual_seed(0)
-    recorder = RoundRecorder(run, HoldoutEvaluator(task, holdout), build_task_model(spec), 0)
-    recorder.outputs = RunOutputs(run, holdout, 2)
+    model = build_task_model(spec)
+    evaluator = HoldoutEvaluator(task, holdout)
+    recorder = RoundRecorder(run, evaluator, model, 0, holdout_every=holdout_every)
+    recorder.outputs = RunOutputs(run, holdout, rounds)
     return recorder, recorder.outputs
+
+
+def test_holdout_every_scores_round_0_every_kth_and_the_last_round(tmp_path):
+    """holdout-every=2 over 5 rounds: rounds 0, 2, 4 and 5 scored; the others keep their
+    checkpoint and summary entry, with no held-out metric, record or best.pt candidacy."""
+    recorder, outputs = _recorder(tmp_path, "sparse", rounds=5, holdout_every=2)
+    run = recorder.run.path
+    lines = []
+    with outputs:
+        for r in range(6):
+            outputs.report._next_at = 0.0
+            state = {k: v + 0.01 * r for k, v in recorder.model.state_dict().items()}
+            recorder.record(r, state)
+            lines.append(outputs.progress_line(r))
+    summary = json.loads((run / "summary.json").read_text())
+    scored = [r["holdout_scored"] for r in summary["rounds"]]
+    assert scored == [True, False, True, False, True, True]
+    for entry in summary["rounds"]:
+        assert ("auc" in entry["central"]) is entry["holdout_scored"], entry
+        assert (run / "checkpoints" / f"round-{entry['round']:03d}.pt").is_file()
+    records = sorted(p.name for p in (run / "holdout").iterdir())
+    assert records == ["round-000.json", "round-002.json", "round-004.json", "round-005.json"]
+    assert summary["best"]["round"] in (0, 2, 4, 5)
+    # a skipped round's line shows the last scored value and says which round it is from
+    assert "held-out AUC" in lines[3] and "(round 2)" in lines[3], lines[3]
+    assert "(round" not in lines[4]
+    card = (run / "model-card.md").read_text()
+    assert "| auc |" in card and (run / "report.html").is_file()
 
 
 def test_a_report_that_cannot_be_written_never_fails_the_round(tmp_path):

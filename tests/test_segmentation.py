@@ -193,6 +193,25 @@ def test_slice_unet_trains_on_one_slice_per_case_and_segments_volumes_slice_by_s
     assert 0.09 < np.mean(at_nodule) < 0.25
     empty = model.training_view(images[:0], masks[:0])  # an empty Poisson batch stays empty
     assert empty[0].shape == (0, 2 * k + 1, 16, 16) and empty[1].shape == (0, 1, 16, 16)
+    # The view of some rows of a site's tensors (what the training loader takes, never
+    # copying whole volumes) is the view of those cases gathered, draw for draw.
+    rows = torch.tensor([6, 1, 1, 3])
+    for progress in (0.0, 1.0):
+        torch.manual_seed(7)
+        by_rows = model.training_view(images, masks, progress, rows)
+        torch.manual_seed(7)
+        gathered = model.training_view(images[rows], masks[rows], progress)
+        assert all(torch.equal(a, b) for a, b in zip(by_rows, gathered, strict=True))
+    none = model.training_view(images, masks, 0.0, rows[:0])
+    assert none[0].shape == (0, 2 * k + 1, 16, 16) and none[1].shape == (0, 1, 16, 16)
+    # local_sgd's loader hands the model its training view, taken from the sampled rows
+    from client.train import LocalTraining, _cases, _loader
+
+    settings = LocalTraining(epochs=1, batch_size=4, learning_rate=0.1, progress=0.5)
+    for private in (True, False):
+        batches = list(_loader(_cases(model, images, masks, settings), settings, private))
+        assert batches and all(x.shape[1:] == (2 * k + 1, 16, 16) for x, _ in batches)
+        assert all(y.shape[1:] == (1, 16, 16) and len(y) == len(x) for x, y in batches)
 
     # A volume's logits are the 2D U-Net's on each of its slice stacks, in place.
     model.eval()
@@ -309,7 +328,13 @@ def test_two_round_two_hospital_segmentation_simulation(tmp_path, phantom, size,
     assert summary["model"]["task"] == "segmentation"
     assert summary["model"]["arch"] == arch and summary["model"]["image_size"] == list(size)
     assert [r["round"] for r in summary["rounds"]] == [0, 1, 2]
-    for r in summary["rounds"]:
+    # The 3D recipe scores its holdout after round 0, every 4th round and the last one only.
+    scored = [True, arch == "unet", True]
+    assert [r["holdout_scored"] for r in summary["rounds"]] == scored
+    assert all(r["central"] == {} for r in summary["rounds"] if not r["holdout_scored"])
+    holdout_files = sorted(p.name for p in (tmp_path / "runs" / "seg" / "holdout").iterdir())
+    assert holdout_files == [f"round-{r:03d}.npz" for r, s in enumerate(scored) if s]
+    for r in (r for r in summary["rounds"] if r["holdout_scored"]):
         c = r["central"]
         assert set(c) >= {"dice-lung", "dice-nodule", "dice-mean", "loss"}, c
         assert 0.0 <= c["dice-lung"] <= 1.0 and 0.0 <= c["dice-mean"] <= 1.0
@@ -328,7 +353,7 @@ def test_two_round_two_hospital_segmentation_simulation(tmp_path, phantom, size,
     assert best["predict"]["test_time_flips"] is flips
     card = (tmp_path / "runs" / "seg" / "model-card.md").read_text()
     assert ("Predicted with test-time mirroring" in card) is flips
-    means = {r["round"]: r["central"]["dice-mean"] for r in summary["rounds"]}
+    means = {r["round"]: r["central"]["dice-mean"] for r in summary["rounds"] if r["central"]}
     assert best["round"] == max(means, key=means.get) == summary["best"]["round"]
 
 
