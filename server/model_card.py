@@ -161,6 +161,12 @@ def _performance(view: RunView) -> list[str]:
     record = view.last
     if record is None:
         return lines + ["No holdout predictions recorded.", ""]
+    if view.rounds and record.get("round") != view.rounds[-1]["round"]:
+        lines += [
+            f"Of round {record.get('round')}, the last one the holdout was scored in "
+            f"(`holdout-every`); the run stopped after round {view.rounds[-1]['round']}.",
+            "",
+        ]
     if view.task == "segmentation":
         names = list(metric_registry.segmentation_classes(view.metric_keys()))
         stats = bootstrap_means(np.asarray(record["dice"], float), names)

@@ -68,6 +68,17 @@ def test_holdout_every_scores_round_0_every_kth_and_the_last_round(tmp_path):
     assert "(round" not in lines[4]
     card = (run / "model-card.md").read_text()
     assert "| auc |" in card and (run / "report.html").is_file()
+    assert "the last one the holdout was scored in" not in card  # the last round was scored
+
+
+def test_a_run_stopped_between_scored_rounds_reports_its_last_scored_one(tmp_path):
+    recorder, outputs = _recorder(tmp_path, "stopped", rounds=5, holdout_every=2)
+    with outputs:  # stopped after round 3 of 5: round 2 was the last one scored
+        for r in range(4):
+            recorder.record(r, recorder.model.state_dict())
+    card = (recorder.run.path / "model-card.md").read_text()
+    assert "Of round 2, the last one the holdout was scored in" in card
+    assert "stopped after round 3" in card and "| auc |" in card
 
 
 def test_a_report_that_cannot_be_written_never_fails_the_round(tmp_path):
