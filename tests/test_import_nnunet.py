@@ -184,7 +184,9 @@ def test_imported_nnunet_sites_train_a_segmentation_model_in_two_rounds(tmp_path
     assert summary["status"] == "finished", summary.get("error")
     assert summary["model"]["task"] == "segmentation"
     assert [r["round"] for r in summary["rounds"]] == [0, 1, 2]
-    for r in summary["rounds"]:
+    # the 3D recipe scores its holdout after round 0, every 4th round and the last one
+    assert [r["holdout_scored"] for r in summary["rounds"]] == [True, False, True]
+    for r in (summary["rounds"][0], summary["rounds"][2]):
         assert {"dice-ball", "dice-nodule", "dice-mean"} <= set(r["central"]), r["central"]
     for site in ("hospital-1", "hospital-2"):
         assert summary["rounds"][2]["hospitals"][site]["status"] == "ok"

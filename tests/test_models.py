@@ -103,6 +103,7 @@ def test_scatter_cnn_learns_a_phantom_under_real_dp_sgd(tmp_path: Path, sgd):
     )
     assert 7.0 < compute_epsilon(result.history, 1e-5) <= 8.0 + 1e-6
     after = task.evaluate(model, holdout.images, holdout.labels).metrics["auc"]
-    # The DP draws are fresh OS entropy every run: over 10 runs from these weights the AUC
-    # spread 0.80-0.94 (median 0.875), so the bar is one every draw clears.
-    assert after > 0.75 and after > before + 0.1, (before, after)
+    # The DP draws are fresh OS entropy every run: over 23 runs from these weights (AUC 0.586
+    # before) the AUC spread 0.716-0.974 (median ~0.89; a CI run drew 0.728 under the earlier
+    # bar of 0.75), so the bar is a clear gain that every draw so far cleared.
+    assert after > before + 0.1, (before, after)
