@@ -32,7 +32,7 @@ from common.site import SiteData, default_image_size, load_site, read_spec
 from common.tasks import ModelSpec, build_task_model, task_for
 from common.weights import fingerprint, load_checkpoint_weights, norm_parameter_names
 from server.checks import UpdateChecker
-from server.grid import ResponsiveGrid, node_names
+from server.grid import ResponsiveGrid, node_names, wait_for_simulation_runtime
 from server.outputs import RunOutputs
 from server.recorder import HoldoutEvaluator, RoundRecorder
 from server.rounds import RoundLoop
@@ -46,6 +46,7 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     raw = dict(context.run_config)
+    wait_for_simulation_runtime(grid)  # nothing runs beside ray.init() (see its docstring)
     try:
         opened = open_run(RunConfig.parse(raw))
     except Exception as exc:  # before a run folder exists: still a summary.json, then raise

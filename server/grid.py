@@ -19,13 +19,17 @@ Two more things a real federation needs (docs/reliability.md):
   round timeout; the hospital takes part again from the next round;
 - fewer than `min_nodes` hospitals online: Flower's strategies wait for them forever; here
   `get_node_ids` raises `NotEnoughHospitals` after `connect_timeout_s`.
+
+And one for Flower's Simulation Engine (`wait_for_simulation_runtime`): its ServerApp thread
+starts while the process's main thread is still inside `ray.init()`.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Iterable
-from logging import WARNING
+from logging import INFO, WARNING
 
 from flwr.app import Message
 from flwr.common.logger import log
@@ -33,6 +37,43 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 ONLINE_CHECK_S = 5.0  # how often a waiting round asks the SuperLink which nodes are online
+RAY_START_LIMIT_S = 180.0  # the longest the server waits for the simulation's Ray to start
+
+
+def wait_for_simulation_runtime(grid: Grid, limit_s: float = RAY_START_LIMIT_S) -> bool:
+    """In Flower's Simulation Engine, do nothing until its Ray runtime has started.
+
+    Why: `flwr-simulation` starts the ServerApp in a thread, then calls `ray.init()` in its
+    main thread, which launches Ray's processes with `subprocess.Popen(preexec_fn=...)`: a
+    full fork that runs Python in the child before exec, which Python documents as unsafe
+    while other threads run. Three CI runs hung exactly there (the ServerApp had scored round
+    0; Ray's session folder existed but its GCS was only launched ~600 s later, when the test
+    killed the process tree; no ClientApp ever ran). Keeping the server's own work (loading the
+    holdout, torch kernels, imports, file IO) out of that window costs the few seconds Ray
+    takes to start, which the run waits for anyway before round 1.
+
+    Returns True once Ray is up, False (with a warning) after `limit_s`, and at once (True)
+    for any other grid: a deployment's SuperLink has no Ray in this process.
+    """
+    from flwr.superlink.grid import InMemoryGrid
+
+    if not isinstance(grid, InMemoryGrid):
+        return True
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < limit_s:
+        # Ray is imported by the simulation's backend (not by fedvox), maybe still mid-import.
+        is_initialized = getattr(sys.modules.get("ray"), "is_initialized", None)
+        if is_initialized is not None and is_initialized():
+            log(INFO, "fedvox: simulation runtime up after %.1f s", time.monotonic() - t0)
+            return True
+        time.sleep(0.1)
+    log(
+        WARNING,
+        "fedvox: Flower's simulation runtime (Ray) has not started within %.0f s; going on "
+        "without waiting (if no hospital ever replies, stop the run and start it again)",
+        limit_s,
+    )
+    return False
 
 
 class NotEnoughHospitals(RuntimeError):

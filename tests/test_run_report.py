@@ -106,6 +106,10 @@ def test_stream_shows_one_line_per_round_and_nothing_twice(runs):
     assert "max ε" in rounds[2] and "round " in rounds[2].split("·")[-1]
     assert "ETA" in rounds[1]
     assert not [line for line, n in Counter(lines).items() if n > 1]
+    # The server's own work starts only once the simulation's Ray is up (server/grid.py
+    # wait_for_simulation_runtime: a fork inside ray.init() beside it hung three CI runs).
+    up = [i for i, line in enumerate(lines) if "simulation runtime up after" in line]
+    assert up and up[0] < lines.index(rounds[0]), lines[:40]
     assert "configure_train" not in outputs["cls"] and "Sampled" not in outputs["cls"]
     log = (root / "runs" / "cls" / "server.log").read_text()
     assert "configure_train: Sampled 2 nodes" in log and "held-out auc" in log
