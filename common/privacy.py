@@ -279,8 +279,9 @@ def fresh_generator() -> torch.Generator:
     Every DP draw of a node (Poisson masks, Gaussian noise) comes from one of these, made at
     that release: never torch's global generator, whose state a forked ClientApp inherits from
     its warm parent (torch 2.13 seeds it from the OS in each new process, older releases at one
-    fixed seed), and never a seed from the run config. Opacus' `secure_mode` would use torchcsprng instead, which has no
-    torch 2.x release; docs/privacy.md states what remains (floating-point noise attacks).
+    fixed seed), and never a seed from the run config. Opacus' `secure_mode` would use
+    torchcsprng instead, which has no torch 2.x release; docs/privacy.md states what remains
+    (floating-point noise attacks).
     """
     generator = torch.Generator()
     if _PINNED:  # a benchmark's or test's `pinned_generators` block, never a node's path
