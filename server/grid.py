@@ -46,7 +46,7 @@ def wait_for_simulation_runtime(grid: Grid, limit_s: float = RAY_START_LIMIT_S) 
     Why: `flwr-simulation` starts the ServerApp in a thread, then calls `ray.init()` in its
     main thread, which launches Ray's processes with `subprocess.Popen(preexec_fn=...)`: a
     full fork that runs Python in the child before exec, which Python documents as unsafe
-    while other threads run. Three CI runs hung exactly there (the ServerApp had scored round
+    while other threads run. Two full CI runs hung exactly there (the ServerApp had scored round
     0; Ray's session folder existed but its GCS was only launched ~600 s later, when the test
     killed the process tree; no ClientApp ever ran). Keeping the server's own work (loading the
     holdout, torch kernels, imports, file IO) out of that window costs the few seconds Ray

@@ -107,7 +107,7 @@ def test_stream_shows_one_line_per_round_and_nothing_twice(runs):
     assert "ETA" in rounds[1]
     assert not [line for line, n in Counter(lines).items() if n > 1]
     # The server's own work starts only once the simulation's Ray is up (server/grid.py
-    # wait_for_simulation_runtime: a fork inside ray.init() beside it hung three CI runs).
+    # wait_for_simulation_runtime: a fork inside ray.init() beside it hung two CI runs).
     up = [i for i, line in enumerate(lines) if "simulation runtime up after" in line]
     assert up and up[0] < lines.index(rounds[0]), lines[:40]
     assert "configure_train" not in outputs["cls"] and "Sampled" not in outputs["cls"]
